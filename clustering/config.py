@@ -1,0 +1,144 @@
+"""Typed configs for every job: YAML files plus `section.key=value` overrides, with errors that name the field.
+
+Config is data: every knob Tune may search is a field with a default here, so a Tune trial is a config.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file or field and what to do."""
+
+
+class Strict(BaseModel):
+    # Unknown keys are typos more often than not: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ShardConfig(Strict):
+    source: str = Field("sklearn:digits", description="image folder, MNIST IDX folder/file, .npz, or sklearn:digits")
+    output: str = Field("outputs/demo/shards", description="folder or s3:// prefix for the shards")
+    samples_per_shard: int = Field(10_000, ge=1)
+    max_shard_bytes: int = Field(256 * 2**20, ge=1024)
+    limit: int | None = Field(None, ge=1, description="take only the first N samples (for quick runs)")
+
+
+class TrainConfig(Strict):
+    shards: str = "outputs/demo/shards"
+    storage_path: str = Field("outputs/demo/runs", description="where Ray Train keeps checkpoints")
+    name: str = Field("", description="run name; empty = method + time. Re-using a name resumes that run")
+    method: Literal["dcec"] = "dcec"
+    k: int = Field(10, ge=2, description="number of clusters")
+    image_size: int | None = Field(None, ge=4, description="train at this side (resizing); empty = the shards' size")
+    encoder: Literal["conv", "mlp"] = Field("conv", description="conv autoencoder (seed 001) or DEC's MLP")
+    code_dim: int = Field(16, ge=2)
+    conv_widths: tuple[int, int] = (32, 64)
+    mlp_widths: tuple[int, ...] = (500, 500, 2000)
+    pretrain_epochs: int = Field(60, ge=0)
+    joint_epochs: int = Field(40, ge=0)
+    batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
+    lr: float = Field(1e-3, gt=0)
+    augment: bool = Field(True, description="denoising: reconstruct each image from a small random affine + noise view")
+    rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
+    target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and always at the end)")
+    seed: int = 0
+
+
+class LabelConfig(Strict):
+    shards: str = "outputs/demo/shards"
+    checkpoint: str = Field("", description="checkpoint folder/URI; empty = the train job's latest")
+    output: str = "outputs/demo/assignments"
+    batch_size: int = Field(1024, ge=1)
+    actors: int = Field(1, ge=1, description="size of the labelling actor pool")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    write_probs: bool = True
+    write_embedding: bool = False
+
+
+class PipelineConfig(Strict):
+    work_dir: str = Field("outputs/demo", description="folder or s3:// prefix; shards/, runs/, assignments/ go under it")
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+
+    @model_validator(mode="after")
+    def _wire_paths(self) -> "PipelineConfig":
+        # Paths a user did not set follow work_dir, so one override moves the whole run.
+        root = self.work_dir.rstrip("/")
+        for section, field, value in [
+            (self.shard, "output", f"{root}/shards"),
+            (self.train, "shards", self.shard.output),
+            (self.train, "storage_path", f"{root}/runs"),
+            (self.label, "shards", self.shard.output),
+            (self.label, "output", f"{root}/assignments"),
+        ]:
+            if field not in section.model_fields_set:
+                section.__dict__[field] = value
+        return self
+
+
+def parse_value(text: str) -> Any:
+    """`k=12` gives an int, `lr=1e-3` a float, `use_gpu=no` a string: YAML scalar rules."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.k=12)")
+        dotted, text = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for p in parents:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = child
+        node[leaf] = parse_value(text)
+    return data
+
+
+def describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key (check the spelling; see the configs/ files for valid keys)")
+        else:
+            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(model: type[BaseModel], path: str | Path | None = None, overrides: list[str] = ()) -> BaseModel:
+    """Load a YAML file (optional), apply dotted overrides, validate into `model`."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (try configs/demo.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        source = str(path)
+    data = apply_overrides(data, list(overrides))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe(e, source)) from None

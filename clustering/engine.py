@@ -1,0 +1,126 @@
+"""The training loop of one process, alone or as one rank of N (through `Comm`); no Ray here.
+
+Data: the rank's decoded uint8 images are moved to the device once; batches are index gathers there,
+converted to float on the device. Every rank runs the same number of steps per epoch (sized from the
+global sample count), cycling through its own shuffled rows, so no rank waits forever on a collective.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .comm import Comm
+from .config import TrainConfig
+from .methods import build_method, to_float
+from .schedule import stage_at, steps_per_epoch
+
+EpochCallback = Callable[[int, dict, Callable[[], dict]], None]
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
+    return {"method": cfg.method, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
+
+
+def build_from_spec(spec: dict):
+    """(method, model) from the spec stored in a checkpoint."""
+    method = build_method(TrainConfig(**spec["config"]), spec["channels"], spec["side"])
+    return method, method.build()
+
+
+def fit(
+    images: np.ndarray,
+    cfg: TrainConfig,
+    comm: Comm = Comm(),
+    device: torch.device | str = "cpu",
+    resume: dict | None = None,
+    on_epoch: EpochCallback | None = None,
+    log: Callable[[str], None] = print,
+):
+    """Train `cfg.method` on uint8 images (N, H, W, C). Returns the model (in eval mode).
+
+    on_epoch(epoch, metrics, state_fn) runs after each epoch on every rank; state_fn() gives a
+    checkpoint dict (model, optimizer, epoch, RNG) for the caller to persist.
+    `resume` is such a dict: training continues after its epoch.
+    """
+    device = torch.device(device)
+    n, h, w, c = images.shape
+    if h != w:
+        raise ValueError(f"images must be square, got {h}x{w}; re-shard with a resize")
+    spec = model_spec(cfg, c, h)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank gives every rank the same initial weights
+    method, model = build_from_spec(spec)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    stages = method.stages()
+    total_epochs = stages[-1].end if stages else 0
+
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W) uint8, once
+    global_n = int(comm.sum(torch.tensor([float(n)], device=device)).item())
+    if n == 0:
+        raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
+    steps = steps_per_epoch(global_n, cfg.batch_size)
+    local_batch = max(1, cfg.batch_size // comm.world)
+
+    start_epoch, history = 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        start_epoch, history = int(resume["epoch"]) + 1, list(resume.get("history", []))
+        log(f"resumed from epoch {resume['epoch']}")
+
+    def state_fn(epoch: int) -> dict:
+        return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "rng": torch.get_rng_state(), "history": history}
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    for epoch in range(start_epoch, total_epochs):
+        stage = stage_at(stages, epoch)
+        t0 = time.perf_counter()
+        events = method.start_stage(stage, model, x_all, comm) if epoch == stage.start else {}
+        method.start_epoch(stage, epoch, model, x_all, comm)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + comm.rank)
+        order = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        bad = torch.zeros((), device=device)
+        for step in range(steps):
+            idx = order[(step * local_batch + torch.arange(local_batch, device=device)) % n]
+            x = to_float(x_all[idx])
+            with autocast:
+                loss = method.loss(stage, model, x, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            comm.average_gradients(model)
+            opt.step()
+            loss_sum += loss.detach().float()
+            bad += (~torch.isfinite(loss.detach())).float()
+        # One collective per epoch: every rank sees the same sums, so all stop together on a NaN.
+        totals = comm.sum(torch.stack([loss_sum, bad]))
+        mean_loss = totals[0].item() / (steps * comm.world)
+        if totals[1].item() > 0:
+            raise NonFiniteLoss(
+                f"{stage.name} loss became NaN/inf in epoch {epoch} ({int(totals[1].item())} steps); "
+                "the last good checkpoint is kept. Lower train.lr or check the input data."
+            )
+        metrics = {"epoch": epoch, "stage": stage.name, "loss": mean_loss, "seconds": time.perf_counter() - t0, **events}
+        history.append(metrics)
+        log(f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {mean_loss:.5f} ({metrics['seconds']:.1f}s)")
+        if on_epoch is not None and epoch < total_epochs - 1:
+            on_epoch(epoch, metrics, lambda e=epoch: state_fn(e))
+
+    final = method.finish(model, x_all, comm)
+    if on_epoch is not None:
+        metrics = {"epoch": total_epochs - 1, "stage": "final", "loss": history[-1]["loss"] if history else 0.0, **final}
+        on_epoch(total_epochs - 1, metrics, lambda: state_fn(total_epochs - 1))
+    model.eval()
+    return model

@@ -1,0 +1,36 @@
+"""Pure tensor functions: losses and soft assignments. Shapes: B batch, D code, K clusters."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reconstruction(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per pixel."""
+    return F.mse_loss(x_hat.float(), x.float())
+
+
+def sq_distances(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """(B, D), (K, D) -> (B, K) squared Euclidean distances."""
+    return (z.float()[:, None, :] - centers.float()[None, :, :]).pow(2).sum(-1)
+
+
+def student_t_assign(z: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """q_ij ∝ (1 + ‖z_i − μ_j‖²/α)^(−(α+1)/2); rows sum to one. (B, K)"""
+    q = (1.0 + sq_distances(z, centers) / alpha).pow(-(alpha + 1.0) / 2.0)
+    return q / q.sum(1, keepdim=True)
+
+
+def cah_target(q: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """Hardened target p_ij = (q_ij²/f_j) / Σ_j' (q_ij'²/f_j'), f_j = Σ_i q_ij over the whole dataset.
+
+    Squaring sharpens confident assignments; dividing by f_j keeps large clusters from swallowing the rest.
+    """
+    w = q.pow(2) / freq.clamp_min(1e-12)  # (B, K)
+    return w / w.sum(1, keepdim=True)
+
+
+def kl_div(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(P‖Q), averaged over the batch."""
+    p = p.float()
+    return (p * (p.clamp_min(1e-12).log() - q.float().clamp_min(1e-12).log())).sum(1).mean()

@@ -1,0 +1,124 @@
+"""The look at a result: cluster sizes, scores where labels exist, a picture grid per cluster, curves; HTML."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from . import assignments, metrics, shards, storage  # noqa: E402
+
+MONTAGE_SOURCE_IMAGES = 20_000  # images read back for the picture grids (the first shards)
+
+
+def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
+    """Ground-truth labels by key, read from the shards' .cls members (scoring only)."""
+    keys, labels = [], []
+    for uri in shards.shard_uris(shards_uri, manifest):
+        for s in shards.read_shard(uri):
+            if "cls" in s:
+                keys.append(s["__key__"])
+                labels.append(int(s["cls"]))
+    return pd.Series(labels, index=keys, dtype=np.int64)
+
+
+def summarize(output: str, shards_uri: str) -> dict:
+    """Counts per cluster and, where the shards carry labels, ACC/NMI/ARI over the whole corpus."""
+    manifest = shards.read_manifest(shards_uri)
+    table = assignments.read(output, columns=["key", "cluster", "confidence"])
+    summary = {
+        "rows": int(len(table)),
+        "unique_keys": int(table["key"].nunique()),
+        "expected_rows": manifest["num_samples"],
+        "cluster_sizes": {int(k): int(v) for k, v in table["cluster"].value_counts().sort_index().items()},
+        "mean_confidence": float(table["confidence"].mean()),
+    }
+    if manifest.get("labelled"):
+        truth = labels_of(shards_uri, manifest)
+        joined = table.set_index("key").join(truth.rename("label"), how="inner")
+        summary["scored_rows"] = int(len(joined))
+        summary.update(metrics.scores(joined["label"].to_numpy(), joined["cluster"].to_numpy()))
+    return summary
+
+
+def figure_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def montages(output: str, shards_uri: str, per_cluster: int = 16) -> dict[int, str]:
+    """The most confident images of each cluster as one PNG grid per cluster (base64)."""
+    manifest = shards.read_manifest(shards_uri)
+    table = assignments.read(output, columns=["key", "cluster", "confidence"]).set_index("key")
+    mode, size = shards.image_spec(manifest)
+    images, keys = [], []
+    for uri in shards.shard_uris(shards_uri, manifest):
+        d = shards.decode_samples(shards.read_shard(uri), mode, size, uri)
+        images.append(d.images)
+        keys += d.keys
+        if len(keys) >= MONTAGE_SOURCE_IMAGES:
+            break
+    images = np.concatenate(images)
+    sub = table.loc[table.index.intersection(keys)]
+    pos = {k: i for i, k in enumerate(keys)}
+    grids = {}
+    for cluster, rows in sub.groupby("cluster"):
+        best = rows.sort_values("confidence", ascending=False).index[:per_cluster]
+        fig, axes = plt.subplots(1, per_cluster, figsize=(per_cluster * 0.6, 0.7))
+        for ax, key in zip(np.atleast_1d(axes), list(best) + [None] * per_cluster):
+            ax.axis("off")
+            if key is not None:
+                img = images[pos[key]]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray")
+        grids[int(cluster)] = figure_png(fig)
+    return grids
+
+
+def sizes_chart(sizes: dict[int, int]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.bar([str(k) for k in sizes], list(sizes.values()), color="#4477aa")
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("images")
+    return figure_png(fig)
+
+
+def curve_chart(history: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    for stage in dict.fromkeys(h["stage"] for h in history):
+        pts = [(h["epoch"], h["loss"]) for h in history if h["stage"] == stage]
+        ax.plot(*zip(*pts), label=stage)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    return figure_png(fig)
+
+
+def write_html(report_dir: str, summary: dict, grids: dict[int, str], history: list[dict]) -> str:
+    img = lambda b64: f'<img src="data:image/png;base64,{b64}">'  # noqa: E731
+    scores = "".join(f"<tr><th>{m.upper()}</th><td>{summary[m]:.4f}</td></tr>" for m in ("acc", "nmi", "ari") if m in summary)
+    rows = "".join(
+        f"<tr><td>{c}</td><td>{summary['cluster_sizes'].get(c, 0):,}</td><td>{img(g)}</td></tr>" for c, g in sorted(grids.items())
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Clustering report</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;text-align:left}} img{{max-width:100%}}</style></head>
+<body><h1>Clustering report</h1>
+<p>{summary['rows']:,} images in {len(summary['cluster_sizes'])} clusters; mean confidence {summary['mean_confidence']:.3f}.</p>
+<table>{scores}</table>
+<h2>Cluster sizes</h2>{img(sizes_chart(summary['cluster_sizes']))}
+{'<h2>Training loss</h2>' + img(curve_chart(history)) if history else ''}
+<h2>Most confident images per cluster</h2><table><tr><th>cluster</th><th>size</th><th></th></tr>{rows}</table>
+<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre></body></html>"""
+    uri = storage.join(report_dir, "index.html")
+    storage.write_bytes(uri, page.encode())
+    storage.write_bytes(storage.join(report_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+    return uri

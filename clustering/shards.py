@@ -1,0 +1,168 @@
+"""WebDataset shards: write them from decoded sources, read them back (whole, or split by rank).
+
+Layout (DESIGN.md §3): `shard-000000.tar` ... with members grouped and sorted by key
+(`KEY.png|jpg`, optional `KEY.cls`, `KEY.json`) and a `manifest.json` beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from . import storage
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def shard_index(uri: str) -> int:
+    return int(uri.rsplit("shard-", 1)[1].split(".")[0])
+
+
+def write_shard(samples: list[dict], uri: str) -> dict:
+    """Write samples (dicts with __key__, png|jpg, optional cls, json) as one tar; returns its stats."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as sink:
+        for s in sorted(samples, key=lambda s: s["__key__"]):  # sorted keys: readers group by key
+            sink.write(s)
+    data = buf.getvalue()
+    storage.write_bytes(uri, data)
+    return {"name": uri.rsplit("/", 1)[-1], "samples": len(samples), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_shard(uri: str) -> list[dict]:
+    """All samples of one shard as dicts: __key__, image bytes under 'png' or 'jpg', 'cls', 'json'."""
+    stream = io.BytesIO(storage.read_bytes(uri))
+    files = ({**f, "__url__": uri} for f in tar_file_iterator(stream))
+    return list(group_by_keys(files))
+
+
+def write_manifest(base: str, manifest: dict) -> None:
+    storage.write_bytes(storage.join(base, MANIFEST), json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(base: str) -> dict:
+    uri = storage.join(base, MANIFEST)
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except storage.StorageError:
+        raise storage.StorageError(
+            f"no shards at {base}: {MANIFEST} is missing. Run the shard job first (dicl shard ...)"
+        ) from None
+
+
+def shard_uris(base: str, manifest: dict) -> list[str]:
+    return [storage.join(base, s["name"]) for s in manifest["shards"]]
+
+
+def rank_shards(uris: list[str], rank: int, world: int) -> list[str]:
+    """Shards of one rank: round-robin, so ranks differ by at most one shard."""
+    return uris[rank::world]
+
+
+def decode_image(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """Encoded bytes -> uint8 (H, W, C) in the corpus' mode and size (DESIGN.md §6: mixed inputs are converted)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != mode:
+            im = im.convert(mode)
+        if (im.height, im.width) != size:
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+@dataclass
+class Decoded:
+    images: np.ndarray  # (N, H, W, C) uint8
+    keys: list[str]
+    labels: np.ndarray  # (N,) int64, -1 where unknown
+    shards: list[str]  # shard name per sample
+
+
+def image_of(sample: dict) -> bytes:
+    for ext in ("png", "jpg", "jpeg"):
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')} has no png/jpg member")
+
+
+def decode_samples(samples: list[dict], mode: str, size: tuple[int, int], shard: str, threads: int = 1) -> Decoded:
+    decode = lambda s: decode_image(image_of(s), mode, size)  # noqa: E731
+    if threads > 1 and len(samples) > 256:
+        with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding
+            arrays = list(pool.map(decode, samples, chunksize=256))
+    else:
+        arrays = [decode(s) for s in samples]
+    c = 1 if mode == "L" else 3
+    images = np.stack(arrays) if arrays else np.zeros((0, *size, c), np.uint8)
+    labels = np.array([int(s["cls"]) if "cls" in s else -1 for s in samples], dtype=np.int64)
+    return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples))
+
+
+def image_spec(manifest: dict, side: int | None = None) -> tuple[str, tuple[int, int]]:
+    """(PIL mode, (H, W)) every image is decoded to: the corpus' own, or a square `side`."""
+    img = manifest["image"]
+    size = (side, side) if side else (img["height"], img["width"])
+    return ("L" if img["channels"] == 1 else "RGB"), size
+
+
+def load_shards(uris: list[str], manifest: dict, side: int | None = None, threads: int = 1) -> Decoded:
+    """Read and decode whole shards into one uint8 array (the training set of one rank)."""
+    mode, size = image_spec(manifest, side)
+    parts = [decode_samples(read_shard(u), mode, size, u.rsplit("/", 1)[-1], threads) for u in uris]
+    c = 1 if mode == "L" else 3
+    if not parts:
+        return Decoded(np.zeros((0, *size, c), np.uint8), [], np.zeros(0, np.int64), [])
+    return Decoded(
+        np.concatenate([p.images for p in parts]),
+        [k for p in parts for k in p.keys],
+        np.concatenate([p.labels for p in parts]),
+        [s for p in parts for s in p.shards],
+    )
+
+
+def plan_shards(items: list, samples_per_shard: int, max_bytes: int) -> list[list]:
+    """Consecutive groups of items, each within the sample count and (estimated) byte budget."""
+    groups, current, size = [], [], 0
+    for it in items:
+        if current and (len(current) >= samples_per_shard or size + it.nbytes > max_bytes):
+            groups.append(current)
+            current, size = [], 0
+        current.append(it)
+        size += it.nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+def write_items(source, items: list, uri: str) -> dict:
+    """Load, validate and write one shard of a source's items. Unreadable images are skipped and listed."""
+    from .sources import BadImage
+
+    samples, skipped, shapes = [], [], {}
+    for it in items:
+        try:
+            d = source.load(it)
+        except BadImage as e:
+            skipped.append(str(e))
+            continue
+        sample = {"__key__": it.key, d.ext: d.data,
+                  "json": {"source": source.describe(it), "width": d.width, "height": d.height}}
+        if it.label is not None:
+            sample["cls"] = it.label
+        samples.append(sample)
+        shape = f"{d.height}x{d.width}x{d.mode}"
+        shapes[shape] = shapes.get(shape, 0) + 1
+    stats = write_shard(samples, uri) if samples else None
+    return {"shard": stats, "skipped": skipped, "shapes": shapes, "labelled": sum("cls" in s for s in samples)}

@@ -1,0 +1,239 @@
+"""Readers of inputs: image folders (JPEG/PNG/...), MNIST IDX files, NPZ arrays and scikit-learn's digits.
+
+A source is planned once on the driver (`plan()`: cheap items with stable keys) and read in parallel
+tasks (`load(item)`: the encoded image bytes). Keys derive from the source path, so outputs join back
+to inputs and a re-run gives the same keys.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from . import storage
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+ORIGINAL_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}  # kept byte for byte; others re-encode to PNG
+
+
+class SourceError(ValueError):
+    """An input that cannot be sharded at all; the message names it and says what to do."""
+
+
+class BadImage(ValueError):
+    """One unreadable input: counted and skipped, reported at the end."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # stable, unique, no dots (WebDataset splits key and extension at the first dot)
+    ref: str | int  # file URI or array row
+    nbytes: int
+    label: int | None = None
+
+
+@dataclass
+class Decoded:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    mode: str  # PIL mode: L, RGB, ...
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def sanitize_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_/-]", "_", text).strip("/")
+
+
+@dataclass
+class ArraySource:
+    """In-memory uint8 images (N, H, W) or (N, H, W, C) with optional labels; encoded losslessly as PNG."""
+
+    uri: str
+    prefix: str
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    classes: list[str] | None = None
+    splits: list[tuple[str, int]] | None = None  # consecutive (name, count) runs, e.g. MNIST's train and t10k
+
+    def plan(self) -> list[Item]:
+        """Keys like mnist/train/000123: they name the file and row each image came from."""
+        per = int(np.prod(self.images.shape[1:]))
+        items, start = [], 0
+        for split, n in self.splits or [(None, len(self.images))]:
+            base = f"{self.prefix}/{split}" if split else self.prefix
+            for j in range(n):
+                label = None if self.labels is None else int(self.labels[start + j])
+                items.append(Item(f"{base}/{j:06d}", start + j, per, label))
+            start += n
+        return items
+
+    def load(self, item: Item) -> Decoded:
+        img = self.images[item.ref]
+        h, w = img.shape[:2]
+        return Decoded(png_bytes(img), "png", w, h, "L" if img.ndim == 2 else "RGB")
+
+    def describe(self, item: Item) -> str:
+        return f"{self.uri}#{item.ref}"
+
+
+@dataclass
+class FolderSource:
+    """A folder tree of image files; a file's parent folder name (below the root) becomes its label."""
+
+    uri: str
+    files: list[tuple[str, int]] = field(default_factory=list)  # (relative path, size)
+    classes: list[str] | None = None
+
+    def __post_init__(self):
+        fs, root = storage.filesystem(self.uri)
+        if not fs.exists(root):
+            raise SourceError(f"source {self.uri!r} does not exist: give an image folder, MNIST IDX files, a .npz or sklearn:digits")
+        found = fs.find(root, detail=True)
+        root = root.rstrip("/")
+        self.files = sorted(
+            (p[len(root) + 1:], int(info.get("size") or 0))
+            for p, info in found.items()
+            if PurePosixPath(p).suffix.lower() in IMAGE_EXTS
+        )
+        if not self.files:
+            raise SourceError(
+                f"source {self.uri!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTS))} "
+                f"among {len(found)} files): point it at a folder of images"
+            )
+        parents = {str(PurePosixPath(rel).parent) for rel, _ in self.files}
+        if parents != {"."}:
+            self.classes = sorted({PurePosixPath(rel).parent.name for rel, _ in self.files})
+
+    def plan(self) -> list[Item]:
+        index = {c: i for i, c in enumerate(self.classes or [])}
+        items, seen = [], set()
+        for rel, size in self.files:
+            path = PurePosixPath(rel)
+            key = sanitize_key(str(path.with_suffix("")))
+            if key in seen:  # a.jpg beside a.png, or two names that sanitize alike
+                key = f"{key}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+            seen.add(key)
+            label = index[path.parent.name] if self.classes and str(path.parent) != "." else None
+            items.append(Item(key, storage.join(self.uri, rel), size, label))
+        return items
+
+    def load(self, item: Item) -> Decoded:
+        raw = storage.read_bytes(item.ref)
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                im.load()  # decodes fully: catches truncated files, not just bad headers
+                w, h, mode = im.width, im.height, im.mode
+                ext = ORIGINAL_EXTS.get(PurePosixPath(item.ref).suffix.lower())
+                if ext is None or (ext == "jpg" and im.format != "JPEG") or (ext == "png" and im.format != "PNG"):
+                    # Not JPEG/PNG (or a mislabelled extension): re-encode losslessly.
+                    raw, ext = png_bytes(np.asarray(im.convert("RGB" if mode not in ("L", "RGB") else mode))), "png"
+                    mode = "RGB" if mode not in ("L", "RGB") else mode
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise BadImage(f"{item.ref}: not a readable image ({type(e).__name__}: {e})") from None
+        return Decoded(raw, ext, w, h, mode)
+
+    def describe(self, item: Item) -> str:
+        return str(item.ref)
+
+
+def read_idx(uri: str) -> np.ndarray:
+    """Parse an IDX file (the MNIST format), gzip-compressed or raw."""
+    raw = storage.read_bytes(uri)
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise SourceError(f"{uri} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise SourceError(f"{uri}: IDX header says {tuple(dims)} but holds {data.size} bytes (truncated?)")
+    return data.reshape(dims)
+
+
+def idx_source(uri: str) -> ArraySource:
+    """A folder with *-images-idx3-ubyte[.gz] files (and matching *-labels-idx1-ubyte[.gz]), or one images file."""
+    fs, path = storage.filesystem(uri)
+    names = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    proto = uri.split("://", 1)[0] + "://" if storage.is_remote(uri) else ""
+    image_files = [n for n in names if "images-idx3-ubyte" in n]
+    if not image_files:
+        raise SourceError(f"source {uri!r} holds no '*-images-idx3-ubyte[.gz]' file")
+    images, labels, keys = [], [], []
+    for name in image_files:
+        split = PurePosixPath(name).name.split("-images")[0]
+        imgs = read_idx(proto + name)
+        lab_name = name.replace("images-idx3", "labels-idx1")
+        labs = read_idx(proto + lab_name) if fs.exists(lab_name) else None
+        images.append(imgs)
+        labels.append(labs)
+        keys.append(split)
+    if len({i.shape[1:] for i in images}) > 1:
+        raise SourceError(f"{uri}: IDX files hold images of different sizes {[i.shape[1:] for i in images]}")
+    has_labels = all(lab is not None for lab in labels)
+    prefix = sanitize_key(PurePosixPath(path.rstrip("/")).name.split("-images")[0]) or "idx"
+    return ArraySource(
+        uri, prefix, np.concatenate(images), np.concatenate(labels) if has_labels else None,
+        splits=[(k, len(i)) for k, i in zip(keys, images)],
+    )
+
+
+def npz_source(uri: str) -> ArraySource:
+    with np.load(io.BytesIO(storage.read_bytes(uri))) as z:
+        x_name = next((n for n in ("images", "x", "X", "x_train") if n in z.files), None)
+        if x_name is None:
+            raise SourceError(f"{uri}: no image array; expected one named images, x or X (found {z.files})")
+        x = z[x_name]
+        y_name = next((n for n in ("labels", "y", "Y", "y_train") if n in z.files), None)
+        y = z[y_name] if y_name else None
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim not in (3, 4):
+        raise SourceError(f"{uri}: images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+    if x.dtype != np.uint8:
+        hi = float(x.max()) if x.size else 1.0
+        x = np.clip(x * (255.0 / hi if hi > 1.0 else 255.0), 0, 255).astype(np.uint8)
+    stem = sanitize_key(PurePosixPath(uri.split("://")[-1]).stem)
+    return ArraySource(uri, stem, x, y)
+
+
+def digits_source() -> ArraySource:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Values are 0..16; scale to the full uint8 range so they look like any other grayscale image.
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    return ArraySource("sklearn:digits", "digits", images, d.target.astype(np.int64))
+
+
+def open_source(spec: str):
+    """The source a user names: sklearn:digits, a .npz, MNIST IDX files, or an image folder."""
+    if spec == "sklearn:digits":
+        return digits_source()
+    fs, path = storage.filesystem(spec)
+    if not fs.exists(path):
+        raise SourceError(
+            f"source {spec!r} does not exist: give an image folder, MNIST IDX files, a .npz or sklearn:digits"
+        )
+    if path.endswith(".npz"):
+        return npz_source(spec)
+    if "idx3-ubyte" in path or (fs.isdir(path) and any("images-idx3-ubyte" in n for n in fs.ls(path, detail=False))):
+        return idx_source(spec)
+    if not fs.isdir(path):
+        raise SourceError(f"source {spec!r} is a file of an unknown kind: give a folder of images, IDX files or a .npz")
+    return FolderSource(spec)

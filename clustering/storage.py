@@ -1,0 +1,125 @@
+"""One way to reach storage: local paths, file:// and s3:// URIs through fsspec.
+
+S3 settings come from the environment and the AWS credential chain, never from config files:
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (a non-AWS endpoint such as MinIO or a test server),
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, AWS_REGION.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(OSError):
+    """A storage location that cannot be used; the message names it and says what to check."""
+
+
+def s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict[str, Any] = {}
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    return opts
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path, file:// or s3:// URI."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol in ("s3", "s3a"):
+        uri = "s3://" + uri.split("://", 1)[1]
+        # A fresh instance per call: fsspec's instance cache would keep a stale endpoint across tests.
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        return fs, fs._strip_protocol(uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def absolute(uri: str) -> str:
+    """Local paths made absolute, so Ray workers (whose working folder differs) find them; URIs unchanged."""
+    if not uri or is_remote(uri) or uri.startswith("sklearn:"):
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise StorageError(f"{uri} does not exist") from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic per object: readers see the old object or the whole new one, never a part.
+
+    On S3 one PUT is atomic by itself. On a filesystem we write a temporary file beside
+    the target and rename it over, which is atomic on POSIX.
+    """
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if isinstance(fs, LocalFileSystem):
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _children(uri: str, kind: str) -> list[str]:
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    names = [e["name"] for e in fs.ls(path, detail=True) if e["type"] == kind]
+    prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
+    return sorted(prefix + n.split("://", 1)[-1] for n in names)
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Sorted URIs of the files directly under a folder/prefix that end with `suffix`."""
+    return [f for f in _children(uri, "file") if f.endswith(suffix)]
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Sorted URIs of the folders directly under a folder/prefix."""
+    return _children(uri, "directory")
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, naming the location, when a bucket is wrong or credentials are missing."""
+    probe = join(uri, f"_write_probe_{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        fs, path = filesystem(probe)
+        fs.rm_file(path)
+    except Exception as e:  # botocore and OS errors differ; the user needs the location and the cause
+        raise StorageError(
+            f"cannot write to {uri}: {type(e).__name__}: {e}. Check the path or bucket name, and for s3:// "
+            "the credentials in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
+            "and AWS_ENDPOINT_URL for non-AWS endpoints."
+        ) from None

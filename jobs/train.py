@@ -1,0 +1,120 @@
+"""Train job: Ray Train's TorchTrainer runs clustering.engine.fit on N workers, each on its own shards.
+
+Each epoch rank 0 writes a checkpoint (model, head, optimizer, epoch, RNG) to the run's storage path;
+a restarted worker group (FailureConfig) or a re-run with the same `train.name` resumes from the latest.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from clustering import engine, shards, storage
+from clustering.comm import Comm
+from clustering.config import TrainConfig
+
+from .runtime import remote_uri, train_storage, want_gpu
+
+CHECKPOINT_FILE = "model.pt"
+
+
+def load_checkpoint(uri: str) -> dict:
+    """A checkpoint folder/URI -> its state dict; tensors and plain data only (weights_only=True)."""
+    data = storage.read_bytes(storage.join(uri, CHECKPOINT_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    comm = Comm(rank, world, dist.all_reduce)
+
+    manifest = shards.read_manifest(cfg.shards)
+    mine = shards.rank_shards(shards.shard_uris(cfg.shards, manifest), rank, world)
+    data = shards.load_shards(mine, manifest, cfg.image_size, threads=cfg.cpus_per_worker)
+    print(f"[rank {rank}/{world}] {len(data.keys):,} images from {len(mine)} shards on {device}")
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+    def report(epoch: int, metrics: dict, state_fn) -> None:
+        # Every rank reports (Ray Train waits for all), on the same epochs; only rank 0 uploads the checkpoint.
+        if (epoch + 1) % cfg.checkpoint_every and metrics["stage"] != "final":
+            return
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(state_fn(), os.path.join(d, CHECKPOINT_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{epoch:06d}")
+
+    engine.fit(data.images, cfg, comm, device, resume=resume, on_epoch=report,
+               log=lambda s: print(s, flush=True) if rank == 0 else None)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # URI of the final checkpoint folder
+    metrics: dict
+    name: str
+    seconds: float
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "storage_path": storage.absolute(cfg.storage_path)})
+    manifest = shards.read_manifest(cfg.shards)  # fails early, naming the folder, when shards are missing
+    if len(manifest["shards"]) < cfg.num_workers:
+        raise ValueError(
+            f"{len(manifest['shards'])} shards for {cfg.num_workers} workers: every worker needs a shard. "
+            "Lower train.num_workers or re-shard with a smaller shard.samples_per_shard."
+        )
+    name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = cfg.model_copy(update={"name": name})
+    storage.check_writable(cfg.storage_path)
+    path, filesystem = train_storage(cfg.storage_path)
+    gpu = want_gpu(cfg.use_gpu)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} ended without a checkpoint (see the log above)")
+    return TrainResult(remote_uri(cfg.storage_path, result.checkpoint.path), dict(result.metrics or {}), name,
+                       time.perf_counter() - t0)
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint folder, or a run folder (its newest checkpoint), as printed by the train job."""
+    if not uri:
+        raise ValueError("label.checkpoint is empty: give the checkpoint or run folder printed by the train job")
+    if storage.exists(storage.join(uri, CHECKPOINT_FILE)):
+        return uri
+    ckpts = [c for c in storage.list_dirs(uri) if c.rsplit("/", 1)[-1].startswith("checkpoint_")]
+    if not ckpts:
+        raise FileNotFoundError(f"{uri} holds no {CHECKPOINT_FILE} and no checkpoint_* folder: run the train job first")
+    return max(ckpts)
