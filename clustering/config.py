@@ -75,8 +75,9 @@ class PipelineConfig(Strict):
     def _wire_paths(self) -> "PipelineConfig":
         # Paths a user did not set follow work_dir, so one override moves the whole run.
         root = self.work_dir.rstrip("/")
+        if "output" not in self.shard.model_fields_set:
+            self.shard.__dict__["output"] = f"{root}/shards"
         for section, field, value in [
-            (self.shard, "output", f"{root}/shards"),
             (self.train, "shards", self.shard.output),
             (self.train, "storage_path", f"{root}/runs"),
             (self.label, "shards", self.shard.output),

@@ -176,8 +176,9 @@ def idx_source(uri: str) -> ArraySource:
     for name in image_files:
         split = PurePosixPath(name).name.split("-images")[0]
         imgs = read_idx(proto + name)
-        lab_name = name.replace("images-idx3", "labels-idx1")
-        labs = read_idx(proto + lab_name) if fs.exists(lab_name) else None
+        stem = name.replace("images-idx3", "labels-idx1").removesuffix(".gz")
+        lab_name = next((n for n in (stem, stem + ".gz") if fs.exists(n)), None)
+        labs = read_idx(proto + lab_name) if lab_name else None
         images.append(imgs)
         labels.append(labs)
         keys.append(split)

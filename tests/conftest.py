@@ -1,0 +1,51 @@
+"""Shared fixtures: one local S3 server (moto, 127.0.0.1) and one local Ray per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BUCKET = "dicl-test"
+SHARED_DATA = Path(os.environ.get("DICL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint on loopback; the environment points at it for the whole session (Ray included)."""
+    from infra.local_s3 import local_s3
+
+    with local_s3(BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """A local Ray with 2 CPUs, started after the S3 env is set so its workers inherit it."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """A tiny folder tree: two class folders of real PNG/JPEG files."""
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            arr = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / cls / f"img.{i}.{'png' if i % 2 else 'jpg'}")
+    return tmp_path
+
+
+def need_shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (set DICL_SHARED_DATA to the shared data folder)")
+    return path

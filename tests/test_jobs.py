@@ -1,0 +1,101 @@
+"""shard -> train -> label through a real local Ray, on local folders and on S3 (moto on 127.0.0.1)."""
+import json
+
+import pandas as pd
+import pytest
+
+from clustering import assignments, report, shards, storage
+from clustering.config import PipelineConfig, load_config
+from jobs.cli import main
+from tests.conftest import BUCKET
+
+SMALL = ["shard.samples_per_shard=500", "train.pretrain_epochs=4", "train.joint_epochs=2",
+         "train.cpus_per_worker=1", "train.name=t"]
+
+
+def run_all(work_dir: str):
+    from jobs.label import run_label
+    from jobs.shard import run_shard
+    from jobs.train import run_train
+
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={work_dir}"])
+    manifest = run_shard(cfg.shard, progress=False)
+    trained = run_train(cfg.train)
+    info = run_label(cfg.label, checkpoint=trained.checkpoint)
+    return cfg, manifest, trained, info
+
+
+def check_assignments(cfg, k=10):
+    table = assignments.read(cfg.label.output)
+    assert len(table) == 1797 and table["key"].is_unique
+    assert table["cluster"].between(0, k - 1).all()
+    assert set(table.columns) >= {"key", "shard", "cluster", "confidence", "probs"}
+    assert storage.exists(storage.join(cfg.label.output, assignments.SUCCESS))
+    return table
+
+
+def test_pipeline_on_local_folders(ray_local, tmp_path):
+    cfg, manifest, trained, info = run_all(str(tmp_path))
+    assert manifest["num_samples"] == 1797 and len(manifest["shards"]) == 4 and manifest["labelled"] == 1797
+    assert trained.checkpoint.rsplit("/", 1)[-1].startswith("checkpoint_")
+    check_assignments(cfg)
+    success = json.loads(storage.read_bytes(storage.join(cfg.label.output, assignments.SUCCESS)))
+    assert success["rows"] == 1797 and sum(success["counts"].values()) == 1797
+    summary = report.summarize(cfg.label.output, cfg.label.shards)
+    assert summary["scored_rows"] == 1797 and 0 <= summary["acc"] <= 1
+
+    # An interrupted labelling run, re-run with the same arguments, redoes only the missing shard.
+    from jobs.label import run_label
+
+    parts = storage.list_files(cfg.label.output, ".parquet")
+    kept = {p: storage.read_bytes(p) for p in parts[1:]}
+    storage.remove(parts[0])
+    storage.remove(storage.join(cfg.label.output, assignments.SUCCESS))
+    run_label(cfg.label, checkpoint=trained.checkpoint)
+    assert all(storage.read_bytes(p) == b for p, b in kept.items())
+    check_assignments(cfg)
+
+
+def test_pipeline_on_s3(ray_local, s3):
+    cfg, manifest, trained, info = run_all(f"s3://{BUCKET}/e2e")
+    assert trained.checkpoint.startswith(f"s3://{BUCKET}/e2e/runs/t/checkpoint_")
+    assert len(storage.list_files(f"s3://{BUCKET}/e2e/shards", ".tar")) == 4
+    table = check_assignments(cfg)
+    assert table["shard"].nunique() == 4
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
+    code, err = cli(capsys, "shard", f"shard.source={tmp_path}/missing", f"work_dir={tmp_path}")
+    assert code == 2 and f"{tmp_path}/missing" in err and "does not exist" in err
+
+    (tmp_path / "empty").mkdir()
+    code, err = cli(capsys, "shard", f"shard.source={tmp_path}/empty", f"work_dir={tmp_path}")
+    assert code == 2 and "holds no image files" in err
+
+    code, err = cli(capsys, "pipeline", "configs/demo.yaml", "train.epochs=3")
+    assert code == 2 and "train.epochs: unknown key" in err
+
+    code, err = cli(capsys, "train", f"work_dir={tmp_path}/nothing")
+    assert code == 2 and "manifest.json is missing" in err
+
+
+def test_unreadable_images_are_counted_not_fatal(ray_local, image_folder, tmp_path, capsys):
+    (image_folder / "cats" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "shards"
+    code = main(["shard", f"shard.source={image_folder}", f"shard.output={out}", "--no-progress"])
+    assert code == 0
+    manifest = shards.read_manifest(str(out))
+    assert manifest["num_samples"] == 6 and manifest["skipped"]["count"] == 1
+    assert "corrupt.jpg" in manifest["skipped"]["examples"][0]
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"nope")
+    code, err = cli(capsys, "shard", f"shard.source={only_bad}", f"shard.output={tmp_path}/o2")
+    assert code == 2 and "no readable images" in err and "x.png" in err

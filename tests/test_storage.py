@@ -1,0 +1,34 @@
+import pytest
+
+from clustering import storage
+from tests.conftest import BUCKET
+
+
+def test_local_write_is_atomic_and_listable(tmp_path):
+    uri = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(uri, b"one")
+    storage.write_bytes(uri, b"two")
+    assert storage.read_bytes(uri) == b"two"
+    assert [p.rsplit("/", 1)[-1] for p in storage.list_files(str(tmp_path / "a"))] == ["b.bin"]  # no temp files left
+
+
+def test_file_uri(tmp_path):
+    storage.write_bytes(f"file://{tmp_path}/x.txt", b"hi")
+    assert (tmp_path / "x.txt").read_bytes() == b"hi"
+
+
+def test_s3_round_trip(s3):
+    uri = f"s3://{BUCKET}/storage/one.bin"
+    storage.write_bytes(uri, b"payload")
+    assert storage.read_bytes(uri) == b"payload"
+    assert uri in storage.list_files(f"s3://{BUCKET}/storage")
+
+
+def test_wrong_bucket_is_a_clear_error(s3):
+    with pytest.raises(storage.StorageError, match="cannot write to s3://no-such-bucket-here/x.*credentials"):
+        storage.check_writable("s3://no-such-bucket-here/x")
+
+
+def test_missing_object_names_it(tmp_path):
+    with pytest.raises(storage.StorageError, match="nothing-here"):
+        storage.read_bytes(str(tmp_path / "nothing-here"))
