@@ -27,3 +27,46 @@ def gaussian_noise(x: torch.Tensor, std: float = 0.05, generator: torch.Generato
 
 def digits_view(x: torch.Tensor) -> torch.Tensor:
     return gaussian_noise(random_affine(x))
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float] = (0.2, 1.0), flip: bool = True) -> torch.Tensor:
+    """Crop a random area fraction in `scale` (aspect 3/4..4/3), resize back, mirror half the images."""
+    b = len(x)
+    area = scale[0] + torch.rand(b, device=x.device) * (scale[1] - scale[0])
+    log_r = (torch.rand(b, device=x.device) * 2 - 1) * math.log(4 / 3)
+    w = (area * log_r.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_r.exp()).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, device=x.device) * 2 - 1) * (1 - w)
+    cy = (torch.rand(b, device=x.device) * 2 - 1) * (1 - h)
+    sx = torch.where(torch.rand(b, device=x.device) < 0.5, -w, w) if flip else w
+    zero = torch.zeros_like(w)
+    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, strength: float = 0.4, p: float = 0.8) -> torch.Tensor:
+    """Random brightness, contrast and saturation per image, applied with probability p."""
+    b = len(x)
+    on = (torch.rand(b, 1, 1, 1, device=x.device) < p).float()
+    rnd = lambda: 1 + (torch.rand(b, 1, 1, 1, device=x.device) * 2 - 1) * strength * on  # noqa: E731
+    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = x * rnd()  # brightness
+    x = (x - gray.mean((2, 3), keepdim=True)) * rnd() + gray.mean((2, 3), keepdim=True)  # contrast
+    x = (x - gray) * rnd() + gray  # saturation
+    return x.clamp(0, 1)
+
+
+def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
+    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    on = torch.rand(len(x), 1, 1, 1, device=x.device) < p
+    return torch.where(on, gray.expand_as(x), x)
+
+
+def rgb_view(x: torch.Tensor) -> torch.Tensor:
+    """SimCLR-style view for natural images: crop + flip, colour jitter, grayscale."""
+    return random_grayscale(color_jitter(random_resized_crop(x)))
+
+
+def view_for(channels: int):
+    return digits_view if channels == 1 else rgb_view

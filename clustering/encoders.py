@@ -71,3 +71,55 @@ class MLPAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
         return z, self.decode(z)
+
+
+class ConvNet(nn.Module):
+    """Conv trunk for small grayscale images -> `out_dim` outputs (the K mixture components, for NMM)."""
+
+    def __init__(self, channels: int, side: int, out_dim: int, widths: tuple[int, int] = (32, 64), hidden: int = 256):
+        super().__init__()
+        if side % 4:
+            raise ValueError(f"ConvNet needs an image side divisible by 4, got {side}")
+        w1, w2 = widths
+        self.net = nn.Sequential(
+            conv_block(channels, w1), conv_block(w1, w2), nn.Flatten(),
+            nn.Linear(w2 * (side // 4) ** 2, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, out_dim)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as used for 32x32 images."""
+
+    def __init__(self, channels: int, out_dim: int, width: int = 64):
+        super().__init__()
+        layers, c = [], width
+        for i, (c_out, stride) in enumerate([(width, 1), (width * 2, 2), (width * 4, 2), (width * 8, 2)]):
+            layers += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c = c_out
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, out_dim)

@@ -5,6 +5,8 @@ its own rows, gives the same centres as `fit` in one process on all rows.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -101,3 +103,34 @@ class StudentTHead(KMeansHead):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.predict_proba(z)  # (B, K)
+
+
+class MixtureHead(nn.Module):
+    """NMM head (seed 002): posteriors from the network's K outputs, mixture weights π and, for batch-free
+    prediction, each component's normaliser over the whole dataset (log Z_k, so g_k(x) = exp(l_k(x)) / Z_k)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.register_buffer("log_pi_", torch.full((k,), -math.log(k)))
+        self.register_buffer("log_norm_", torch.zeros(k))
+
+    def set_weights(self, resp_sum: torch.Tensor, momentum: float) -> None:
+        """π tracks the mean responsibility; resp_sum is Σ_i γ_i over the whole corpus (all-reduced)."""
+        pi = momentum * self.log_pi_.exp() + (1 - momentum) * resp_sum / resp_sum.sum().clamp_min(1e-12)
+        self.log_pi_.copy_(pi.clamp_min(1e-6).log())
+
+    @torch.no_grad()
+    def fit(self, logits: torch.Tensor, comm: Comm = Comm(), seed: int = 0) -> "MixtureHead":
+        """log Z_k = logsumexp over every rank's rows of output k."""
+        logits = logits.float()
+        local_max = logits.max(0).values if len(logits) else torch.full((self.k,), -1e30, device=logits.device)
+        top = comm.gather(local_max[None], 1).max(0).values  # (K,) the same on every rank
+        self.log_norm_.copy_(top + comm.sum((logits - top).exp().sum(0)).clamp_min(1e-30).log())
+        return self
+
+    def predict_proba(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() - self.log_norm_ + self.log_pi_, dim=1)  # (B, K)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.predict_proba(logits).argmax(1)

@@ -34,3 +34,28 @@ def kl_div(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """KL(P‖Q), averaged over the batch."""
     p = p.float()
     return (p * (p.clamp_min(1e-12).log() - q.float().clamp_min(1e-12).log())).sum(1).mean()
+
+
+def batch_densities(logits: torch.Tensor) -> torch.Tensor:
+    """NMM transformation (seed 002): log g_k(x_i), each output k normalised over the batch.
+
+    Each column is a distribution over the batch's samples, so no component can claim every sample
+    by growing its logits: that is what rules out the trivial one-cluster solution. (B, K)
+    """
+    return torch.log_softmax(logits.float(), dim=0)
+
+
+def e_step(log_g: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """Responsibilities γ_ik = π_k g_k(x_i) / Σ_j π_j g_j(x_i); no gradient flows through them. (B, K)"""
+    return torch.softmax(log_g.detach() + log_pi, dim=1)
+
+
+def m_step(gamma: torch.Tensor, log_g: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """Negative expected complete-data log-likelihood −(1/B) Σ_i Σ_k γ_ik log(π_k g_k(x_i)); minimise it."""
+    return -(gamma * (log_g + log_pi)).sum(1).mean()
+
+
+def view_consistency(log_p_a: torch.Tensor, log_p_b: torch.Tensor) -> torch.Tensor:
+    """Two views of an image should fall in the same cluster: −log Σ_k p_k(a) p_k(b), averaged (SCAN's form).
+    Inputs are log posteriors (B, K)."""
+    return -torch.logsumexp(log_p_a + log_p_b, dim=1).mean()

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from . import losses
-from .augment import digits_view
+from .augment import digits_view, view_for
 from .comm import Comm
 from .config import TrainConfig
-from .encoders import ConvAutoencoder, MLPAutoencoder
-from .heads import StudentTHead
+from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18
+from .heads import MixtureHead, StudentTHead
 from .schedule import Stage, make_stages
 
 
@@ -38,7 +38,7 @@ class ClusterNet(nn.Module):
 
 
 @torch.no_grad()
-def embed_all(model: ClusterNet, images: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> torch.Tensor:
     """Codes of every local image, in eval mode. images: uint8 (N, C, H, W) on the model's device."""
     was_training = model.training
     model.eval()
@@ -48,7 +48,7 @@ def embed_all(model: ClusterNet, images: torch.Tensor, batch: int = 4096) -> tor
 
 
 @torch.no_grad()
-def predict_all(model: ClusterNet, images: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(posteriors (N, K), codes (N, D)) of uint8 images (N, C, H, W) on the model's device."""
     z = embed_all(model, images, batch)
     return model.head.predict_proba(z), z
@@ -100,7 +100,79 @@ class DCEC:
         return {"reseeded_clusters": model.head.reseeded_}
 
 
-METHODS = {"dcec": DCEC}
+class MixtureNet(nn.Module):
+    """A network whose K outputs are the mixture components, with the NMM head on them."""
+
+    def __init__(self, net: nn.Module, head: MixtureHead):
+        super().__init__()
+        self.net, self.head = net, head
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, K) component log-densities before normalisation
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.predict_proba(self.embed(x))
+
+
+class NMM:
+    """NMM-EM (seed 002): batch-wise EM where the forward pass is the E-step (γ, no gradient) and the
+    backward pass the M-step (maximise Σ γ log π g), fused with two-view consistency.
+
+    Our choices where the abstract is silent: g_k is output k soft-maxed over the batch; each view's
+    responsibilities are the targets of the other view's M-step; consistency is SCAN's −log<p_a, p_b>
+    on the posteriors; π is updated once per epoch from the corpus-wide mean responsibility.
+    """
+
+    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+        self.cfg, self.channels, self.side = cfg, channels, side
+        self.view = view_for(channels)
+        self.resp_sum: torch.Tensor | None = None  # Σ γ over this rank's batches in the current epoch
+
+    def build(self) -> MixtureNet:
+        c = self.cfg
+        if c.encoder == "resnet18":
+            net = ResNet18(self.channels, c.k)
+        else:
+            net = ConvNet(self.channels, self.side, c.k, c.conv_widths)
+        return MixtureNet(net, MixtureHead(c.k))
+
+    def stages(self) -> list[Stage]:
+        return make_stages(em=self.cfg.joint_epochs)
+
+    def start_stage(self, stage, model, images, comm) -> dict:
+        return {}
+
+    def start_epoch(self, stage, epoch, model: MixtureNet, images, comm: Comm) -> None:
+        self.update_weights(model, comm)
+
+    def update_weights(self, model: MixtureNet, comm: Comm) -> None:
+        if self.resp_sum is not None:
+            model.head.set_weights(comm.sum(self.resp_sum), self.cfg.pi_momentum)
+        self.resp_sum = None
+
+    def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits = model.net(torch.cat([self.view(x), self.view(x)]))  # (2B, K): one pass, shared BN statistics
+        la, lb = logits.chunk(2)
+        log_pi = model.head.log_pi_
+        log_ga, log_gb = losses.batch_densities(la), losses.batch_densities(lb)
+        gamma_a, gamma_b = losses.e_step(log_ga, log_pi), losses.e_step(log_gb, log_pi)
+        em = 0.5 * (losses.m_step(gamma_b, log_ga, log_pi) + losses.m_step(gamma_a, log_gb, log_pi))
+        with torch.no_grad():
+            s = (gamma_a + gamma_b).sum(0)
+            self.resp_sum = s if self.resp_sum is None else self.resp_sum + s
+        if not self.cfg.consistency_weight:
+            return em
+        post_a = torch.log_softmax(log_ga + log_pi, 1)
+        post_b = torch.log_softmax(log_gb + log_pi, 1)
+        return em + self.cfg.consistency_weight * losses.view_consistency(post_a, post_b)
+
+    def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
+        self.update_weights(model, comm)
+        model.head.fit(embed_all(model, images), comm)
+        return {"pi_min": float(model.head.log_pi_.exp().min())}
+
+
+METHODS = {"dcec": DCEC, "nmm": NMM}
 
 
 def build_method(cfg: TrainConfig, channels: int, side: int):
