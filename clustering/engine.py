@@ -59,11 +59,14 @@ def fit(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None  # k-means on pixels has nothing to train
     stages = method.stages()
     total_epochs = stages[-1].end if stages else 0
 
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W) uint8, once
+    if device.type == "cuda":
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
     global_n = int(comm.sum(torch.tensor([float(n)], device=device)).item())
     if n == 0:
         raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
@@ -73,13 +76,14 @@ def fit(
     start_epoch, history = 0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        if opt is not None:
+            opt.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         start_epoch, history = int(resume["epoch"]) + 1, list(resume.get("history", []))
         log(f"resumed from epoch {resume['epoch']}")
 
     def state_fn(epoch: int) -> dict:
-        return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+        return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {}, "epoch": epoch,
                 "rng": torch.get_rng_state(), "history": history}
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

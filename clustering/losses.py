@@ -11,8 +11,9 @@ def reconstruction(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def sq_distances(z: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """(B, D), (K, D) -> (B, K) squared Euclidean distances."""
-    return (z.float()[:, None, :] - centers.float()[None, :, :]).pow(2).sum(-1)
+    """(B, D), (K, D) -> (B, K) squared Euclidean distances, as ‖z‖² − 2 z·μ + ‖μ‖² (no (B, K, D) tensor)."""
+    z, centers = z.float(), centers.float()
+    return (z.pow(2).sum(1, keepdim=True) - 2 * z @ centers.T + centers.pow(2).sum(1)).clamp_min_(0)
 
 
 def student_t_assign(z: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:

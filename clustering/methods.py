@@ -5,15 +5,17 @@ engine (engine.py) runs it in one process or on N workers alike.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from . import losses
-from .augment import digits_view, view_for
+from .augment import view_for
 from .comm import Comm
 from .config import TrainConfig
 from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18
-from .heads import MixtureHead, StudentTHead
+from .heads import KMeansHead, MixtureHead, StudentTHead
 from .schedule import Stage, make_stages
 
 
@@ -58,13 +60,22 @@ def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255.0)
 
 
-class DCEC:
-    """DCEC-CAH (seed 001): pretrain a conv AE on MSE; init centres by k-means on the codes; then jointly
-    minimise KL(P‖Q) + λ·MSE with the hardened target P refreshed from Q over the whole dataset.
-    Final labels: k-means on the final codes (as the authors)."""
+class AEClustering:
+    """Autoencoder + Student-t head, the family of seed 001's taxonomy:
 
-    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+    - dcec (DCEC-CAH, seed 001): pretrain the AE on MSE; centres from k-means on the codes; then jointly
+      minimise KL(P‖Q) + λ·MSE with the hardened target P refreshed from Q over the whole dataset.
+      Final labels: k-means on the final codes (as the authors).
+    - idec: the same objective (IDEC's L_r + γ L_c is KL + (1/γ)·MSE); the MLP encoder in its paper.
+    - dec: the joint stage drops the decoder (KL alone).
+    - ae_kmeans: no joint stage, k-means on the pretrained codes.
+    The encoder is `cfg.encoder` (conv for dcec, mlp for dec/idec in the papers).
+    """
+
+    def __init__(self, cfg: TrainConfig, channels: int, side: int, joint: bool = True, reconstruct: bool = True):
         self.cfg, self.channels, self.side = cfg, channels, side
+        self.joint, self.reconstruct = joint, reconstruct
+        self.view = view_for(channels)
         self.targets: torch.Tensor | None = None  # (N_local, K): P, fixed between refreshes
 
     def build(self) -> ClusterNet:
@@ -72,7 +83,7 @@ class DCEC:
         return ClusterNet(build_autoencoder(c, self.channels, self.side), StudentTHead(c.k, c.code_dim))
 
     def stages(self) -> list[Stage]:
-        return make_stages(pretrain=self.cfg.pretrain_epochs, joint=self.cfg.joint_epochs)
+        return make_stages(pretrain=self.cfg.pretrain_epochs, joint=self.cfg.joint_epochs if self.joint else 0)
 
     def start_stage(self, stage: Stage, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
         if stage.name == "joint":
@@ -88,7 +99,10 @@ class DCEC:
                 self.targets = losses.cah_target(q, freq)
 
     def loss(self, stage: Stage, model: ClusterNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        z, x_hat = model.ae(digits_view(x) if self.cfg.augment else x)
+        x_in = self.view(x) if self.cfg.augment else x  # denoising: reconstruct x from a perturbed view
+        if stage.name == "joint" and not self.reconstruct:
+            return losses.kl_div(self.targets[idx], model.head(model.embed(x_in)))
+        z, x_hat = model.ae(x_in)
         rec = losses.reconstruction(x_hat, x)
         if stage.name == "pretrain":
             return rec
@@ -172,7 +186,42 @@ class NMM:
         return {"pi_min": float(model.head.log_pi_.exp().min())}
 
 
-METHODS = {"dcec": DCEC, "nmm": NMM}
+class PixelKMeans(nn.Module):
+    """The k-means-on-pixels baseline as a model: the 'code' is the flattened image."""
+
+    def __init__(self, k: int, dim: int):
+        super().__init__()
+        self.head = KMeansHead(k, dim)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)  # (B, C*H*W)
+
+
+class KMeansBaseline:
+    """k-means on pixels (Lloyd, k-means++ init, best of n_init), distributed like every other head."""
+
+    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+        self.cfg, self.dim = cfg, channels * side * side
+
+    def build(self) -> PixelKMeans:
+        return PixelKMeans(self.cfg.k, self.dim)
+
+    def stages(self) -> list[Stage]:
+        return []
+
+    def finish(self, model: PixelKMeans, images: torch.Tensor, comm: Comm) -> dict:
+        model.head.fit(embed_all(model, images), comm, seed=self.cfg.seed)
+        return {"reseeded_clusters": model.head.reseeded_}
+
+
+METHODS = {
+    "dcec": AEClustering,
+    "idec": AEClustering,
+    "dec": partial(AEClustering, reconstruct=False),
+    "ae_kmeans": partial(AEClustering, joint=False),
+    "kmeans": KMeansBaseline,
+    "nmm": NMM,
+}
 
 
 def build_method(cfg: TrainConfig, channels: int, side: int):

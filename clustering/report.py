@@ -62,7 +62,7 @@ def montages(output: str, shards_uri: str, per_cluster: int = 16) -> dict[int, s
     mode, size = shards.image_spec(manifest)
     images, keys = [], []
     for uri in shards.shard_uris(shards_uri, manifest):
-        d = shards.decode_samples(shards.read_shard(uri), mode, size, uri)
+        d = shards.load_shard(uri, mode, size)
         images.append(d.images)
         keys += d.keys
         if len(keys) >= MONTAGE_SOURCE_IMAGES:

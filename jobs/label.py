@@ -40,7 +40,7 @@ class ShardLabeler:
         mode, size = shards.image_spec(self.manifest, self.spec["side"])
         for uri in batch["shard"]:
             name = uri.rsplit("/", 1)[-1]
-            data = shards.decode_samples(shards.read_shard(uri), mode, size, name, threads=4)
+            data = shards.load_shard(uri, mode, size)
             x = torch.from_numpy(data.images).permute(0, 3, 1, 2).to(self.device)
             probs, z = predict_all(self.model, x, self.cfg.batch_size)
             tbl = assignments.table(data.keys, name, probs.cpu().numpy(),

@@ -44,7 +44,7 @@ def train_loop(config: dict) -> None:
 
     manifest = shards.read_manifest(cfg.shards)
     mine = shards.rank_shards(shards.shard_uris(cfg.shards, manifest), rank, world)
-    data = shards.load_shards(mine, manifest, cfg.image_size, threads=cfg.cpus_per_worker)
+    data = shards.load_shards(mine, manifest, cfg.image_size, workers=cfg.cpus_per_worker)
     print(f"[rank {rank}/{world}] {len(data.keys):,} images from {len(mine)} shards on {device}")
 
     resume = None

@@ -1,0 +1,45 @@
+"""Shared by the benchmarks: load a data set into memory as uint8 (N, H, W, C) with labels; print a table."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from clustering import shards  # noqa: E402
+from clustering.sources import ArraySource, open_source  # noqa: E402
+
+
+def load_arrays(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A source (folder, IDX, .npz, sklearn:digits) -> (uint8 (N, H, W, C), int labels (-1 unknown))."""
+    src = open_source(spec)
+    items = src.plan()[:limit]
+    if isinstance(src, ArraySource):
+        idx = [it.ref for it in items]
+        imgs = src.images[idx]
+        imgs = imgs[..., None] if imgs.ndim == 3 else imgs
+    else:
+        first = src.load(items[0])
+        mode, size = ("L" if first.mode == "L" else "RGB"), (first.height, first.width)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            imgs = np.stack(list(pool.map(lambda it: shards.decode_image(src.load(it).data, mode, size), items, chunksize=512)))
+    labels = np.array([-1 if it.label is None else it.label for it in items], dtype=np.int64)
+    return imgs, labels
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1))
+    print(f"wrote {path}")

@@ -1,0 +1,73 @@
+"""Quality benchmark: train a method on a whole data set for several seeds; ACC/NMI/ARI mean ± std, wall time.
+
+    python benchmarks/quality.py --data ../shared/data/mnist --method dcec --seeds 0 1 2 \
+        --config configs/mnist.yaml --set train.joint_epochs=20 --out results/quality-mnist-dcec.json
+
+Scores are on every image given (MNIST: train + test, as the papers). Runs on the GPU when there is one.
+Prints a table and writes JSON. Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+from common import load_arrays, print_table, write_json
+
+from clustering import engine, metrics
+from clustering.config import PipelineConfig, load_config
+from clustering.methods import predict_all
+
+
+def run(images, labels, cfg, device) -> dict:
+    t0 = time.perf_counter()
+    model = engine.fit(images, cfg, device=device, log=lambda s: None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    probs, _ = predict_all(model, x)
+    seconds = time.perf_counter() - t0
+    pred = probs.argmax(1).cpu().numpy()
+    return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": int(len(np.unique(pred)))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
+    p.add_argument("--method", action="append", help="method(s) to run (repeatable); default: the config's")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
+    p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
+    p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
+    p.add_argument("--out", default="results/quality.json")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    images, labels = load_arrays(args.data, args.limit)
+    print(f"{args.data}: {images.shape} on {device}", flush=True)
+    rows = []
+    base = load_config(PipelineConfig, args.config, args.set).train
+    for method in args.method or [base.method]:
+        runs = []
+        for seed in args.seeds:
+            cfg = base.model_copy(update={"method": method, "seed": seed})
+            r = run(images, labels, cfg, device)
+            print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
+                  f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
+            runs.append({"seed": seed, **r})
+        stat = lambda k: f"{np.mean([r[k] for r in runs]):.4f} ± {np.std([r[k] for r in runs]):.4f}"  # noqa: E731
+        rows.append({"method": method, "acc": stat("acc"), "nmi": stat("nmi"), "ari": stat("ari"),
+                     "seconds": f"{np.mean([r['seconds'] for r in runs]):.0f}", "runs": runs,
+                     "config": cfg.model_dump(mode="json")})
+    print()
+    print_table(rows, ["method", "acc", "nmi", "ari", "seconds"])
+    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
+    write_json(args.out, {"data": args.data, "n": int(len(images)), "device": hardware, "results": rows})
+
+
+if __name__ == "__main__":
+    main()
