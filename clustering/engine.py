@@ -73,13 +73,14 @@ def fit(
     steps = steps_per_epoch(global_n, cfg.batch_size)
     local_batch = max(1, cfg.batch_size // comm.world)
 
-    start_epoch, history = 0, []
+    start_epoch, history, resumed_from = 0, [], -1
     if resume is not None:
         model.load_state_dict(resume["model"])
         if opt is not None:
             opt.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         start_epoch, history = int(resume["epoch"]) + 1, list(resume.get("history", []))
+        resumed_from = int(resume["epoch"])
         log(f"resumed from epoch {resume['epoch']}")
 
     def state_fn(epoch: int) -> dict:
@@ -110,13 +111,16 @@ def fit(
             bad += (~torch.isfinite(loss.detach())).float()
         # One collective per epoch: every rank sees the same sums, so all stop together on a NaN.
         totals = comm.sum(torch.stack([loss_sum, bad]))
+        rank_steps = comm.gather(torch.tensor([[float(steps)]], device=device), 1)  # (world, 1): steps of each rank
         mean_loss = totals[0].item() / (steps * comm.world)
         if totals[1].item() > 0:
             raise NonFiniteLoss(
                 f"{stage.name} loss became NaN/inf in epoch {epoch} ({int(totals[1].item())} steps); "
                 "the last good checkpoint is kept. Lower train.lr or check the input data."
             )
-        metrics = {"epoch": epoch, "stage": stage.name, "loss": mean_loss, "seconds": time.perf_counter() - t0, **events}
+        metrics = {"epoch": epoch, "stage": stage.name, "loss": mean_loss, "seconds": time.perf_counter() - t0,
+                   "steps_min": int(rank_steps.min()), "steps_max": int(rank_steps.max()), "local_samples": n,
+                   "resumed_from": resumed_from, **events}
         history.append(metrics)
         log(f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {mean_loss:.5f} ({metrics['seconds']:.1f}s)")
         if on_epoch is not None and epoch < total_epochs - 1:
@@ -124,7 +128,8 @@ def fit(
 
     final = method.finish(model, x_all, comm)
     if on_epoch is not None:
-        metrics = {"epoch": total_epochs - 1, "stage": "final", "loss": history[-1]["loss"] if history else 0.0, **final}
+        metrics = {**(history[-1] if history else {}), "epoch": total_epochs - 1, "stage": "final",
+                   "resumed_from": resumed_from, **final}
         on_epoch(total_epochs - 1, metrics, lambda: state_fn(total_epochs - 1))
     model.eval()
     return model

@@ -21,9 +21,9 @@ def s3():
         yield endpoint
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3):
-    """A local Ray with 2 CPUs, started after the S3 env is set so its workers inherit it."""
+    """A local Ray with 2 CPUs per test module, started after the S3 env is set so its workers inherit it."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
