@@ -32,8 +32,9 @@ class TrainConfig(Strict):
     shards: str = "outputs/demo/shards"
     storage_path: str = Field("outputs/demo/runs", description="where Ray Train keeps checkpoints")
     name: str = Field("", description="run name; empty = method + time. Re-using a name resumes that run")
-    method: Literal["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm"] = Field(
-        "dcec", description="dcec (seed 001), nmm (seed 002), or a baseline: idec, dec, ae_kmeans, kmeans (on pixels)")
+    method: Literal["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"] = Field(
+        "dcec", description="dcec (seed 001), vc (seed 000), nmm (seed 002), or a baseline: idec, dec, ae_kmeans, "
+                            "kmeans (on pixels)")
     k: int = Field(10, ge=2, description="number of clusters")
     image_size: int | None = Field(None, ge=4, description="train at this side (resizing); empty = the shards' size")
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
@@ -48,6 +49,7 @@ class TrainConfig(Strict):
     augment: bool = Field(True, description="denoising: reconstruct each image from a small random affine + noise view")
     rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
     consistency_weight: float = Field(1.0, ge=0, description="nmm: weight of two-view consistency (0 = EM alone)")
+    balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps")
     target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
     num_workers: int = Field(1, ge=1)

@@ -13,7 +13,21 @@ def up_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-class ConvAutoencoder(nn.Module):
+class Autoencoder(nn.Module):
+    """Subclasses set self.encoder (image -> code) and self.decoder (code -> image)."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)  # (B, D)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # (B, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode(x)
+        return z, self.decode(z)
+
+
+class ConvAutoencoder(Autoencoder):
     """Seed 001's MNIST autoencoder, generalised to any side divisible by 4.
 
     Authors: conv 50@5x5+BN+ReLU, pool; conv 50@5x5+BN+ReLU, pool; conv 120@4x4 -> code; mirrored decoder.
@@ -34,18 +48,8 @@ class ConvAutoencoder(nn.Module):
             up_block(w2, w1), nn.ConvTranspose2d(w1, channels, 4, stride=2, padding=1),
         )
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)  # (B, D)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)  # (B, C, H, W)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encode(x)
-        return z, self.decode(z)
-
-
-class MLPAutoencoder(nn.Module):
+class MLPAutoencoder(Autoencoder):
     """DEC's fully connected autoencoder d-500-500-2000-code with a mirrored decoder (Xie et al. 2016)."""
 
     def __init__(self, channels: int, side: int, code_dim: int = 10, widths: tuple[int, ...] = (500, 500, 2000)):
@@ -61,16 +65,6 @@ class MLPAutoencoder(nn.Module):
         for a, b in zip(rev, rev[1:-1]):
             dec += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         self.decoder = nn.Sequential(*dec, nn.Linear(rev[-2], rev[-1]), nn.Unflatten(1, self.shape))
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)  # (B, D)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)  # (B, C, H, W)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encode(x)
-        return z, self.decode(z)
 
 
 class ConvNet(nn.Module):

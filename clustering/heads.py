@@ -134,3 +134,16 @@ class MixtureHead(nn.Module):
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return self.predict_proba(logits).argmax(1)
+
+
+class SoftmaxHead(nn.Module):
+    """Posteriors straight from a network's cluster logits (VC's q(y|x)); nothing to fit."""
+
+    def fit(self, logits: torch.Tensor, comm: Comm = Comm(), seed: int = 0) -> "SoftmaxHead":
+        return self
+
+    def predict_proba(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), 1)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1)

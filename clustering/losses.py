@@ -60,3 +60,33 @@ def view_consistency(log_p_a: torch.Tensor, log_p_b: torch.Tensor) -> torch.Tens
     """Two views of an image should fall in the same cluster: −log Σ_k p_k(a) p_k(b), averaged (SCAN's form).
     Inputs are log posteriors (B, K)."""
     return -torch.logsumexp(log_p_a + log_p_b, dim=1).mean()
+
+
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ_q, σ_q²) ‖ N(μ_p, σ_p²)) for diagonal Gaussians, summed over the last dimension."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """−log p(x|z) for pixels in [0, 1] under a Bernoulli decoder, summed over pixels. (B,)"""
+    return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").flatten(1).sum(1)
+
+
+def mixture_elbo_loss(logits_y: torch.Tensor, rec_nll: torch.Tensor, kl_z: torch.Tensor,
+                      log_prior_y: torch.Tensor) -> torch.Tensor:
+    """Negative ELBO of a VAE with a discrete y and continuous z, summing over every y exactly (seed 000):
+
+    −ELBO = Σ_y q(y|x) [−log p(x|z_y) + KL(q(z|x,y) ‖ p(z|y))] + KL(q(y|x) ‖ p(y)),
+    rec_nll and kl_z are (B, K) (one z sample per y), logits_y (B, K), log_prior_y (K,). Batch mean.
+    """
+    log_q = torch.log_softmax(logits_y.float(), 1)
+    q = log_q.exp()
+    kl_y = (q * (log_q - log_prior_y)).sum(1)
+    return ((q * (rec_nll + kl_z)).sum(1) + kl_y).mean()
+
+
+def marginal_prior_kl(logits_y: torch.Tensor, log_prior_y: torch.Tensor) -> torch.Tensor:
+    """KL(q̄(y) ‖ p(y)) with q̄ the batch mean of q(y|x): a balance term that keeps every cluster in use
+    (the per-sample KL in the ELBO lets q(y|x) collapse onto one cluster)."""
+    q_bar = torch.softmax(logits_y.float(), 1).mean(0)
+    return (q_bar * (q_bar.clamp_min(1e-8).log() - log_prior_y)).sum()

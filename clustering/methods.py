@@ -5,6 +5,7 @@ engine (engine.py) runs it in one process or on N workers alike.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -15,7 +16,7 @@ from .augment import view_for
 from .comm import Comm
 from .config import TrainConfig
 from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18
-from .heads import KMeansHead, MixtureHead, StudentTHead
+from .heads import KMeansHead, MixtureHead, SoftmaxHead, StudentTHead
 from .schedule import Stage, make_stages
 
 
@@ -186,6 +187,68 @@ class NMM:
         return {"pi_min": float(model.head.log_pi_.exp().min())}
 
 
+class VCNet(nn.Module):
+    """Gaussian-mixture VAE (seed 000): q(y|x) categorical, q(z|x,y) Gaussian (the encoder sees x and y),
+    p(z|y) = N(μ_y, σ_y²) learned, p(y) uniform, p(x|z) a Bernoulli conv decoder."""
+
+    def __init__(self, channels: int, side: int, k: int, code_dim: int, widths: tuple[int, int], hidden: int = 256):
+        super().__init__()
+        self.k = k
+        self.trunk = ConvNet(channels, side, hidden, widths)  # x -> features
+        self.to_y = nn.Linear(hidden, k)
+        self.to_z = nn.Linear(hidden + k, 2 * code_dim)
+        self.prior_mu = nn.Parameter(torch.randn(k, code_dim))
+        self.prior_logvar = nn.Parameter(torch.zeros(k, code_dim))
+        self.decoder = ConvAutoencoder(channels, side, code_dim, widths).decoder
+        self.head = SoftmaxHead()
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_y(torch.relu(self.trunk(x)))  # (B, K) logits of q(y|x)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.trunk(x))  # (B, H)
+        logits_y = self.to_y(h)  # (B, K)
+        onehot = torch.eye(self.k, device=x.device).expand(len(x), -1, -1)  # (B, K, K)
+        mu, logvar = self.to_z(torch.cat([h[:, None].expand(-1, self.k, -1), onehot], -1)).chunk(2, -1)  # (B, K, D)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # one sample per (x, y)
+        return logits_y, mu, logvar, z
+
+
+class VC:
+    """Variational Clustering (seed 000): trained from scratch end to end on the exact-sum ELBO; the cluster
+    is argmax q(y|x). Our choices: a Bernoulli decoder, one z sample per y, a uniform p(y), and a balance
+    term KL(q̄(y) ‖ p(y)) (weight cfg.balance_weight; 0 = the plain ELBO, which collapsed to one or two
+    clusters on digits in our runs)."""
+
+    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+        self.cfg, self.channels, self.side = cfg, channels, side
+
+    def build(self) -> VCNet:
+        return VCNet(self.channels, self.side, self.cfg.k, self.cfg.code_dim, self.cfg.conv_widths)
+
+    def stages(self) -> list[Stage]:
+        return make_stages(elbo=self.cfg.joint_epochs)
+
+    def start_stage(self, stage, model, images, comm) -> dict:
+        return {}
+
+    def start_epoch(self, stage, epoch, model, images, comm) -> None:
+        pass
+
+    def loss(self, stage, model: VCNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits_y, mu, logvar, z = model(x)
+        b, k, d = z.shape
+        x_logits = model.decoder(z.reshape(b * k, d)).float()  # (B*K, C, H, W)
+        rec = losses.bernoulli_nll(x_logits, x.repeat_interleave(k, 0)).view(b, k)
+        kl_z = losses.gaussian_kl(mu.float(), logvar.float(), model.prior_mu, model.prior_logvar)  # (B, K)
+        log_prior_y = torch.full((k,), -math.log(k), device=x.device)
+        elbo = losses.mixture_elbo_loss(logits_y, rec, kl_z, log_prior_y) / x[0].numel()  # per pixel
+        return elbo + self.cfg.balance_weight * losses.marginal_prior_kl(logits_y, log_prior_y)
+
+    def finish(self, model, images, comm) -> dict:
+        return {}
+
+
 class PixelKMeans(nn.Module):
     """The k-means-on-pixels baseline as a model: the 'code' is the flattened image."""
 
@@ -221,6 +284,7 @@ METHODS = {
     "ae_kmeans": partial(AEClustering, joint=False),
     "kmeans": KMeansBaseline,
     "nmm": NMM,
+    "vc": VC,
 }
 
 

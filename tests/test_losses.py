@@ -30,3 +30,43 @@ def test_reconstruction_minimal_at_identity():
     x = torch.rand(4, 1, 8, 8)
     assert losses.reconstruction(x, x) == 0
     assert losses.reconstruction(x + 0.1, x) > 0
+
+
+def test_em_responsibilities_sum_to_one_and_m_step_raises_batch_likelihood():
+    torch.manual_seed(0)
+    logits = torch.randn(32, 4, requires_grad=True)
+    log_pi = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+
+    def batch_loglik():
+        return torch.logsumexp(losses.batch_densities(logits) + log_pi, 1).sum()
+
+    gamma = losses.e_step(losses.batch_densities(logits), log_pi)
+    torch.testing.assert_close(gamma.sum(1), torch.ones(32))
+    before = batch_loglik().item()
+    losses.m_step(gamma, losses.batch_densities(logits), log_pi).backward()
+    with torch.no_grad():
+        logits -= 0.1 * logits.grad
+    assert batch_loglik().item() > before
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    from torch.distributions import Normal, kl_divergence
+
+    mu_q, lv_q, mu_p, lv_p = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    expected = kl_divergence(Normal(mu_q, (0.5 * lv_q).exp()), Normal(mu_p, (0.5 * lv_p).exp())).sum(-1)
+    torch.testing.assert_close(losses.gaussian_kl(mu_q, lv_q, mu_p, lv_p), expected)
+
+
+def test_mixture_elbo_closed_form_when_q_y_is_certain():
+    # q(y|x) puts all mass on y=1: -ELBO = rec_1 + KL_z,1 + KL(one-hot ‖ uniform) = rec_1 + KL_z,1 + log K
+    logits = torch.tensor([[-1e4, 1e4, -1e4]])
+    rec, kl_z = torch.tensor([[5.0, 2.0, 7.0]]), torch.tensor([[1.0, 0.5, 3.0]])
+    log_prior = torch.full((3,), -torch.log(torch.tensor(3.0)))
+    torch.testing.assert_close(losses.mixture_elbo_loss(logits, rec, kl_z, log_prior), torch.tensor(2.5 + torch.log(torch.tensor(3.0)).item()))
+
+
+def test_balance_term_is_zero_only_when_clusters_are_used_evenly():
+    log_prior = torch.full((4,), -torch.log(torch.tensor(4.0)))
+    even = torch.eye(4)  # each sample sure of a different cluster
+    assert losses.marginal_prior_kl(even * 50, log_prior).abs() < 1e-5
+    assert losses.marginal_prior_kl(torch.tensor([[50.0, 0, 0, 0]] * 4), log_prior) > 1.0
