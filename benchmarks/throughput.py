@@ -81,7 +81,7 @@ def main() -> None:
             amortised = args.amortise_epochs * len(images) / (train_s + load_s)
             rows.append({"method": method, "batch": bs, "shards_img_s": round(real), "compute_img_s": round(ceiling),
                          "ratio": round(real / ceiling, 3), f"amortised_{args.amortise_epochs}ep_img_s": round(amortised),
-                         f"ratio_amortised": round(amortised / ceiling, 3)})
+                         "ratio_amortised": round(amortised / ceiling, 3)})
             print(rows[-1], flush=True)
     print()
     print_table(rows, list(rows[0]))

@@ -1,8 +1,6 @@
 """shard -> train -> label through a real local Ray, on local folders and on S3 (moto on 127.0.0.1)."""
 import json
 
-import pandas as pd
-import pytest
 
 from clustering import assignments, report, shards, storage
 from clustering.config import PipelineConfig, load_config
