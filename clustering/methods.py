@@ -26,7 +26,19 @@ def build_autoencoder(cfg: TrainConfig, channels: int, side: int) -> nn.Module:
     return ConvAutoencoder(channels, side, cfg.code_dim, cfg.conv_widths)
 
 
-class ClusterNet(nn.Module):
+class Clusterer(nn.Module):
+    """Every model: `embed(x)` gives what its `head` turns into cluster posteriors."""
+
+    head: nn.Module
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.predict_proba(self.embed(x))  # (B, K)
+
+
+class ClusterNet(Clusterer):
     """An autoencoder with a clustering head on its code."""
 
     def __init__(self, ae: nn.Module, head: StudentTHead):
@@ -35,9 +47,6 @@ class ClusterNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.ae.encode(x)  # (B, D)
-
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.predict_proba(self.embed(x))  # (B, K)
 
 
 @torch.no_grad()
@@ -61,7 +70,32 @@ def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255.0)
 
 
-class AEClustering:
+class Recipe:
+    """What the engine calls; a recipe overrides the hooks it needs (the rest do nothing)."""
+
+    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+        self.cfg, self.channels, self.side = cfg, channels, side
+
+    def stages(self) -> list[Stage]:
+        return []
+
+    def start_stage(self, stage: Stage, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
+        return {}
+
+    def start_epoch(self, stage: Stage, epoch: int, model: Clusterer, images: torch.Tensor, comm: Comm) -> None:
+        pass
+
+    def finish(self, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
+        return {}
+
+
+def fit_head(model: Clusterer, images: torch.Tensor, comm: Comm, seed: int) -> dict:
+    """k-means on every image's code (all ranks), as the centres of the model's head."""
+    model.head.fit(embed_all(model, images), comm, seed=seed)
+    return {"reseeded_clusters": model.head.reseeded_}
+
+
+class AEClustering(Recipe):
     """Autoencoder + Student-t head, the family of seed 001's taxonomy:
 
     - dcec (DCEC-CAH, seed 001): pretrain the AE on MSE; centres from k-means on the codes; then jointly
@@ -74,7 +108,7 @@ class AEClustering:
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int, joint: bool = True, reconstruct: bool = True):
-        self.cfg, self.channels, self.side = cfg, channels, side
+        super().__init__(cfg, channels, side)
         self.joint, self.reconstruct = joint, reconstruct
         self.view = view_for(channels)
         self.targets: torch.Tensor | None = None  # (N_local, K): P, fixed between refreshes
@@ -87,10 +121,7 @@ class AEClustering:
         return make_stages(pretrain=self.cfg.pretrain_epochs, joint=self.cfg.joint_epochs if self.joint else 0)
 
     def start_stage(self, stage: Stage, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
-        if stage.name == "joint":
-            model.head.fit(embed_all(model, images), comm, seed=self.cfg.seed)
-            return {"reseeded_clusters": model.head.reseeded_}
-        return {}
+        return fit_head(model, images, comm, self.cfg.seed) if stage.name == "joint" else {}
 
     def start_epoch(self, stage: Stage, epoch: int, model: ClusterNet, images: torch.Tensor, comm: Comm) -> None:
         if stage.name == "joint" and (self.targets is None or (epoch - stage.start) % self.cfg.target_every == 0):
@@ -111,11 +142,10 @@ class AEClustering:
         return losses.kl_div(self.targets[idx], q) + self.cfg.rec_weight * rec
 
     def finish(self, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
-        model.head.fit(embed_all(model, images), comm, seed=self.cfg.seed)
-        return {"reseeded_clusters": model.head.reseeded_}
+        return fit_head(model, images, comm, self.cfg.seed)
 
 
-class MixtureNet(nn.Module):
+class MixtureNet(Clusterer):
     """A network whose K outputs are the mixture components, with the NMM head on them."""
 
     def __init__(self, net: nn.Module, head: MixtureHead):
@@ -125,11 +155,8 @@ class MixtureNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, K) component log-densities before normalisation
 
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.predict_proba(self.embed(x))
 
-
-class NMM:
+class NMM(Recipe):
     """NMM-EM (seed 002): batch-wise EM where the forward pass is the E-step (γ, no gradient) and the
     backward pass the M-step (maximise Σ γ log π g), fused with two-view consistency.
 
@@ -139,7 +166,7 @@ class NMM:
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
-        self.cfg, self.channels, self.side = cfg, channels, side
+        super().__init__(cfg, channels, side)
         self.view = view_for(channels)
         self.resp_sum: torch.Tensor | None = None  # Σ γ over this rank's batches in the current epoch
 
@@ -153,9 +180,6 @@ class NMM:
 
     def stages(self) -> list[Stage]:
         return make_stages(em=self.cfg.joint_epochs)
-
-    def start_stage(self, stage, model, images, comm) -> dict:
-        return {}
 
     def start_epoch(self, stage, epoch, model: MixtureNet, images, comm: Comm) -> None:
         self.update_weights(model, comm)
@@ -187,7 +211,7 @@ class NMM:
         return {"pi_min": float(model.head.log_pi_.exp().min())}
 
 
-class VCNet(nn.Module):
+class VCNet(Clusterer):
     """Gaussian-mixture VAE (seed 000): q(y|x) categorical, q(z|x,y) Gaussian (the encoder sees x and y),
     p(z|y) = N(μ_y, σ_y²) learned, p(y) uniform, p(x|z) a Bernoulli conv decoder."""
 
@@ -214,26 +238,17 @@ class VCNet(nn.Module):
         return logits_y, mu, logvar, z
 
 
-class VC:
+class VC(Recipe):
     """Variational Clustering (seed 000): trained from scratch end to end on the exact-sum ELBO; the cluster
     is argmax q(y|x). Our choices: a Bernoulli decoder, one z sample per y, a uniform p(y), and a balance
     term KL(q̄(y) ‖ p(y)) (weight cfg.balance_weight; 0 = the plain ELBO, which collapsed to one or two
     clusters on digits in our runs)."""
-
-    def __init__(self, cfg: TrainConfig, channels: int, side: int):
-        self.cfg, self.channels, self.side = cfg, channels, side
 
     def build(self) -> VCNet:
         return VCNet(self.channels, self.side, self.cfg.k, self.cfg.code_dim, self.cfg.conv_widths)
 
     def stages(self) -> list[Stage]:
         return make_stages(elbo=self.cfg.joint_epochs)
-
-    def start_stage(self, stage, model, images, comm) -> dict:
-        return {}
-
-    def start_epoch(self, stage, epoch, model, images, comm) -> None:
-        pass
 
     def loss(self, stage, model: VCNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits_y, mu, logvar, z = model(x)
@@ -245,11 +260,8 @@ class VC:
         elbo = losses.mixture_elbo_loss(logits_y, rec, kl_z, log_prior_y) / x[0].numel()  # per pixel
         return elbo + self.cfg.balance_weight * losses.marginal_prior_kl(logits_y, log_prior_y)
 
-    def finish(self, model, images, comm) -> dict:
-        return {}
 
-
-class PixelKMeans(nn.Module):
+class PixelKMeans(Clusterer):
     """The k-means-on-pixels baseline as a model: the 'code' is the flattened image."""
 
     def __init__(self, k: int, dim: int):
@@ -260,21 +272,14 @@ class PixelKMeans(nn.Module):
         return x.flatten(1)  # (B, C*H*W)
 
 
-class KMeansBaseline:
+class KMeansBaseline(Recipe):
     """k-means on pixels (Lloyd, k-means++ init, best of n_init), distributed like every other head."""
 
-    def __init__(self, cfg: TrainConfig, channels: int, side: int):
-        self.cfg, self.dim = cfg, channels * side * side
-
     def build(self) -> PixelKMeans:
-        return PixelKMeans(self.cfg.k, self.dim)
-
-    def stages(self) -> list[Stage]:
-        return []
+        return PixelKMeans(self.cfg.k, self.channels * self.side * self.side)
 
     def finish(self, model: PixelKMeans, images: torch.Tensor, comm: Comm) -> dict:
-        model.head.fit(embed_all(model, images), comm, seed=self.cfg.seed)
-        return {"reseeded_clusters": model.head.reseeded_}
+        return fit_head(model, images, comm, self.cfg.seed)
 
 
 METHODS = {
