@@ -40,13 +40,16 @@ class TrainConfig(Strict):
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
         "conv", description="conv (seed 001's conv AE / a conv net), mlp (DEC's), resnet18 (CIFAR stem; nmm only)")
     code_dim: int = Field(16, ge=2)
-    conv_widths: tuple[int, int] = (32, 64)
+    conv_widths: tuple[int, int] = Field((32, 64), description="conv net (nmm, vc's encoder): channels of its two conv blocks")
+    ae_widths: tuple[int, ...] = Field((32, 64, 128), min_length=1,
+                                       description="conv autoencoder (dcec, idec, dec, ae_kmeans, vc's decoder): stride-2 conv channels")
     mlp_widths: tuple[int, ...] = (500, 500, 2000)
     pretrain_epochs: int = Field(60, ge=0)
     joint_epochs: int = Field(40, ge=0)
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
     lr: float = Field(1e-3, gt=0)
-    augment: bool = Field(True, description="denoising: reconstruct each image from a small random affine + noise view")
+    augment: bool = Field(True, description="dcec/idec/dec/ae_kmeans: train on random views (affine + noise; crops, "
+                                            "jitter for RGB), as DEC-DA")
     rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
     consistency_weight: float = Field(1.0, ge=0, description="nmm: weight of two-view consistency (0 = EM alone)")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")

@@ -6,8 +6,8 @@ import pytest
 from clustering import report
 from clustering.config import PipelineConfig, load_config
 
-BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.pretrain_epochs=30", "train.batch_size=256",
-        "train.cpus_per_worker=1", "train.checkpoint_every=10", "train.seed=0"]
+BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.pretrain_epochs=60", "train.augment=false",
+        "train.batch_size=256", "train.cpus_per_worker=1", "train.checkpoint_every=10", "train.seed=0"]
 
 
 def train_and_score(work_dir, *overrides):

@@ -17,13 +17,13 @@ def digits():
 
 
 def small(**kw):
-    return TrainConfig(pretrain_epochs=3, joint_epochs=2, batch_size=256, **kw)
+    return TrainConfig(**{"pretrain_epochs": 3, "joint_epochs": 2, "batch_size": 256, **kw})
 
 
 def test_fit_learns_and_predicts(digits):
     images, labels = digits
     seen = []
-    model = engine.fit(images, small(), on_epoch=lambda e, m, s: seen.append(m), log=lambda s: None)
+    model = engine.fit(images, small(pretrain_epochs=30, augment=False), on_epoch=lambda e, m, s: seen.append(m), log=lambda s: None)
     pretrain = [m["loss"] for m in seen if m["stage"] == "pretrain"]
     assert pretrain[-1] < pretrain[0]
     assert [m["stage"] for m in seen][-1] == "final"
@@ -53,3 +53,13 @@ def test_nan_loss_stops_with_a_clear_error(digits):
 def test_non_square_images_are_refused():
     with pytest.raises(ValueError, match="square"):
         engine.fit(np.zeros((4, 8, 12, 1), np.uint8), small(), log=lambda s: None)
+
+
+@pytest.mark.parametrize("method", ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"])
+def test_every_method_trains_and_gives_posteriors(digits, method):
+    images, labels = digits
+    model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8),
+                       log=lambda s: None)
+    probs, _ = predict_all(model, torch.from_numpy(images[:512]).permute(0, 3, 1, 2))
+    assert probs.shape == (512, 10) and torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(1), torch.ones(512))
