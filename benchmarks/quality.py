@@ -1,6 +1,6 @@
 """Quality benchmark: train a method on a whole data set for several seeds; ACC/NMI/ARI mean ± std, wall time.
 
-    python benchmarks/quality.py --data ../shared/data/mnist --method dcec --seeds 0 1 2 \
+    python benchmarks/quality.py --data data/mnist --method dcec --seeds 0 1 2 \
         --config configs/mnist.yaml --set train.joint_epochs=20 --out results/quality-mnist-dcec.json
 
 Scores are on every image given (MNIST: train + test, as the papers). Runs on the GPU when there is one.

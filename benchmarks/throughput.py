@@ -1,7 +1,7 @@
 """Throughput benchmark: images/s of the full training step fed from shards vs the same step on synthetic
 in-memory tensors (the compute-only ceiling), per method and batch size, on one device.
 
-    python benchmarks/throughput.py --data ../shared/data/mnist --method dcec --batch-sizes 256 1024 4096
+    python benchmarks/throughput.py --data data/mnist --method dcec --batch-sizes 256 1024 4096
 
 "Shards-fed" reads and decodes the WebDataset shards (written here from --data unless --shards is given)
 into uint8 on the device, then trains from them: we report its steady-state rate (per epoch, after the
