@@ -38,7 +38,7 @@ class TrainConfig(Strict):
     k: int = Field(10, ge=2, description="number of clusters")
     image_size: int | None = Field(None, ge=4, description="train at this side (resizing); empty = the shards' size")
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
-        "conv", description="conv (seed 001's conv AE / a conv net), mlp (DEC's), resnet18 (CIFAR stem; nmm only)")
+        "conv", description="conv (DCEC's conv AE / a conv net), mlp (DEC's), resnet18 (CIFAR stem; nmm only)")
     code_dim: int = Field(16, ge=2)
     conv_widths: tuple[int, int] = Field((32, 64), description="conv net (nmm, vc's encoder): channels of its two conv blocks")
     ae_widths: tuple[int, ...] = Field((32, 64, 128), min_length=1,
@@ -51,7 +51,8 @@ class TrainConfig(Strict):
     augment: bool = Field(True, description="dcec/idec/dec/ae_kmeans: train on random views (affine + noise; crops, "
                                             "jitter for RGB), as DEC-DA")
     rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
-    consistency_weight: float = Field(1.0, ge=0, description="nmm: weight of two-view consistency (0 = EM alone)")
+    consistency_weight: float = Field(1.0, ge=0, description="nmm, vc: weight of two-view consistency on the "
+                                                               "cluster posteriors (0 = EM / the ELBO alone)")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps")
     target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")

@@ -250,7 +250,7 @@ class VC(Recipe):
     q(y|x) that the ELBO alone lacks (without them it collapsed, or followed stroke style, in our runs):
     - balance: KL(q̄(y) ‖ p(y)) over the batch (weight cfg.balance_weight), so every cluster stays in use;
     - consistency: two augmented views of an image get the same y, SCAN's −log<q(y|a), q(y|b)>
-      (weight cfg.consistency_weight; 0 = the ELBO on the plain images, as the paper).
+      (weight cfg.consistency_weight; 0 = no views: the ELBO and balance term on the images alone).
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
