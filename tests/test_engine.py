@@ -57,7 +57,7 @@ def test_non_square_images_are_refused():
 
 @pytest.mark.parametrize("method", ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"])
 def test_every_method_trains_and_gives_posteriors(digits, method):
-    images, labels = digits
+    images, _ = digits
     model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8),
                        log=lambda s: None)
     probs, _ = predict_all(model, torch.from_numpy(images[:512]).permute(0, 3, 1, 2))
