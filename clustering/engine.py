@@ -82,6 +82,10 @@ def fit(
         start_epoch, history = int(resume["epoch"]) + 1, list(resume.get("history", []))
         resumed_from = int(resume["epoch"])
         log(f"resumed from epoch {resume['epoch']}")
+        kept_lr = opt.param_groups[0]["lr"] if opt is not None else cfg.lr
+        if kept_lr != cfg.lr:  # a resumed run continues its optimizer as it was, learning rate included
+            log(f"note: the run continues with its checkpoint's lr {kept_lr:g}; train.lr={cfg.lr:g} applies to new runs "
+                "(give train.name a new value to start one)")
 
     def state_fn(epoch: int) -> dict:
         return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {}, "epoch": epoch,

@@ -44,6 +44,14 @@ def test_resume_continues_from_the_checkpoint(digits):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4)
 
 
+def test_resume_says_when_it_keeps_the_checkpoints_learning_rate(digits):
+    images, _ = digits
+    states, lines = {}, []
+    engine.fit(images, small(), on_epoch=lambda e, m, s: states.setdefault(e, copy.deepcopy(s())), log=lambda s: None)
+    engine.fit(images, small(lr=1e-4), resume=states[3], log=lines.append)
+    assert any("lr 0.001" in line and "train.lr=0.0001" in line for line in lines), lines
+
+
 def test_nan_loss_stops_with_a_clear_error(digits):
     images, _ = digits
     with pytest.raises(engine.NonFiniteLoss, match="NaN/inf"):
