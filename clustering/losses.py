@@ -56,9 +56,10 @@ def m_step(gamma: torch.Tensor, log_g: torch.Tensor, log_pi: torch.Tensor) -> to
     return -(gamma * (log_g + log_pi)).sum(1).mean()
 
 
-def view_consistency(log_p_a: torch.Tensor, log_p_b: torch.Tensor) -> torch.Tensor:
+def view_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     """Two views of an image should fall in the same cluster: −log Σ_k p_k(a) p_k(b), averaged (SCAN's form).
-    Inputs are log posteriors (B, K)."""
+    Inputs are the two views' posterior logits, any normalisation (B, K)."""
+    log_p_a, log_p_b = torch.log_softmax(logits_a.float(), 1), torch.log_softmax(logits_b.float(), 1)
     return -torch.logsumexp(log_p_a + log_p_b, dim=1).mean()
 
 

@@ -205,9 +205,7 @@ class NMM(Recipe):
             self.resp_sum = s if self.resp_sum is None else self.resp_sum + s
         if not self.cfg.consistency_weight:
             return em
-        post_a = torch.log_softmax(log_ga + log_pi, 1)
-        post_b = torch.log_softmax(log_gb + log_pi, 1)
-        return em + self.cfg.consistency_weight * losses.view_consistency(post_a, post_b)
+        return em + self.cfg.consistency_weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
 
     def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
         self.update_weights(model, comm)
@@ -281,8 +279,7 @@ class VC(Recipe):
         loss = losses.mixture_elbo_loss(logits, rec, kl_z, log_prior_y) / x[0].numel()  # per pixel
         loss = loss + self.cfg.balance_weight * losses.marginal_prior_kl(logits, log_prior_y)
         if two_views:
-            log_qa, log_qb = torch.log_softmax(logits.float(), 1), torch.log_softmax(model.to_y(h_b).float(), 1)
-            loss = loss + self.cfg.consistency_weight * losses.view_consistency(log_qa, log_qb)
+            loss = loss + self.cfg.consistency_weight * losses.view_consistency(logits, model.to_y(h_b))
         return loss
 
 
