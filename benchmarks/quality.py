@@ -22,9 +22,10 @@ from clustering.config import PipelineConfig, load_config
 from clustering.methods import predict_all
 
 
-def run(images, labels, cfg, device) -> dict:
+def run(images, labels, cfg, device, progress: bool = False) -> dict:
     t0 = time.perf_counter()
-    model = engine.fit(images, cfg, device=device, log=lambda s: None)
+    log = (lambda s: print(f"    {s}", flush=True)) if progress else (lambda s: None)
+    model = engine.fit(images, cfg, device=device, log=log)
     if device.type == "cuda":
         torch.cuda.synchronize()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
     p.add_argument("--out", default="results/quality.json")
+    p.add_argument("--progress", action="store_true", help="print a line per epoch (loss, seconds)")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +57,7 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             cfg = base.model_copy(update={"method": method, "seed": seed})
-            r = run(images, labels, cfg, device)
+            r = run(images, labels, cfg, device, args.progress)
             print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
                   f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
             runs.append({"seed": seed, **r})
