@@ -11,14 +11,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from clustering import shards  # noqa: E402
-from clustering.sources import ArraySource, open_source  # noqa: E402
+from clustering import shards
+from clustering.sources import ArraySource, open_source
 
 
-def load_arrays(spec: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A source (folder, IDX, .npz, sklearn:digits) -> (uint8 (N, H, W, C), int labels (-1 unknown))."""
+def load_arrays(spec: str, limit: int | None = None, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A source (folder, IDX, .npz, sklearn:digits) -> (uint8 (N, H, W, C), int labels (-1 unknown)).
+
+    limit keeps the first N images; sample draws N at random (seed 0), for sources listed class by class."""
     src = open_source(spec)
     items = src.plan()[:limit]
+    if sample is not None and sample < len(items):
+        pick = np.sort(np.random.default_rng(0).choice(len(items), sample, replace=False))
+        items = [items[i] for i in pick]
     if isinstance(src, ArraySource):
         idx = [it.ref for it in items]
         imgs = src.images[idx]

@@ -14,25 +14,54 @@ import time
 
 import numpy as np
 import torch
-
 from common import load_arrays, print_table, write_json
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config
-from clustering.methods import predict_all
+from clustering.methods import MixtureNet, embed_all, predict_all
 
 
-def run(images, labels, cfg, device, progress: bool = False) -> dict:
+def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
+    """Each cluster's share of the images, largest first."""
+    return np.round(np.sort(np.bincount(pred, minlength=k))[::-1] / len(pred), 4).tolist()
+
+
+def score_along(x: torch.Tensor, labels: np.ndarray, every: int):
+    """An engine on_epoch callback: every `every` epochs, score a copy of the model and print ACC and the cluster
+    sizes, largest first (how a run gets there, e.g. whether clusters drift apart in size)."""
+    def on_epoch(epoch: int, info: dict, state_fn) -> None:
+        if (epoch + 1) % every:
+            return
+        state = state_fn()
+        model = engine.build_from_spec(state["spec"])[1].to(x.device)
+        model.load_state_dict(state["model"])
+        model.eval()
+        if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; do it here too
+            model.head.fit(embed_all(model, x))
+        pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
+        sizes = cluster_sizes(pred, state["spec"]["config"]["k"])
+        print(f"    epoch {epoch + 1}: ACC {metrics.scores(labels, pred)['acc']:.4f} cluster sizes {sizes}", flush=True)
+    return on_epoch
+
+
+def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0) -> dict:
     t0 = time.perf_counter()
     log = (lambda s: print(f"    {s}", flush=True)) if progress else (lambda s: None)
-    model = engine.fit(images, cfg, device=device, log=log)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    on_epoch = score_along(x, labels, eval_every) if eval_every else None
+    model = engine.fit(images, cfg, device=device, log=log, on_epoch=on_epoch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
     probs, _ = predict_all(model, x)
     seconds = time.perf_counter() - t0
     pred = probs.argmax(1).cpu().numpy()
-    return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": int(len(np.unique(pred)))}
+    return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": len(np.unique(pred)),
+            "cluster_sizes": cluster_sizes(pred, cfg.k)}
+
+
+def mean_std(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs]
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
 def main() -> None:
@@ -44,12 +73,16 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
     p.add_argument("--out", default="results/quality.json")
+    p.add_argument("--sample", type=int, default=None, help="N images drawn at random (seed 0): for folders listed "
+                   "class by class, where --limit would keep the first classes only")
     p.add_argument("--progress", action="store_true", help="print a line per epoch (loss, seconds)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="score ACC and print cluster sizes every N epochs (the time includes it)")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    images, labels = load_arrays(args.data, args.limit)
+    images, labels = load_arrays(args.data, args.limit, args.sample)
     print(f"{args.data}: {images.shape} on {device}", flush=True)
     rows = []
     base = load_config(PipelineConfig, args.config, args.set).train
@@ -57,18 +90,17 @@ def main() -> None:
         runs = []
         for seed in args.seeds:
             cfg = base.model_copy(update={"method": method, "seed": seed})
-            r = run(images, labels, cfg, device, args.progress)
+            r = run(images, labels, cfg, device, args.progress, args.eval_every)
             print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
                   f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
             runs.append({"seed": seed, **r})
-        stat = lambda k: f"{np.mean([r[k] for r in runs]):.4f} ± {np.std([r[k] for r in runs]):.4f}"  # noqa: E731
-        rows.append({"method": method, "acc": stat("acc"), "nmi": stat("nmi"), "ari": stat("ari"),
+        rows.append({"method": method, **{k: mean_std(runs, k) for k in ("acc", "nmi", "ari")},
                      "seconds": f"{np.mean([r['seconds'] for r in runs]):.0f}", "runs": runs,
                      "config": cfg.model_dump(mode="json")})
     print()
     print_table(rows, ["method", "acc", "nmi", "ari", "seconds"])
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
-    write_json(args.out, {"data": args.data, "n": int(len(images)), "device": hardware, "results": rows})
+    write_json(args.out, {"data": args.data, "n": len(images), "device": hardware, "results": rows})
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from clustering import losses
@@ -15,7 +17,7 @@ def test_cah_target_sharpens_q():
     q = torch.softmax(torch.randn(64, 5), 1)
     p = losses.cah_target(q, q.sum(0))
     torch.testing.assert_close(p.sum(1), torch.ones(64))
-    entropy = lambda d: -(d * d.log()).sum(1)  # noqa: E731
+    entropy = lambda d: -(d * d.log()).sum(1)
     assert (entropy(p) < entropy(q)).float().mean() > 0.9
     assert (p.argmax(1) == q.argmax(1)).float().mean() > 0.9
 
@@ -47,6 +49,27 @@ def test_em_responsibilities_sum_to_one_and_m_step_raises_batch_likelihood():
     with torch.no_grad():
         logits -= 0.1 * logits.grad
     assert batch_loglik().item() > before
+
+
+def test_m_step_favours_even_clusters_only_under_a_uniform_prior():
+    """Hard, sharp clusters of sizes n_k in a batch of B: with π tracking the sizes, the M-step loss is log B
+    whatever the sizes, so nothing holds the clusters even; with a uniform π it is lowest for even clusters."""
+    def hard_batch(sizes):
+        labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        logits = torch.nn.functional.one_hot(labels, len(sizes)).float() * 50.0  # each column uniform on its members
+        log_g = losses.batch_densities(logits)
+        return log_g, torch.nn.functional.one_hot(labels, len(sizes)).float()
+
+    even, uneven = [8, 8, 8, 8], [20, 6, 4, 2]
+    uniform = torch.full((4,), 0.25).log()
+    loss = {}
+    for name, sizes in (("even", even), ("uneven", uneven)):
+        log_g, gamma = hard_batch(sizes)
+        tracked = (torch.tensor(sizes, dtype=torch.float) / 32).log()
+        loss[name] = (losses.m_step(gamma, log_g, tracked).item(), losses.m_step(gamma, log_g, uniform).item())
+    assert abs(loss["even"][0] - loss["uneven"][0]) < 1e-4  # π tracking: indifferent to the sizes
+    assert abs(loss["even"][0] - math.log(32)) < 1e-4
+    assert loss["even"][1] < loss["uneven"][1] - 0.1  # uniform π: even clusters are preferred
 
 
 def test_gaussian_kl_matches_torch_distributions():
