@@ -54,7 +54,8 @@ class TrainConfig(Strict):
     consistency_weight: float = Field(1.0, ge=0, description="nmm, vc: weight of two-view consistency on the "
                                                                "cluster posteriors (0 = EM / the ELBO alone)")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
-    pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps")
+    pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
+                                                             "uniform, which favours even clusters (docs/RESULTS.md)")
     target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
