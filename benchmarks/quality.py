@@ -30,7 +30,7 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int):
     """An engine on_epoch callback: every `every` epochs, score a copy of the model and print ACC and the cluster
     sizes, largest first (how a run gets there, e.g. whether clusters drift apart in size)."""
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
-        if (epoch + 1) % every:
+        if (epoch + 1) % every or info["stage"] == "pretrain":  # no clusters before the head is fitted
             return
         state = state_fn()
         model = engine.build_from_spec(state["spec"])[1].to(x.device)
