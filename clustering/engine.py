@@ -87,9 +87,10 @@ def fit(
             log(f"note: the run continues with its checkpoint's lr {kept_lr:g}; train.lr={cfg.lr:g} applies to new runs "
                 "(give train.name a new value to start one)")
 
-    def state_fn(epoch: int) -> dict:
+    def state_fn(epoch: int, finished: bool = False) -> dict:
+        # finished: the method's end-of-run step (k-means, NMM's normalisers) is in the weights; labelling needs it
         return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {}, "epoch": epoch,
-                "rng": torch.get_rng_state(), "history": history}
+                "rng": torch.get_rng_state(), "history": history, "finished": finished}
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
@@ -134,6 +135,6 @@ def fit(
     if on_epoch is not None:
         metrics = {**(history[-1] if history else {}), "epoch": total_epochs - 1, "stage": "final",
                    "resumed_from": resumed_from, **final}
-        on_epoch(total_epochs - 1, metrics, lambda: state_fn(total_epochs - 1))
+        on_epoch(total_epochs - 1, metrics, lambda: state_fn(total_epochs - 1, finished=True))
     model.eval()
     return model

@@ -54,6 +54,11 @@ class ShardLabeler:
 def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
     cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "output": storage.absolute(cfg.output)})
     checkpoint = resolve_checkpoint(storage.absolute(checkpoint or cfg.checkpoint))
+    state = load_checkpoint(checkpoint)
+    if not state.get("finished"):
+        raise ValueError(f"{checkpoint} is from epoch {state['epoch'] + 1} of a run that did not finish; some methods fit "
+                         "their cluster head only at the end (k-means, NMM's normalisers). Label the run's last "
+                         "checkpoint, or finish the run first (dicl train with the same train.name resumes it)")
     manifest = shards.read_manifest(cfg.shards)
     uris = shards.shard_uris(cfg.shards, manifest)
     storage.check_writable(cfg.output)

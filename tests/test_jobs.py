@@ -1,6 +1,7 @@
 """shard -> train -> label through a real local Ray, on local folders and on S3 (moto on 127.0.0.1)."""
 import json
 
+import pytest
 
 from clustering import assignments, report, shards, storage
 from clustering.config import PipelineConfig, load_config
@@ -8,7 +9,7 @@ from jobs.cli import main
 from tests.conftest import BUCKET
 
 SMALL = ["shard.samples_per_shard=500", "train.pretrain_epochs=4", "train.joint_epochs=2",
-         "train.cpus_per_worker=1", "train.name=t"]
+         "train.cpus_per_worker=1", "train.name=t", "train.checkpoint_every=1"]
 
 
 def run_all(work_dir: str):
@@ -44,6 +45,13 @@ def test_pipeline_on_local_folders(ray_local, tmp_path):
 
     # An interrupted labelling run, re-run with the same arguments, redoes only the missing shard.
     from jobs.label import run_label
+
+    # A checkpoint from the middle of a run lacks the end-of-run fit: labelling it is refused, by name.
+    run_dir = trained.checkpoint.rsplit("/", 1)[0]
+    earlier = [c for c in storage.list_dirs(run_dir) if c.rsplit("/", 1)[-1].startswith("checkpoint_") and c != trained.checkpoint]
+    assert earlier, "checkpoint_every=1 keeps a checkpoint from the middle of the run"
+    with pytest.raises(ValueError, match="did not finish"):
+        run_label(cfg.label, checkpoint=earlier[0])
 
     parts = storage.list_files(cfg.label.output, ".parquet")
     kept = {p: storage.read_bytes(p) for p in parts[1:]}
