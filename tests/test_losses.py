@@ -56,9 +56,8 @@ def test_m_step_favours_even_clusters_only_under_a_uniform_prior():
     whatever the sizes, so nothing holds the clusters even; with a uniform π it is lowest for even clusters."""
     def hard_batch(sizes):
         labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        logits = torch.nn.functional.one_hot(labels, len(sizes)).float() * 50.0  # each column uniform on its members
-        log_g = losses.batch_densities(logits)
-        return log_g, torch.nn.functional.one_hot(labels, len(sizes)).float()
+        gamma = torch.nn.functional.one_hot(labels, len(sizes)).float()
+        return losses.batch_densities(gamma * 50.0), gamma  # each column uniform on its members
 
     even, uneven = [8, 8, 8, 8], [20, 6, 4, 2]
     uniform = torch.full((4,), 0.25).log()
