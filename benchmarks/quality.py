@@ -33,7 +33,8 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int):
         if (epoch + 1) % every or info["stage"] == "pretrain":  # no clusters before the head is fitted
             return
         state = state_fn()
-        model = engine.build_from_spec(state["spec"])[1].to(x.device)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # building the copy draws random
+            model = engine.build_from_spec(state["spec"])[1].to(x.device)  # weights: leave the run's RNG as it was
         model.load_state_dict(state["model"])
         model.eval()
         if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; do it here too
