@@ -26,9 +26,9 @@ def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
     return np.round(np.sort(np.bincount(pred, minlength=k))[::-1] / len(pred), 4).tolist()
 
 
-def score_along(x: torch.Tensor, labels: np.ndarray, every: int):
-    """An engine on_epoch callback: every `every` epochs, score a copy of the model and print ACC and the cluster
-    sizes, largest first (how a run gets there, e.g. whether clusters drift apart in size)."""
+def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dict]):
+    """An engine on_epoch callback: every `every` epochs, score a copy of the model, print ACC and the cluster
+    sizes, largest first, and append them to `along` (how a run gets there, e.g. whether clusters drift apart)."""
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
         if (epoch + 1) % every or info["stage"] == "pretrain":  # no clusters before the head is fitted
             return
@@ -40,8 +40,10 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int):
         if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; do it here too
             model.head.fit(embed_all(model, x))
         pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
-        sizes = cluster_sizes(pred, state["spec"]["config"]["k"])
-        print(f"    epoch {epoch + 1}: ACC {metrics.scores(labels, pred)['acc']:.4f} cluster sizes {sizes}", flush=True)
+        point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"],
+                 "cluster_sizes": cluster_sizes(pred, state["spec"]["config"]["k"])}
+        along.append(point)
+        print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f} cluster sizes {point['cluster_sizes']}", flush=True)
     return on_epoch
 
 
@@ -49,7 +51,8 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     t0 = time.perf_counter()
     log = (lambda s: print(f"    {s}", flush=True)) if progress else (lambda s: None)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-    on_epoch = score_along(x, labels, eval_every) if eval_every else None
+    along: list[dict] = []
+    on_epoch = score_along(x, labels, eval_every, along) if eval_every else None
     model = engine.fit(images, cfg, device=device, log=log, on_epoch=on_epoch)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -57,7 +60,7 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     seconds = time.perf_counter() - t0
     pred = probs.argmax(1).cpu().numpy()
     return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": len(np.unique(pred)),
-            "cluster_sizes": cluster_sizes(pred, cfg.k)}
+            "cluster_sizes": cluster_sizes(pred, cfg.k), **({"along": along} if along else {})}
 
 
 def mean_std(runs: list[dict], key: str) -> str:
