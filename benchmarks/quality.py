@@ -17,8 +17,9 @@ import torch
 from common import load_arrays, print_table, write_json
 
 from clustering import engine, metrics
+from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
-from clustering.methods import MixtureNet, embed_all, predict_all
+from clustering.methods import MixtureNet, predict_all
 
 
 def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
@@ -38,7 +39,7 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
         model.load_state_dict(state["model"])
         model.eval()
         if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; do it here too
-            model.head.fit(embed_all(model, x))
+            model.fit_normaliser(x, Comm())
         pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
         point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"],
                  "cluster_sizes": cluster_sizes(pred, state["spec"]["config"]["k"])}

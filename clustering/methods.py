@@ -159,6 +159,10 @@ class MixtureNet(Clusterer):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, K) component log-densities before normalisation
 
+    def fit_normaliser(self, images: torch.Tensor, comm: Comm) -> None:
+        """Each component's normaliser over the whole data set, so that prediction needs no batch."""
+        self.head.fit(embed_all(self, images), comm)
+
 
 class NMM(Recipe):
     """NMM-EM (seed 002): batch-wise EM where the forward pass is the E-step (γ, no gradient) and the
@@ -209,7 +213,7 @@ class NMM(Recipe):
 
     def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
         self.update_weights(model, comm)
-        model.head.fit(embed_all(model, images), comm)
+        model.fit_normaliser(images, comm)
         return {"pi_min": float(model.head.log_pi_.exp().min())}
 
 

@@ -43,7 +43,6 @@ def test_pipeline_on_local_folders(ray_local, tmp_path):
     summary = report.summarize(cfg.label.output, cfg.label.shards)
     assert summary["scored_rows"] == 1797 and 0 <= summary["acc"] <= 1
 
-    # An interrupted labelling run, re-run with the same arguments, redoes only the missing shard.
     from jobs.label import run_label
 
     # A checkpoint from the middle of a run lacks the end-of-run fit: labelling it is refused, by name.
@@ -53,6 +52,7 @@ def test_pipeline_on_local_folders(ray_local, tmp_path):
     with pytest.raises(ValueError, match="did not finish"):
         run_label(cfg.label, checkpoint=earlier[0])
 
+    # An interrupted labelling run, re-run with the same arguments, redoes only the missing shard.
     parts = storage.list_files(cfg.label.output, ".parquet")
     kept = {p: storage.read_bytes(p) for p in parts[1:]}
     storage.remove(parts[0])
