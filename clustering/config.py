@@ -53,6 +53,8 @@ class TrainConfig(Strict):
     rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
     consistency_weight: float = Field(1.0, ge=0, description="nmm, vc: weight of two-view consistency on the "
                                                                "cluster posteriors (0 = EM / the ELBO alone)")
+    instance_weight: float = Field(0.0, ge=0, description="nmm: weight of the instance-level contrastive loss "
+                                   "(SimCLR's NT-Xent on a projection of the net's features); 0 = none")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
                                                              "uniform, which favours even clusters (docs/RESULTS.md)")

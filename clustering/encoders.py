@@ -73,7 +73,27 @@ class MLPAutoencoder(Autoencoder):
         self.decoder = nn.Sequential(*dec, nn.Linear(rev[-2], rev[-1]), nn.Unflatten(1, self.shape))
 
 
-class ConvNet(nn.Module):
+class Trunk(nn.Module):
+    """A net `self.net` whose last layer is a Linear; `features(x)` is what that layer sees (NMM's projection
+    head for the instance loss reads them)."""
+
+    net: nn.Sequential
+
+    @property
+    def feature_dim(self) -> int:
+        return self.net[-1].in_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[:-1](x)  # (B, feature_dim)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net[-1](h)  # (B, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, out_dim)
+
+
+class ConvNet(Trunk):
     """Conv trunk for small grayscale images -> `out_dim` outputs (the K mixture components, for NMM)."""
 
     def __init__(self, channels: int, side: int, out_dim: int, widths: tuple[int, int] = (32, 64), hidden: int = 256):
@@ -86,9 +106,6 @@ class ConvNet(nn.Module):
             nn.Linear(w2 * (side // 4) ** 2, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, out_dim),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, out_dim)
 
 
 class BasicBlock(nn.Module):
@@ -107,7 +124,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(Trunk):
     """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as used for 32x32 images."""
 
     def __init__(self, channels: int, out_dim: int, width: int = 64):
@@ -120,6 +137,3 @@ class ResNet18(nn.Module):
             nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, out_dim),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, out_dim)

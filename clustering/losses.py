@@ -63,6 +63,18 @@ def view_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Te
     return -torch.logsumexp(log_p_a + log_p_b, dim=1).mean()
 
 
+def instance_contrast(proj_a: torch.Tensor, proj_b: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent: each view must pick out its twin among the 2B − 1 other views of the batch, by cosine
+    similarity / temperature. The instance-level representation loss of Contrastive Clustering (Li et al. 2021).
+    Inputs are the two views' projections (B, P)."""
+    z = F.normalize(torch.cat([proj_a, proj_b]).float(), dim=1)  # (2B, P)
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))  # a view is not its own twin
+    b = len(proj_a)
+    twin = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    return F.cross_entropy(sim, twin)
+
+
 def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor) -> torch.Tensor:
     """KL(N(μ_q, σ_q²) ‖ N(μ_p, σ_p²)) for diagonal Gaussians, summed over the last dimension."""
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1).sum(-1)

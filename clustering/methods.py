@@ -15,7 +15,7 @@ from . import losses
 from .augment import view_for
 from .comm import Comm
 from .config import TrainConfig
-from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18
+from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18, Trunk
 from .heads import KMeansHead, MixtureHead, SoftmaxHead, StudentTHead
 from .schedule import Stage, make_stages
 
@@ -150,18 +150,33 @@ class AEClustering(Recipe):
 
 
 class MixtureNet(Clusterer):
-    """A network whose K outputs are the mixture components, with the NMM head on them."""
+    """A network whose K outputs are the mixture components, with the NMM head on them; optionally a projection
+    head on the net's features for the instance loss (used in training only)."""
 
-    def __init__(self, net: nn.Module, head: MixtureHead):
+    def __init__(self, net: Trunk, head: MixtureHead, projection_dim: int = 0):
         super().__init__()
         self.net, self.head = net, head
+        self.projector = None
+        if projection_dim:  # SimCLR's MLP: the contrastive loss shapes the features through it, not directly
+            f = net.feature_dim
+            self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, projection_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, K) component log-densities before normalisation
 
+    def outputs_and_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the K outputs (B, K), the projections (B, P) or None without a projector), from one pass."""
+        if self.projector is None:
+            return self.net(x), None
+        h = self.net.features(x)
+        return self.net.head(h), self.projector(h)
+
     def fit_normaliser(self, images: torch.Tensor, comm: Comm) -> None:
         """Each component's normaliser over the whole data set, so that prediction needs no batch."""
         self.head.fit(embed_all(self, images), comm)
+
+
+PROJECTION_DIM = 128  # SimCLR's and Contrastive Clustering's
 
 
 class NMM(Recipe):
@@ -171,6 +186,9 @@ class NMM(Recipe):
     Our choices where the abstract is silent: g_k is output k soft-maxed over the batch; each view's
     responsibilities are the targets of the other view's M-step; consistency is SCAN's −log<p_a, p_b>
     on the posteriors; π is updated once per epoch from the corpus-wide mean responsibility.
+    With cfg.instance_weight > 0 a representation loss joins them, as the paper fuses EM with representation
+    learning: SimCLR's NT-Xent on a projection of the net's features (Contrastive Clustering's instance level,
+    with NMM's EM in place of its cluster level).
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
@@ -184,7 +202,7 @@ class NMM(Recipe):
             net = ResNet18(self.channels, c.k)
         else:
             net = ConvNet(self.channels, self.side, c.k, c.conv_widths)
-        return MixtureNet(net, MixtureHead(c.k))
+        return MixtureNet(net, MixtureHead(c.k), PROJECTION_DIM if c.instance_weight else 0)
 
     def stages(self) -> list[Stage]:
         return make_stages(em=self.cfg.joint_epochs)
@@ -198,8 +216,8 @@ class NMM(Recipe):
         self.resp_sum = None
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        logits = model.net(torch.cat([self.view(x), self.view(x)]))  # (2B, K): one pass, shared BN statistics
-        la, lb = logits.chunk(2)
+        logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
+        la, lb = logits.chunk(2)  # (B, K) each
         log_pi = model.head.log_pi_
         log_ga, log_gb = losses.batch_densities(la), losses.batch_densities(lb)
         gamma_a, gamma_b = losses.e_step(log_ga, log_pi), losses.e_step(log_gb, log_pi)
@@ -207,9 +225,12 @@ class NMM(Recipe):
         with torch.no_grad():
             s = (gamma_a + gamma_b).sum(0)
             self.resp_sum = s if self.resp_sum is None else self.resp_sum + s
-        if not self.cfg.consistency_weight:
-            return em
-        return em + self.cfg.consistency_weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+        loss = em
+        if self.cfg.consistency_weight:
+            loss = loss + self.cfg.consistency_weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+        if proj is not None:
+            loss = loss + self.cfg.instance_weight * losses.instance_contrast(*proj.chunk(2))
+        return loss
 
     def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
         self.update_weights(model, comm)

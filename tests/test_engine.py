@@ -63,10 +63,11 @@ def test_non_square_images_are_refused():
         engine.fit(np.zeros((4, 8, 12, 1), np.uint8), small(), log=lambda s: None)
 
 
-@pytest.mark.parametrize("method", ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"])
-def test_every_method_trains_and_gives_posteriors(digits, method):
+@pytest.mark.parametrize("method, extra", [(m, {}) for m in ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"]]
+                         + [("nmm", {"instance_weight": 1.0})])
+def test_every_method_trains_and_gives_posteriors(digits, method, extra):
     images, _ = digits
-    model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8),
+    model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8, **extra),
                        log=lambda s: None)
     probs, _ = predict_all(model, torch.from_numpy(images[:512]).permute(0, 3, 1, 2))
     assert probs.shape == (512, 10) and torch.isfinite(probs).all()

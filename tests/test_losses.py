@@ -92,3 +92,16 @@ def test_balance_term_is_zero_only_when_clusters_are_used_evenly():
     even = torch.eye(4)  # each sample sure of a different cluster
     assert losses.marginal_prior_kl(even * 50, log_prior).abs() < 1e-5
     assert losses.marginal_prior_kl(torch.tensor([[50.0, 0, 0, 0]] * 4), log_prior) > 1.0
+
+
+def test_instance_contrast_closed_forms():
+    b, t = 4, 0.5
+    # every view alike: the twin is one of 2B − 1 equal candidates
+    same = torch.ones(b, 3)
+    torch.testing.assert_close(losses.instance_contrast(same, same, t), torch.tensor(math.log(2 * b - 1)))
+    # twins identical, other images orthogonal: cosine 1 for the twin, 0 for the 2B − 2 others
+    eye = torch.eye(b)
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2 * b - 2))
+    torch.testing.assert_close(losses.instance_contrast(eye, eye, t), torch.tensor(expected))
+    # the wrong pairing (each view's twin is another image) costs more
+    assert losses.instance_contrast(eye, eye.roll(1, 0), t) > losses.instance_contrast(eye, eye, t) + 1
