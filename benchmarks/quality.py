@@ -9,8 +9,14 @@ Prints a table and writes JSON. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,6 +75,74 @@ def mean_std(runs: list[dict], key: str) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
+def summarise(method: str, runs: list[dict], config: dict) -> dict:
+    return {"method": method, **{k: mean_std(runs, k) for k in ("acc", "nmi", "ari")},
+            "seconds": f"{np.mean([r['seconds'] for r in runs]):.0f}", "runs": runs, "config": config}
+
+
+def seed_command(args: argparse.Namespace, method: str, seed: int, out: Path) -> list[str]:
+    """This script, for one method and one seed, with the other options as given."""
+    cmd = [sys.executable, __file__, "--data", args.data, "--method", method, "--seeds", str(seed), "--out", str(out),
+           "--eval-every", str(args.eval_every)]
+    for flag, value in [("--config", args.config), ("--limit", args.limit), ("--sample", args.sample)]:
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd + (["--progress"] if args.progress else []) + (["--set", *args.set] if args.set else [])
+
+
+def run_seeds_side_by_side(args: argparse.Namespace, methods: list[str]) -> tuple[list[dict], str, int]:
+    """One process per seed, `args.jobs` at a time (they share the GPU, or split the CPU cores); each writes its
+    log and JSON next to `args.out`. Returns the merged rows, the device name and the image count."""
+    stem = Path(args.out).with_suffix("")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():  # split the cores rather than oversubscribe them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    rows, device, n = [], "", 0
+    for method in methods:
+        outs = {seed: Path(f"{stem}-{method}-seed{seed}.json") for seed in args.seeds}
+
+        def one(seed: int) -> int:
+            log = outs[seed].with_suffix(".log")
+            with open(log, "w") as f:
+                code = subprocess.run(seed_command(args, method, seed, outs[seed]), stdout=f, stderr=subprocess.STDOUT,
+                                      env=env).returncode
+            print(f"  {method} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'}; log {log}", flush=True)
+            return code
+
+        outs[args.seeds[0]].parent.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            codes = list(pool.map(one, args.seeds))
+        if any(codes):
+            raise SystemExit(f"{sum(c != 0 for c in codes)} of {len(codes)} {method} runs failed: see their logs")
+        parts = [json.loads(outs[seed].read_text()) for seed in args.seeds]
+        runs = [r for part in parts for r in part["results"][0]["runs"]]
+        for r in runs:
+            print(f"  {method} seed {r['seed']}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
+                  f"({r['seconds']:.0f}s)", flush=True)
+        rows.append(summarise(method, runs, parts[0]["results"][0]["config"]))
+        device, n = parts[0]["device"], parts[0]["n"]
+    return rows, device, n
+
+
+def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> tuple[list[dict], str, int]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    images, labels = load_arrays(args.data, args.limit, args.sample)
+    print(f"{args.data}: {images.shape} on {device}", flush=True)
+    rows = []
+    for method in methods:
+        runs = []
+        for seed in args.seeds:
+            cfg = base.model_copy(update={"method": method, "seed": seed})
+            r = run(images, labels, cfg, device, args.progress, args.eval_every)
+            print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
+                  f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
+            runs.append({"seed": seed, **r})
+        rows.append(summarise(method, runs, cfg.model_dump(mode="json")))
+    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
+    return rows, hardware, len(images)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
@@ -83,29 +157,20 @@ def main() -> None:
     p.add_argument("--progress", action="store_true", help="print a line per epoch (loss, seconds)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="score ACC and print cluster sizes every N epochs (the time includes it)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run the seeds as N processes side by side (sharing one GPU, or splitting the CPU cores); "
+                        "each keeps a log and JSON next to --out, which gets the merged table")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cudnn.benchmark = True
-    images, labels = load_arrays(args.data, args.limit, args.sample)
-    print(f"{args.data}: {images.shape} on {device}", flush=True)
-    rows = []
     base = load_config(PipelineConfig, args.config, args.set).train
-    for method in args.method or [base.method]:
-        runs = []
-        for seed in args.seeds:
-            cfg = base.model_copy(update={"method": method, "seed": seed})
-            r = run(images, labels, cfg, device, args.progress, args.eval_every)
-            print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
-                  f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
-            runs.append({"seed": seed, **r})
-        rows.append({"method": method, **{k: mean_std(runs, k) for k in ("acc", "nmi", "ari")},
-                     "seconds": f"{np.mean([r['seconds'] for r in runs]):.0f}", "runs": runs,
-                     "config": cfg.model_dump(mode="json")})
+    methods = args.method or [base.method]
+    if args.jobs > 1 and len(args.seeds) > 1:
+        rows, hardware, n = run_seeds_side_by_side(args, methods)
+    else:
+        rows, hardware, n = run_in_this_process(args, base, methods)
     print()
     print_table(rows, ["method", "acc", "nmi", "ari", "seconds"])
-    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
-    write_json(args.out, {"data": args.data, "n": len(images), "device": hardware, "results": rows})
+    write_json(args.out, {"data": args.data, "n": n, "device": hardware, "results": rows})
 
 
 if __name__ == "__main__":
