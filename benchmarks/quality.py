@@ -49,8 +49,11 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
         pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
         point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"],
                  "cluster_sizes": cluster_sizes(pred, state["spec"]["config"]["k"])}
+        if isinstance(model, MixtureNet) and model.head.log_pi_.shape[0] > 1:
+            point["head"] = int(model.head.choice_)  # the sub-head that labels now
         along.append(point)
-        print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f} cluster sizes {point['cluster_sizes']}", flush=True)
+        print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f} cluster sizes {point['cluster_sizes']}"
+              + (f" (sub-head {point['head']})" if "head" in point else ""), flush=True)
     return on_epoch
 
 

@@ -55,6 +55,8 @@ class TrainConfig(Strict):
                                                                "cluster posteriors (0 = EM / the ELBO alone)")
     instance_weight: float = Field(0.0, ge=0, description="nmm: weight of the instance-level contrastive loss "
                                    "(SimCLR's NT-Xent on a projection of the net's features); 0 = none")
+    heads: int = Field(1, ge=1, description="nmm: sub-heads of k clusters trained side by side on one net; the one "
+                                           "with the lowest loss labels (IIC's sub-heads)")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
                                                              "uniform, which favours even clusters (docs/RESULTS.md)")

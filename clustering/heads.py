@@ -107,22 +107,27 @@ class StudentTHead(KMeansHead):
 
 class MixtureHead(nn.Module):
     """NMM head (seed 002): posteriors from the network's K outputs, mixture weights π and, for batch-free
-    prediction, each component's normaliser over the whole dataset (log Z_k, so g_k(x) = exp(l_k(x)) / Z_k)."""
+    prediction, each component's normaliser over the whole dataset (log Z_k, so g_k(x) = exp(l_k(x)) / Z_k).
 
-    def __init__(self, k: int):
+    With several sub-heads (K outputs each, trained side by side), π is kept per sub-head and `choice_` names the
+    one that labels; the normaliser is that one's."""
+
+    def __init__(self, k: int, heads: int = 1):
         super().__init__()
         self.k = k
-        self.register_buffer("log_pi_", torch.full((k,), -math.log(k)))
+        self.register_buffer("log_pi_", torch.full((heads, k), -math.log(k)))
         self.register_buffer("log_norm_", torch.zeros(k))
+        self.register_buffer("choice_", torch.zeros((), dtype=torch.long))
 
     def set_weights(self, resp_sum: torch.Tensor, momentum: float) -> None:
-        """π tracks the mean responsibility; resp_sum is Σ_i γ_i over the whole corpus (all-reduced)."""
-        pi = momentum * self.log_pi_.exp() + (1 - momentum) * resp_sum / resp_sum.sum().clamp_min(1e-12)
+        """π tracks the mean responsibility; resp_sum (heads, K) is Σ_i γ_i over the whole corpus (all-reduced)."""
+        share = resp_sum / resp_sum.sum(-1, keepdim=True).clamp_min(1e-12)
+        pi = momentum * self.log_pi_.exp() + (1 - momentum) * share
         self.log_pi_.copy_(pi.clamp_min(1e-6).log())
 
     @torch.no_grad()
     def fit(self, logits: torch.Tensor, comm: Comm = Comm(), seed: int = 0) -> "MixtureHead":
-        """log Z_k = logsumexp over every rank's rows of output k."""
+        """log Z_k = logsumexp over every rank's rows of output k (of the chosen sub-head)."""
         logits = logits.float()
         local_max = logits.max(0).values if len(logits) else torch.full((self.k,), -1e30, device=logits.device)
         top = comm.gather(local_max[None], 1).max(0).values  # (K,) the same on every rank
@@ -130,7 +135,7 @@ class MixtureHead(nn.Module):
         return self
 
     def predict_proba(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() - self.log_norm_ + self.log_pi_, dim=1)  # (B, K)
+        return torch.softmax(logits.float() - self.log_norm_ + self.log_pi_[self.choice_], dim=1)  # (B, K)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         return self.predict_proba(logits).argmax(1)

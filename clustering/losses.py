@@ -41,26 +41,28 @@ def batch_densities(logits: torch.Tensor) -> torch.Tensor:
     """NMM transformation (seed 002): log g_k(x_i), each output k normalised over the batch.
 
     Each column is a distribution over the batch's samples, so no component can claim every sample
-    by growing its logits: that is what rules out the trivial one-cluster solution. (B, K)
+    by growing its logits: that is what rules out the trivial one-cluster solution. (B, K) or (B, H, K)
     """
     return torch.log_softmax(logits.float(), dim=0)
 
 
 def e_step(log_g: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """Responsibilities γ_ik = π_k g_k(x_i) / Σ_j π_j g_j(x_i); no gradient flows through them. (B, K)"""
-    return torch.softmax(log_g.detach() + log_pi, dim=1)
+    """Responsibilities γ_ik = π_k g_k(x_i) / Σ_j π_j g_j(x_i); no gradient flows through them. (B, K), or
+    (B, H, K) for H sub-heads side by side (log_pi (H, K))."""
+    return torch.softmax(log_g.detach() + log_pi, dim=-1)
 
 
 def m_step(gamma: torch.Tensor, log_g: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """Negative expected complete-data log-likelihood −(1/B) Σ_i Σ_k γ_ik log(π_k g_k(x_i)); minimise it."""
-    return -(gamma * (log_g + log_pi)).sum(1).mean()
+    """Negative expected complete-data log-likelihood −(1/B) Σ_i Σ_k γ_ik log(π_k g_k(x_i)); minimise it.
+    A scalar, or one per sub-head (H,) for (B, H, K) inputs."""
+    return -(gamma * (log_g + log_pi)).sum(-1).mean(0)
 
 
 def view_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     """Two views of an image should fall in the same cluster: −log Σ_k p_k(a) p_k(b), averaged (SCAN's form).
-    Inputs are the two views' posterior logits, any normalisation (B, K)."""
-    log_p_a, log_p_b = torch.log_softmax(logits_a.float(), 1), torch.log_softmax(logits_b.float(), 1)
-    return -torch.logsumexp(log_p_a + log_p_b, dim=1).mean()
+    Inputs are the two views' posterior logits, any normalisation (B, K); or (B, H, K) for one value per sub-head."""
+    log_p_a, log_p_b = torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)
+    return -torch.logsumexp(log_p_a + log_p_b, dim=-1).mean(0)
 
 
 def instance_contrast(proj_a: torch.Tensor, proj_b: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

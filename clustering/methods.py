@@ -162,10 +162,11 @@ class MixtureNet(Clusterer):
             self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, projection_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, K) component log-densities before normalisation
+        out = self.net(x).unflatten(1, (-1, self.head.k))  # (B, H, K): H sub-heads
+        return out[:, self.head.choice_]  # (B, K) the labelling sub-head's log-densities before normalisation
 
     def outputs_and_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the K outputs (B, K), the projections (B, P) or None without a projector), from one pass."""
+        """(every sub-head's outputs (B, H*K), the projections (B, P) or None without a projector), one pass."""
         if self.projector is None:
             return self.net(x), None
         h = self.net.features(x)
@@ -189,20 +190,24 @@ class NMM(Recipe):
     With cfg.instance_weight > 0 a representation loss joins them, as the paper fuses EM with representation
     learning: SimCLR's NT-Xent on a projection of the net's features (Contrastive Clustering's instance level,
     with NMM's EM in place of its cluster level).
+    With cfg.heads > 1, that many sub-heads of K outputs train side by side on one net, each its own mixture,
+    and the one with the lowest EM + consistency loss over the last epoch labels (IIC's sub-heads, Ji et al.
+    2019): a partition that merged two classes early costs more than one that did not.
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
         super().__init__(cfg, channels, side)
         self.view = view_for(channels)
-        self.resp_sum: torch.Tensor | None = None  # Σ γ over this rank's batches in the current epoch
+        self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
+        self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
 
     def build(self) -> MixtureNet:
         c = self.cfg
         if c.encoder == "resnet18":
-            net = ResNet18(self.channels, c.k)
+            net = ResNet18(self.channels, c.k * c.heads)
         else:
-            net = ConvNet(self.channels, self.side, c.k, c.conv_widths)
-        return MixtureNet(net, MixtureHead(c.k), PROJECTION_DIM if c.instance_weight else 0)
+            net = ConvNet(self.channels, self.side, c.k * c.heads, c.conv_widths)
+        return MixtureNet(net, MixtureHead(c.k, c.heads), PROJECTION_DIM if c.instance_weight else 0)
 
     def stages(self) -> list[Stage]:
         return make_stages(em=self.cfg.joint_epochs)
@@ -211,23 +216,26 @@ class NMM(Recipe):
         self.update_weights(model, comm)
 
     def update_weights(self, model: MixtureNet, comm: Comm) -> None:
+        """After an epoch: π from its responsibilities, and the sub-head with the lowest loss labels."""
         if self.resp_sum is not None:
             model.head.set_weights(comm.sum(self.resp_sum), self.cfg.pi_momentum)
-        self.resp_sum = None
+            model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
+        self.resp_sum = self.head_loss_sum = None
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
-        la, lb = logits.chunk(2)  # (B, K) each
-        log_pi = model.head.log_pi_
+        la, lb = logits.unflatten(1, (-1, self.cfg.k)).chunk(2)  # (B, H, K) each
+        log_pi = model.head.log_pi_  # (H, K)
         log_ga, log_gb = losses.batch_densities(la), losses.batch_densities(lb)
         gamma_a, gamma_b = losses.e_step(log_ga, log_pi), losses.e_step(log_gb, log_pi)
-        em = 0.5 * (losses.m_step(gamma_b, log_ga, log_pi) + losses.m_step(gamma_a, log_gb, log_pi))
-        with torch.no_grad():
-            s = (gamma_a + gamma_b).sum(0)
-            self.resp_sum = s if self.resp_sum is None else self.resp_sum + s
-        loss = em
+        per_head = 0.5 * (losses.m_step(gamma_b, log_ga, log_pi) + losses.m_step(gamma_a, log_gb, log_pi))  # (H,)
         if self.cfg.consistency_weight:
-            loss = loss + self.cfg.consistency_weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+            per_head = per_head + self.cfg.consistency_weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+        with torch.no_grad():
+            s, h = (gamma_a + gamma_b).sum(0), per_head.detach().float()
+            self.resp_sum = s if self.resp_sum is None else self.resp_sum + s
+            self.head_loss_sum = h if self.head_loss_sum is None else self.head_loss_sum + h
+        loss = per_head.mean()
         if proj is not None:
             loss = loss + self.cfg.instance_weight * losses.instance_contrast(*proj.chunk(2))
         return loss
@@ -235,7 +243,8 @@ class NMM(Recipe):
     def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
         self.update_weights(model, comm)
         model.fit_normaliser(images, comm)
-        return {"pi_min": float(model.head.log_pi_.exp().min())}
+        head = model.head.choice_
+        return {"pi_min": float(model.head.log_pi_[head].exp().min()), "head": int(head)}
 
 
 class VCNet(Clusterer):

@@ -105,3 +105,17 @@ def test_instance_contrast_closed_forms():
     torch.testing.assert_close(losses.instance_contrast(eye, eye, t), torch.tensor(expected))
     # the wrong pairing (each view's twin is another image) costs more
     assert losses.instance_contrast(eye, eye.roll(1, 0), t) > losses.instance_contrast(eye, eye, t) + 1
+
+
+def test_sub_heads_side_by_side_give_each_heads_own_losses():
+    torch.manual_seed(0)
+    la, lb = torch.randn(16, 3, 4), torch.randn(16, 3, 4)  # (B, H, K): three sub-heads
+    log_pi = torch.softmax(torch.randn(3, 4), 1).log()
+    log_ga, log_gb = losses.batch_densities(la), losses.batch_densities(lb)
+    em = losses.m_step(losses.e_step(log_gb, log_pi), log_ga, log_pi)
+    cons = losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+    assert em.shape == cons.shape == (3,)
+    for h in range(3):  # the same as each sub-head on its own
+        ga, gb = losses.batch_densities(la[:, h]), losses.batch_densities(lb[:, h])
+        torch.testing.assert_close(em[h], losses.m_step(losses.e_step(gb, log_pi[h]), ga, log_pi[h]))
+        torch.testing.assert_close(cons[h], losses.view_consistency(ga + log_pi[h], gb + log_pi[h]))
