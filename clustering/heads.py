@@ -119,6 +119,13 @@ class MixtureHead(nn.Module):
         self.register_buffer("log_norm_", torch.zeros(k))
         self.register_buffer("choice_", torch.zeros((), dtype=torch.long))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before sub-heads hold one π of shape (K,) and no choice: read them as one sub-head.
+        if state_dict.get(prefix + "log_pi_", torch.zeros(1, 1)).dim() == 1:
+            state_dict[prefix + "log_pi_"] = state_dict[prefix + "log_pi_"][None]
+            state_dict.setdefault(prefix + "choice_", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_weights(self, resp_sum: torch.Tensor, momentum: float) -> None:
         """π tracks the mean responsibility; resp_sum (heads, K) is Σ_i γ_i over the whole corpus (all-reduced)."""
         share = resp_sum / resp_sum.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -1,6 +1,6 @@
 import torch
 
-from clustering.heads import KMeansHead, kmeans
+from clustering.heads import KMeansHead, MixtureHead, kmeans
 
 
 def blobs(n=300, k=3, seed=0):
@@ -30,3 +30,11 @@ def test_k_larger_than_data_is_a_clear_error():
 
     with pytest.raises(ValueError, match="k=20 clusters but only 5 samples"):
         kmeans(torch.randn(5, 2), 20)
+
+
+def test_mixture_head_reads_a_checkpoint_from_before_sub_heads():
+    old = {"log_pi_": torch.tensor([0.2, 0.8]).log(), "log_norm_": torch.tensor([1.0, 2.0])}  # π was (K,)
+    head = MixtureHead(2)
+    head.load_state_dict(old)
+    torch.testing.assert_close(head.log_pi_[0], old["log_pi_"])
+    assert int(head.choice_) == 0
