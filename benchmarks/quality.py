@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,31 +94,31 @@ def seed_command(args: argparse.Namespace, method: str, seed: int, out: Path) ->
     return cmd + (["--progress"] if args.progress else []) + (["--set", *args.set] if args.set else [])
 
 
+def run_seed_process(args: argparse.Namespace, method: str, seed: int, out: Path, env: dict) -> int:
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        code = subprocess.run(seed_command(args, method, seed, out), stdout=f, stderr=subprocess.STDOUT, env=env,
+                              check=False).returncode
+    print(f"  {method} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'}; log {log}", flush=True)
+    return code
+
+
 def run_seeds_side_by_side(args: argparse.Namespace, methods: list[str]) -> tuple[list[dict], str, int]:
     """One process per seed, `args.jobs` at a time (they share the GPU, or split the CPU cores); each writes its
     log and JSON next to `args.out`. Returns the merged rows, the device name and the image count."""
     stem = Path(args.out).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if not torch.cuda.is_available():  # split the cores rather than oversubscribe them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     rows, device, n = [], "", 0
     for method in methods:
-        outs = {seed: Path(f"{stem}-{method}-seed{seed}.json") for seed in args.seeds}
-
-        def one(seed: int) -> int:
-            log = outs[seed].with_suffix(".log")
-            with open(log, "w") as f:
-                code = subprocess.run(seed_command(args, method, seed, outs[seed]), stdout=f, stderr=subprocess.STDOUT,
-                                      env=env).returncode
-            print(f"  {method} seed {seed}: {'done' if code == 0 else f'FAILED (exit {code})'}; log {log}", flush=True)
-            return code
-
-        outs[args.seeds[0]].parent.mkdir(parents=True, exist_ok=True)
+        outs = [Path(f"{stem}-{method}-seed{seed}.json") for seed in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
-            codes = list(pool.map(one, args.seeds))
+            codes = list(pool.map(partial(run_seed_process, args, method, env=env), args.seeds, outs))
         if any(codes):
             raise SystemExit(f"{sum(c != 0 for c in codes)} of {len(codes)} {method} runs failed: see their logs")
-        parts = [json.loads(outs[seed].read_text()) for seed in args.seeds]
+        parts = [json.loads(out.read_text()) for out in outs]
         runs = [r for part in parts for r in part["results"][0]["runs"]]
         for r in runs:
             print(f"  {method} seed {r['seed']}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
