@@ -58,20 +58,38 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
     return on_epoch
 
 
-def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0) -> dict:
+def keep_checkpoint(path: Path, every: int, along: list[dict], t0: float, seconds_before: float):
+    """An engine on_epoch callback: every `every` epochs and at the end, save the run (with its trajectory and time
+    so far) to `path`, atomically, so a run stopped by a time limit continues from there when started again."""
+    def on_epoch(epoch: int, info: dict, state_fn) -> None:
+        if (epoch + 1) % every and info["stage"] != "final":
+            return
+        tmp = path.with_suffix(".tmp")
+        torch.save({**state_fn(), "along": along, "seconds": seconds_before + time.perf_counter() - t0}, tmp)
+        tmp.replace(path)
+    return on_epoch
+
+
+def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0, checkpoint: Path | None = None) -> dict:
     t0 = time.perf_counter()
     log = (lambda s: print(f"    {s}", flush=True)) if progress else (lambda s: None)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
-    along: list[dict] = []
-    on_epoch = score_along(x, labels, eval_every, along) if eval_every else None
-    model = engine.fit(images, cfg, device=device, log=log, on_epoch=on_epoch)
+    resume = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint and checkpoint.exists() else None
+    along: list[dict] = list(resume.get("along", [])) if resume else []
+    seconds_before = resume.get("seconds", 0.0) if resume else 0.0
+    callbacks = [score_along(x, labels, eval_every, along) if eval_every else None,
+                 keep_checkpoint(checkpoint, cfg.checkpoint_every, along, t0, seconds_before) if checkpoint else None]
+    callbacks = [c for c in callbacks if c is not None]
+    on_epoch = (lambda e, m, s: [c(e, m, s) for c in callbacks]) if callbacks else None
+    model = engine.fit(images, cfg, device=device, log=log, on_epoch=on_epoch, resume=resume)
     if device.type == "cuda":
         torch.cuda.synchronize()
     probs, _ = predict_all(model, x)
-    seconds = time.perf_counter() - t0
+    seconds = seconds_before + time.perf_counter() - t0
     pred = probs.argmax(1).cpu().numpy()
     return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": len(np.unique(pred)),
-            "cluster_sizes": cluster_sizes(pred, cfg.k), **({"along": along} if along else {})}
+            "cluster_sizes": cluster_sizes(pred, cfg.k), **({"along": along} if along else {}),
+            **({"resumed_from_epoch": int(resume["epoch"])} if resume else {})}
 
 
 def mean_std(runs: list[dict], key: str) -> str:
@@ -88,7 +106,8 @@ def seed_command(args: argparse.Namespace, method: str, seed: int, out: Path) ->
     """This script, for one method and one seed, with the other options as given."""
     cmd = [sys.executable, __file__, "--data", args.data, "--method", method, "--seeds", str(seed), "--out", str(out),
            "--eval-every", str(args.eval_every)]
-    for flag, value in [("--config", args.config), ("--limit", args.limit), ("--sample", args.sample)]:
+    for flag, value in [("--config", args.config), ("--limit", args.limit), ("--sample", args.sample),
+                        ("--checkpoint", args.checkpoint)]:
         if value is not None:
             cmd += [flag, str(value)]
     return cmd + (["--progress"] if args.progress else []) + (["--set", *args.set] if args.set else [])
@@ -138,7 +157,10 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
         runs = []
         for seed in args.seeds:
             cfg = base.model_copy(update={"method": method, "seed": seed})
-            r = run(images, labels, cfg, device, args.progress, args.eval_every)
+            checkpoint = Path(args.checkpoint) / f"{method}-seed{seed}.pt" if args.checkpoint else None
+            if checkpoint:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            r = run(images, labels, cfg, device, args.progress, args.eval_every, checkpoint)
             print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
                   f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
             runs.append({"seed": seed, **r})
@@ -161,6 +183,9 @@ def main() -> None:
     p.add_argument("--progress", action="store_true", help="print a line per epoch (loss, seconds)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="score ACC and print cluster sizes every N epochs (the time includes it)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="save each run to DIR every train.checkpoint_every epochs; a run whose file is there "
+                        "continues from it (runs longer than one time limit; a finished run is only scored)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run the seeds as N processes side by side (sharing one GPU, or splitting the CPU cores); "
                         "each keeps a log and JSON next to --out, which gets the merged table")

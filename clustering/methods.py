@@ -85,6 +85,10 @@ class Recipe:
     def start_epoch(self, stage: Stage, epoch: int, model: Clusterer, images: torch.Tensor, comm: Comm) -> None:
         pass
 
+    def end_epoch(self, stage: Stage, epoch: int, model: Clusterer, comm: Comm) -> None:
+        """After an epoch's steps, before its checkpoint: state learnt over the epoch goes into the model here, so
+        a run resumed from that checkpoint continues exactly."""
+
     def finish(self, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
         return {}
 
@@ -212,14 +216,10 @@ class NMM(Recipe):
     def stages(self) -> list[Stage]:
         return make_stages(em=self.cfg.joint_epochs)
 
-    def start_epoch(self, stage, epoch, model: MixtureNet, images, comm: Comm) -> None:
-        self.update_weights(model, comm)
-
-    def update_weights(self, model: MixtureNet, comm: Comm) -> None:
-        """After an epoch: π from its responsibilities, and the sub-head with the lowest loss labels."""
-        if self.resp_sum is not None:
-            model.head.set_weights(comm.sum(self.resp_sum), self.cfg.pi_momentum)
-            model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
+    def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> None:
+        """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
+        model.head.set_weights(comm.sum(self.resp_sum), self.cfg.pi_momentum)
+        model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
         self.resp_sum = self.head_loss_sum = None
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -241,7 +241,6 @@ class NMM(Recipe):
         return loss
 
     def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
-        self.update_weights(model, comm)
         model.fit_normaliser(images, comm)
         head = model.head.choice_
         return {"pi_min": float(model.head.log_pi_[head].exp().min()), "head": int(head)}
