@@ -86,7 +86,7 @@ class Trunk(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[:-1](x)  # (B, feature_dim)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def from_features(self, h: torch.Tensor) -> torch.Tensor:
         return self.net[-1](h)  # (B, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ class MixtureNet(Clusterer):
         if self.projector is None:
             return self.net(x), None
         h = self.net.features(x)
-        return self.net.head(h), self.projector(h)
+        return self.net.from_features(h), self.projector(h)
 
     def fit_normaliser(self, images: torch.Tensor, comm: Comm) -> None:
         """Each component's normaliser over the whole data set, so that prediction needs no batch."""

@@ -23,4 +23,4 @@ def test_trunk_features_feed_its_last_layer(channels, net):
     net.eval()
     h = net.features(x)
     assert h.shape == (3, net.feature_dim)
-    torch.testing.assert_close(net.head(h), net(x))
+    torch.testing.assert_close(net.from_features(h), net(x))
