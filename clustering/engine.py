@@ -114,7 +114,7 @@ def fit(
             opt.step()
             loss_sum += loss.detach().float()
             bad += (~torch.isfinite(loss.detach())).float()
-        method.end_epoch(stage, epoch, model, comm)
+        events = {**events, **method.end_epoch(stage, epoch, model, comm)}
         # One collective per epoch: every rank sees the same sums, so all stop together on a NaN.
         totals = comm.sum(torch.stack([loss_sum, bad]))
         rank_steps = comm.gather(torch.tensor([[float(steps)]], device=device), 1)  # (world, 1): steps of each rank

@@ -85,9 +85,10 @@ class Recipe:
     def start_epoch(self, stage: Stage, epoch: int, model: Clusterer, images: torch.Tensor, comm: Comm) -> None:
         pass
 
-    def end_epoch(self, stage: Stage, epoch: int, model: Clusterer, comm: Comm) -> None:
+    def end_epoch(self, stage: Stage, epoch: int, model: Clusterer, comm: Comm) -> dict:
         """After an epoch's steps, before its checkpoint: state learnt over the epoch goes into the model here, so
-        a run resumed from that checkpoint continues exactly."""
+        a run resumed from that checkpoint continues exactly. Returns what the epoch's metrics should show."""
+        return {}
 
     def finish(self, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
         return {}
@@ -216,11 +217,17 @@ class NMM(Recipe):
     def stages(self) -> list[Stage]:
         return make_stages(em=self.cfg.joint_epochs)
 
-    def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> None:
+    def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
         model.head.set_weights(comm.sum(self.resp_sum), self.cfg.pi_momentum)
         model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
         self.resp_sum = self.head_loss_sum = None
+        return self.describe_head(model)
+
+    @staticmethod
+    def describe_head(model: MixtureNet) -> dict:
+        head = model.head.choice_
+        return {"pi_min": float(model.head.log_pi_[head].exp().min()), "head": int(head)}
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
@@ -242,8 +249,7 @@ class NMM(Recipe):
 
     def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
         model.fit_normaliser(images, comm)
-        head = model.head.choice_
-        return {"pi_min": float(model.head.log_pi_[head].exp().min()), "head": int(head)}
+        return self.describe_head(model)
 
 
 class VCNet(Clusterer):

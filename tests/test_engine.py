@@ -87,3 +87,10 @@ def test_nmm_labels_with_the_sub_head_of_lowest_loss(digits):
     assert int(model.head.choice_) == 1
     model.eval()
     torch.testing.assert_close(model.embed(x), model.net(x)[:, 10:20])  # the chosen sub-head's outputs
+
+
+def test_nmm_epochs_report_the_labelling_sub_head(digits):
+    images, _ = digits
+    seen = []
+    engine.fit(images[:512], small(method="nmm", heads=2), on_epoch=lambda e, m, s: seen.append(m), log=lambda s: None)
+    assert all(m["head"] in (0, 1) and 0 < m["pi_min"] <= 1 for m in seen)
