@@ -57,6 +57,8 @@ class TrainConfig(Strict):
                                    "(SimCLR's NT-Xent on a projection of the net's features); 0 = none")
     heads: int = Field(1, ge=1, description="nmm: sub-heads of k clusters trained side by side on one net; the one "
                                            "with the lowest loss labels (IIC's sub-heads)")
+    over_k: int = Field(0, ge=0, description="nmm: components of an auxiliary over-clustering mixture trained "
+                                            "alongside, labelling nothing (IIC); 0 = none")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
                                                              "uniform, which favours even clusters (docs/RESULTS.md)")

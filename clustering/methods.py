@@ -167,7 +167,8 @@ class MixtureNet(Clusterer):
             self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, projection_dim))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x).unflatten(1, (-1, self.head.k))  # (B, H, K): H sub-heads
+        heads, k = self.head.log_pi_.shape
+        out = self.net(x)[:, :heads * k].unflatten(1, (heads, k))  # (B, H, K): H sub-heads (then any over-clustering)
         return out[:, self.head.choice_]  # (B, K) the labelling sub-head's log-densities before normalisation
 
     def outputs_and_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,6 +199,8 @@ class NMM(Recipe):
     With cfg.heads > 1, that many sub-heads of K outputs train side by side on one net, each its own mixture,
     and the one with the lowest EM + consistency loss over the last epoch labels (IIC's sub-heads, Ji et al.
     2019): a partition that merged two classes early costs more than one that did not.
+    With cfg.over_k > 0, one more mixture of over_k components trains alongside and labels nothing (IIC's
+    over-clustering head): it asks the net to keep finer distinctions than K clusters need.
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
@@ -209,9 +212,9 @@ class NMM(Recipe):
     def build(self) -> MixtureNet:
         c = self.cfg
         if c.encoder == "resnet18":
-            net = ResNet18(self.channels, c.k * c.heads)
+            net = ResNet18(self.channels, c.k * c.heads + c.over_k)
         else:
-            net = ConvNet(self.channels, self.side, c.k * c.heads, c.conv_widths)
+            net = ConvNet(self.channels, self.side, c.k * c.heads + c.over_k, c.conv_widths)
         return MixtureNet(net, MixtureHead(c.k, c.heads), PROJECTION_DIM if c.instance_weight else 0)
 
     def stages(self) -> list[Stage]:
@@ -229,20 +232,30 @@ class NMM(Recipe):
         head = model.head.choice_
         return {"pi_min": float(model.head.log_pi_[head].exp().min()), "head": int(head)}
 
-    def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
-        la, lb = logits.unflatten(1, (-1, self.cfg.k)).chunk(2)  # (B, H, K) each
-        log_pi = model.head.log_pi_  # (H, K)
+    def mixture_loss(self, logits: torch.Tensor, log_pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EM + consistency of mixtures side by side: logits (2B, H, K) of both views, log_pi (H, K).
+        Returns (the loss of each (H,), the summed responsibilities (H, K))."""
+        la, lb = logits.chunk(2)  # (B, H, K) each
         log_ga, log_gb = losses.batch_densities(la), losses.batch_densities(lb)
         gamma_a, gamma_b = losses.e_step(log_ga, log_pi), losses.e_step(log_gb, log_pi)
         per_head = 0.5 * (losses.m_step(gamma_b, log_ga, log_pi) + losses.m_step(gamma_a, log_gb, log_pi))  # (H,)
         if self.cfg.consistency_weight:
             per_head = per_head + self.cfg.consistency_weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+        return per_head, (gamma_a + gamma_b).sum(0).detach()
+
+    def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
+        c = self.cfg
+        main, over = logits[:, :c.heads * c.k], logits[:, c.heads * c.k:]
+        per_head, s = self.mixture_loss(main.unflatten(1, (-1, c.k)), model.head.log_pi_)
         with torch.no_grad():
-            s, h = (gamma_a + gamma_b).sum(0), per_head.detach().float()
+            h = per_head.detach().float()
             self.resp_sum = s if self.resp_sum is None else self.resp_sum + s
             self.head_loss_sum = h if self.head_loss_sum is None else self.head_loss_sum + h
         loss = per_head.mean()
+        if c.over_k:  # an over-clustering mixture with a fixed uniform π; it only shapes the net
+            loss = loss + self.mixture_loss(over[:, None], torch.full((1, c.over_k), -math.log(c.over_k),
+                                                                      device=x.device))[0].mean()
         if proj is not None:
             loss = loss + self.cfg.instance_weight * losses.instance_contrast(*proj.chunk(2))
         return loss

@@ -65,7 +65,7 @@ def test_non_square_images_are_refused():
 
 
 @pytest.mark.parametrize("method, extra", [(m, {}) for m in ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"]]
-                         + [("nmm", {"instance_weight": 1.0, "heads": 3})])
+                         + [("nmm", {"instance_weight": 1.0, "heads": 3, "over_k": 30})])
 def test_every_method_trains_and_gives_posteriors(digits, method, extra):
     images, _ = digits
     model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8, **extra),
@@ -79,7 +79,7 @@ def test_nmm_labels_with_the_sub_head_of_lowest_loss(digits):
     from clustering.comm import Comm
     from clustering.methods import NMM
 
-    recipe = NMM(small(method="nmm", heads=3), channels=1, side=8)
+    recipe = NMM(small(method="nmm", heads=3, over_k=7), channels=1, side=8)
     model = recipe.build()
     x = torch.rand(5, 1, 8, 8)
     recipe.resp_sum, recipe.head_loss_sum = torch.ones(3, 10), torch.tensor([5.0, 2.0, 4.0])
