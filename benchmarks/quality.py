@@ -40,6 +40,8 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
         if (epoch + 1) % every or info["stage"] == "pretrain":  # no clusters before the head is fitted
             return
+        if along and along[-1]["epoch"] == epoch + 1:  # a finished run started again: scored already
+            return
         state = state_fn()
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # building the copy draws random
             model = engine.build_from_spec(state["spec"])[1].to(x.device)  # weights: leave the run's RNG as it was
