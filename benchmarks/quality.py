@@ -52,8 +52,8 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
         pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
         point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"],
                  "cluster_sizes": cluster_sizes(pred, state["spec"]["config"]["k"])}
-        if isinstance(model, MixtureNet) and model.head.log_pi_.shape[0] > 1:
-            point["head"] = int(model.head.choice_)  # the sub-head that labels now
+        if state["spec"]["config"]["heads"] > 1:
+            point["head"] = info["head"]  # the sub-head that labels now (NMM's end of epoch reports it)
         along.append(point)
         print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f} cluster sizes {point['cluster_sizes']}"
               + (f" (sub-head {point['head']})" if "head" in point else ""), flush=True)
@@ -99,6 +99,11 @@ def mean_std(runs: list[dict], key: str) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
+def seed_line(method: str, r: dict) -> str:
+    return (f"  {method} seed {r['seed']}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
+            f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)")
+
+
 def summarise(method: str, runs: list[dict], config: dict) -> dict:
     return {"method": method, **{k: mean_std(runs, k) for k in ("acc", "nmi", "ari")},
             "seconds": f"{np.mean([r['seconds'] for r in runs]):.0f}", "runs": runs, "config": config}
@@ -142,8 +147,7 @@ def run_seeds_side_by_side(args: argparse.Namespace, methods: list[str]) -> tupl
         parts = [json.loads(out.read_text()) for out in outs]
         runs = [r for part in parts for r in part["results"][0]["runs"]]
         for r in runs:
-            print(f"  {method} seed {r['seed']}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
-                  f"({r['seconds']:.0f}s)", flush=True)
+            print(seed_line(method, r), flush=True)
         rows.append(summarise(method, runs, parts[0]["results"][0]["config"]))
         device, n = parts[0]["device"], parts[0]["n"]
     return rows, device, n
@@ -163,9 +167,8 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
             if checkpoint:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
             r = run(images, labels, cfg, device, args.progress, args.eval_every, checkpoint)
-            print(f"  {method} seed {seed}: ACC {r['acc']:.4f} NMI {r['nmi']:.4f} ARI {r['ari']:.4f} "
-                  f"({r['seconds']:.0f}s, {r['clusters_used']} clusters used)", flush=True)
             runs.append({"seed": seed, **r})
+            print(seed_line(method, runs[-1]), flush=True)
         rows.append(summarise(method, runs, cfg.model_dump(mode="json")))
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()}"
     return rows, hardware, len(images)

@@ -121,8 +121,9 @@ class MixtureHead(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before sub-heads hold one π of shape (K,) and no choice: read them as one sub-head.
-        if state_dict.get(prefix + "log_pi_", torch.zeros(1, 1)).dim() == 1:
-            state_dict[prefix + "log_pi_"] = state_dict[prefix + "log_pi_"][None]
+        log_pi = state_dict.get(prefix + "log_pi_")
+        if log_pi is not None and log_pi.dim() == 1:
+            state_dict[prefix + "log_pi_"] = log_pi[None]
             state_dict.setdefault(prefix + "choice_", torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
