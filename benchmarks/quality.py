@@ -81,8 +81,17 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     seconds_before = resume.get("seconds", 0.0) if resume else 0.0
     callbacks = [score_along(x, labels, eval_every, along) if eval_every else None,
                  keep_checkpoint(checkpoint, cfg.checkpoint_every, along, t0, seconds_before) if checkpoint else None]
-    callbacks = [c for c in callbacks if c is not None]
-    on_epoch = (lambda e, m, s: [c(e, m, s) for c in callbacks]) if callbacks else None
+    picks: dict = {}  # with train.restarts > 1: each start's cluster evenness and the one picked
+
+    def note_pick(epoch: int, info: dict, state_fn) -> None:
+        if "start_picked" in info:
+            picks.update(start_evenness=info["start_evenness"], start_picked=info["start_picked"])
+            print(f"    starts' cluster evenness {info['start_evenness']}: continuing start {info['start_picked'] + 1}",
+                  flush=True)
+    callbacks = [c for c in callbacks if c is not None] + [note_pick]
+    def on_epoch(epoch: int, info: dict, state_fn) -> None:
+        for c in callbacks:
+            c(epoch, info, state_fn)
     model = engine.fit(images, cfg, device=device, log=log, on_epoch=on_epoch, resume=resume)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,7 +99,7 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     seconds = seconds_before + time.perf_counter() - t0
     pred = probs.argmax(1).cpu().numpy()
     return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": len(np.unique(pred)),
-            "cluster_sizes": cluster_sizes(pred, cfg.k), **({"along": along} if along else {}),
+            "cluster_sizes": cluster_sizes(pred, cfg.k), **picks, **({"along": along} if along else {}),
             **({"resumed_from_epoch": int(resume["epoch"])} if resume else {})}
 
 

@@ -59,6 +59,11 @@ class TrainConfig(Strict):
                                            "with the lowest loss labels (IIC's sub-heads)")
     over_k: int = Field(0, ge=0, description="nmm: components of an auxiliary over-clustering mixture trained "
                                             "alongside, labelling nothing (IIC); 0 = none")
+    restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
+                                               "restart_epochs epochs each and continue the one whose clusters are "
+                                               "the most even (label-free; early merges leave one cluster twice "
+                                               "the size of the rest)")
+    restart_epochs: int = Field(5, ge=1, description="epochs each start trains before the pick (restarts > 1)")
     balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
                                                              "uniform, which favours even clusters (docs/RESULTS.md)")

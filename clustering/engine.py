@@ -6,6 +6,8 @@ global sample count), cycling through its own shuffled rows, so no rank waits fo
 """
 from __future__ import annotations
 
+import copy
+import math
 import time
 from typing import Callable
 
@@ -14,7 +16,7 @@ import torch
 
 from .comm import Comm
 from .config import TrainConfig
-from .methods import build_method, to_float
+from .methods import build_method, predict_all, to_float
 from .schedule import stage_at, steps_per_epoch
 
 EpochCallback = Callable[[int, dict, Callable[[], dict]], None]
@@ -42,13 +44,19 @@ def fit(
     resume: dict | None = None,
     on_epoch: EpochCallback | None = None,
     log: Callable[[str], None] = print,
+    until: int | None = None,
 ):
     """Train `cfg.method` on uint8 images (N, H, W, C). Returns the model (in eval mode).
 
     on_epoch(epoch, metrics, state_fn) runs after each epoch on every rank; state_fn() gives a
     checkpoint dict (model, optimizer, epoch, RNG) for the caller to persist.
-    `resume` is such a dict: training continues after its epoch.
+    `resume` is such a dict: training continues after its epoch. Without one, cfg.restarts > 1 first
+    trains that many starts and continues the best (`best_start`).
+    `until`: stop after that many epochs, before the method's end-of-run step (a start being tried).
     """
+    picked = resume is None and cfg.restarts > 1
+    if picked:
+        resume = best_start(images, cfg, comm, device, log)
     device = torch.device(device)
     n, h, w, c = images.shape
     if h != w:
@@ -80,8 +88,9 @@ def fit(
             opt.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         start_epoch, history = int(resume["epoch"]) + 1, list(resume.get("history", []))
-        resumed_from = int(resume["epoch"])
-        log(f"resumed from epoch {resume['epoch']}")
+        if not picked:
+            resumed_from = int(resume["epoch"])
+            log(f"resumed from epoch {resume['epoch']}")
         kept_lr = opt.param_groups[0]["lr"] if opt is not None else cfg.lr
         if kept_lr != cfg.lr:  # a resumed run continues its optimizer as it was, learning rate included
             log(f"note: the run continues with its checkpoint's lr {kept_lr:g}; train.lr={cfg.lr:g} applies to new runs "
@@ -92,12 +101,16 @@ def fit(
         return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {}, "epoch": epoch,
                 "rng": torch.get_rng_state(), "history": history, "finished": finished}
 
+    # The pick among starts shows in the first epoch after it (its metrics reach on_epoch and Ray's reports).
+    pick = {key: resume["history"][-1][key] for key in ("start_evenness", "start_picked")} if picked else {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    for epoch in range(start_epoch, total_epochs):
+    last_epoch = total_epochs if until is None else min(until, total_epochs)
+    for epoch in range(start_epoch, last_epoch):
         stage = stage_at(stages, epoch)
         t0 = time.perf_counter()
         events = method.start_stage(stage, model, x_all, comm) if epoch == stage.start else {}
+        events, pick = {**pick, **events}, {}
         method.start_epoch(stage, epoch, model, x_all, comm)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + comm.rank)
         order = torch.randperm(n, generator=gen).to(device)
@@ -131,6 +144,9 @@ def fit(
         log(f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {mean_loss:.5f} ({metrics['seconds']:.1f}s)")
         if on_epoch is not None and epoch < total_epochs - 1:
             on_epoch(epoch, metrics, lambda e=epoch: state_fn(e))
+    if last_epoch < total_epochs:
+        model.eval()
+        return model
 
     final = method.finish(model, x_all, comm)
     if on_epoch is not None:
@@ -139,3 +155,48 @@ def fit(
         on_epoch(total_epochs - 1, metrics, lambda: state_fn(total_epochs - 1, finished=True))
     model.eval()
     return model
+
+
+RESTART_SEED_STRIDE = 1000  # start r of seed s uses seed s + 1000·r: start 0 is the run restarts=1 would train
+
+
+def cluster_evenness(model, images: torch.Tensor, comm: Comm, k: int) -> float:
+    """Entropy of the cluster sizes over every rank's images, over log k: 1 when all k clusters are equal."""
+    pred = predict_all(model, images)[0].argmax(1)
+    p = comm.sum(torch.bincount(pred, minlength=k).float())
+    p = p / p.sum()
+    return float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(k))
+
+
+def best_start(images: np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
+    """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one whose clusters
+    (after the method's end-of-run step, on a copy) are the most even. No labels: on MNIST a start that merges two
+    digits early keeps one cluster of twice the usual size and splits another digit in two, while its loss is no
+    higher than a good start's (docs/RESULTS.md), so the loss cannot tell them apart.
+    Every rank trains the same starts and sees the same sums, so all pick the same one."""
+    stages = build_method(cfg, images.shape[-1], images.shape[1]).stages()
+    if not stages or cfg.restart_epochs >= stages[-1].end:
+        raise ValueError(f"train.restart_epochs={cfg.restart_epochs} must be fewer than the run's "
+                         f"{stages[-1].end if stages else 0} epochs (or set train.restarts=1)")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    best, picked, scores = None, 0, []
+    for r in range(cfg.restarts):
+        start = cfg.model_copy(update={"seed": cfg.seed + RESTART_SEED_STRIDE * r, "restarts": 1})
+        kept: dict = {}
+
+        def keep(epoch: int, metrics: dict, state_fn) -> None:
+            if epoch == cfg.restart_epochs - 1:
+                kept.update(copy.deepcopy(state_fn()))
+
+        model = fit(images, start, comm, device, on_epoch=keep, log=lambda s: None, until=cfg.restart_epochs)
+        method = build_method(start, images.shape[-1], images.shape[1])
+        method.finish(model, x, comm)  # its labels as a finished run would give them (k-means, normalisers)
+        evenness = cluster_evenness(model, x, comm, cfg.k)
+        scores.append(round(evenness, 4))
+        log(f"start {r + 1}/{cfg.restarts} (seed {start.seed}): {cfg.restart_epochs} epochs, loss "
+            f"{kept['history'][-1]['loss']:.5f}, cluster evenness {evenness:.4f}")
+        if best is None or evenness > max(scores[:-1]):
+            best, picked = kept, r
+    best["history"][-1] = {**best["history"][-1], "start_evenness": scores, "start_picked": picked}
+    log(f"continuing start {picked + 1} (the most even clusters)")
+    return best

@@ -92,3 +92,49 @@ def test_nmm_epochs_report_the_labelling_sub_head(digits):
     seen = []
     engine.fit(images[:512], small(method="nmm", heads=2), on_epoch=lambda e, m, s: seen.append(m), log=lambda s: None)
     assert all(m["head"] in (0, 1) and 0 < m["pi_min"] <= 1 for m in seen)
+
+
+def test_cluster_evenness_is_one_for_equal_clusters_and_zero_for_one():
+    class Fixed(torch.nn.Module):  # predicts the cluster stored in the image's first pixel
+        head = None
+
+        def embed(self, x):
+            return x.flatten(1)[:, :1]
+
+    model = Fixed()
+    model.head = type("H", (), {"predict_proba": staticmethod(lambda z: torch.nn.functional.one_hot(
+        (z[:, 0] * 255).round().long(), 4).float())})()
+    equal = torch.arange(8, dtype=torch.uint8).remainder(4).view(8, 1, 1, 1)
+    assert engine.cluster_evenness(model, equal, Comm(), 4) == pytest.approx(1.0)
+    assert engine.cluster_evenness(model, torch.zeros(8, 1, 1, 1, dtype=torch.uint8), Comm(), 4) == pytest.approx(0.0)
+
+
+def test_restarts_continue_the_start_with_the_most_even_clusters(digits):
+    images, _ = digits
+    cfg = small(method="nmm", joint_epochs=3, restarts=3, restart_epochs=1)
+    picked = engine.best_start(images, cfg, Comm(), "cpu", log=lambda s: None)
+    # each start on its own, as a plain run of its seed stopped after one epoch, scored the same way
+    evenness, weights = [], []
+    for r in range(3):
+        start = cfg.model_copy(update={"seed": cfg.seed + engine.RESTART_SEED_STRIDE * r, "restarts": 1})
+        model = engine.fit(images, start, log=lambda s: None, until=1)
+        weights.append(copy.deepcopy(model.state_dict()))
+        NMM(start, 1, 8).finish(model, torch.from_numpy(images).permute(0, 3, 1, 2), Comm())
+        evenness.append(engine.cluster_evenness(model, torch.from_numpy(images).permute(0, 3, 1, 2), Comm(), 10))
+    best = int(np.argmax(evenness))
+    assert len(set(np.round(evenness, 4))) == 3  # the starts differ, so the pick means something
+    assert picked["history"][-1]["start_picked"] == best
+    assert picked["history"][-1]["start_evenness"] == pytest.approx(evenness, abs=1e-4)
+    for name, value in picked["model"].items():
+        torch.testing.assert_close(value.float(), weights[best][name].float())
+
+    seen = []
+    engine.fit(images, cfg, on_epoch=lambda e, m, s: seen.append(m), log=lambda s: None)
+    assert [m["epoch"] for m in seen] == [1, 2]  # the picked start's epoch 0, then the rest of the run
+    assert seen[0]["start_picked"] == best and "start_picked" not in seen[1]
+
+
+def test_restarts_need_fewer_epochs_than_the_run(digits):
+    images, _ = digits
+    with pytest.raises(ValueError, match="restart_epochs=3"):
+        engine.fit(images, small(method="nmm", joint_epochs=3, restarts=2, restart_epochs=3), log=lambda s: None)
