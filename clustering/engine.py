@@ -168,18 +168,25 @@ def cluster_evenness(model, images: torch.Tensor, comm: Comm, k: int) -> float:
     return float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(k))
 
 
+def check_restarts(cfg: TrainConfig) -> None:
+    """A start must train fewer epochs than the whole run (stages do not depend on the images' shape)."""
+    if cfg.restarts > 1:
+        stages = build_method(cfg, 1, 8).stages()
+        total = stages[-1].end if stages else 0
+        if cfg.restart_epochs >= total:
+            raise ValueError(f"train.restart_epochs={cfg.restart_epochs} must be fewer than the run's {total} epochs: "
+                             "lower it, or set train.restarts=1")
+
+
 def best_start(images: np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
     """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one whose clusters
     (after the method's end-of-run step, on a copy) are the most even. No labels: on MNIST a start that merges two
     digits early keeps one cluster of twice the usual size and splits another digit in two, while its loss is no
     higher than a good start's (docs/RESULTS.md), so the loss cannot tell them apart.
     Every rank trains the same starts and sees the same sums, so all pick the same one."""
-    stages = build_method(cfg, images.shape[-1], images.shape[1]).stages()
-    if not stages or cfg.restart_epochs >= stages[-1].end:
-        raise ValueError(f"train.restart_epochs={cfg.restart_epochs} must be fewer than the run's "
-                         f"{stages[-1].end if stages else 0} epochs (or set train.restarts=1)")
+    check_restarts(cfg)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    best, picked, scores = None, 0, []
+    best, picked, scores = None, 0, []  # scores: each start's evenness
     for r in range(cfg.restarts):
         start = cfg.model_copy(update={"seed": cfg.seed + RESTART_SEED_STRIDE * r, "restarts": 1})
         kept: dict = {}
@@ -192,11 +199,12 @@ def best_start(images: np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Ca
         method = build_method(start, images.shape[-1], images.shape[1])
         method.finish(model, x, comm)  # its labels as a finished run would give them (k-means, normalisers)
         evenness = cluster_evenness(model, x, comm, cfg.k)
-        scores.append(round(evenness, 4))
         log(f"start {r + 1}/{cfg.restarts} (seed {start.seed}): {cfg.restart_epochs} epochs, loss "
             f"{kept['history'][-1]['loss']:.5f}, cluster evenness {evenness:.4f}")
-        if best is None or evenness > max(scores[:-1]):
+        if best is None or evenness > max(scores):
             best, picked = kept, r
-    best["history"][-1] = {**best["history"][-1], "start_evenness": scores, "start_picked": picked}
+        scores.append(evenness)
+    best["history"][-1] = {**best["history"][-1], "start_evenness": [round(e, 4) for e in scores],
+                           "start_picked": picked}
     log(f"continuing start {picked + 1} (the most even clusters)")
     return best

@@ -84,6 +84,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             f"{len(manifest['shards'])} shards for {cfg.num_workers} workers: every worker needs a shard. "
             "Lower train.num_workers or re-shard with a smaller shard.samples_per_shard."
         )
+    engine.check_restarts(cfg)  # here, not in every worker
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"name": name})
     storage.check_writable(cfg.storage_path)

@@ -89,6 +89,11 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/nothing")
     assert code == 2 and "manifest.json is missing" in err
 
+    # refused on the driver, before any worker trains (the defaults: dcec, 60 + 40 epochs)
+    cli(capsys, "shard", f"work_dir={tmp_path}/demo")
+    code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.restarts=2", "train.restart_epochs=100")
+    assert code == 2 and "train.restart_epochs=100 must be fewer than the run's 100 epochs" in err
+
 
 def test_unreadable_images_are_counted_not_fatal(ray_local, image_folder, tmp_path, capsys):
     (image_folder / "cats" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
