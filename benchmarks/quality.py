@@ -88,7 +88,9 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
             picks.update(start_evenness=info["start_evenness"], start_picked=info["start_picked"])
             print(f"    starts' cluster evenness {info['start_evenness']}: continuing start {info['start_picked'] + 1}",
                   flush=True)
+
     callbacks = [c for c in callbacks if c is not None] + [note_pick]
+
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
         for c in callbacks:
             c(epoch, info, state_fn)

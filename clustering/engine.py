@@ -7,13 +7,13 @@ global sample count), cycling through its own shuffled rows, so no rank waits fo
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .metrics import evenness
 from .comm import Comm
 from .config import TrainConfig
 from .methods import build_method, predict_all, to_float
@@ -161,11 +161,9 @@ RESTART_SEED_STRIDE = 1000  # start r of seed s uses seed s + 1000·r: start 0 i
 
 
 def cluster_evenness(model, images: torch.Tensor, comm: Comm, k: int) -> float:
-    """Entropy of the cluster sizes over every rank's images, over log k: 1 when all k clusters are equal."""
+    """`metrics.evenness` of the model's cluster sizes over every rank's images."""
     pred = predict_all(model, images)[0].argmax(1)
-    p = comm.sum(torch.bincount(pred, minlength=k).float())
-    p = p / p.sum()
-    return float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(k))
+    return evenness(comm.sum(torch.bincount(pred, minlength=k).float()).cpu().numpy())
 
 
 def check_restarts(cfg: TrainConfig) -> None:
@@ -178,32 +176,41 @@ def check_restarts(cfg: TrainConfig) -> None:
                              "lower it, or set train.restarts=1")
 
 
+def start_config(cfg: TrainConfig, r: int) -> TrainConfig:
+    return cfg.model_copy(update={"seed": cfg.seed + RESTART_SEED_STRIDE * r, "restarts": 1})
+
+
+def try_start(images: np.ndarray, x: torch.Tensor, start: TrainConfig, epochs: int, comm: Comm, device):
+    """Train `start` for `epochs` epochs. Returns (its checkpoint then, the model labelling as a finished run
+    would: after the method's end-of-run step, e.g. k-means or NMM's normalisers). x: the images on the device."""
+    kept: dict = {}
+
+    def keep(epoch: int, metrics: dict, state_fn) -> None:
+        if epoch == epochs - 1:
+            kept.update(copy.deepcopy(state_fn()))
+
+    model = fit(images, start, comm, device, on_epoch=keep, log=lambda s: None, until=epochs)
+    build_method(start, images.shape[-1], images.shape[1]).finish(model, x, comm)
+    return kept, model
+
+
 def best_start(images: np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
     """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one whose clusters
-    (after the method's end-of-run step, on a copy) are the most even. No labels: on MNIST a start that merges two
-    digits early keeps one cluster of twice the usual size and splits another digit in two, while its loss is no
-    higher than a good start's (docs/RESULTS.md), so the loss cannot tell them apart.
+    are the most even. No labels: on MNIST a start that merges two digits early keeps one cluster of twice the usual
+    size and splits another digit in two, while its loss is no higher than a good start's (docs/RESULTS.md).
     Every rank trains the same starts and sees the same sums, so all pick the same one."""
     check_restarts(cfg)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     best, picked, scores = None, 0, []  # scores: each start's evenness
     for r in range(cfg.restarts):
-        start = cfg.model_copy(update={"seed": cfg.seed + RESTART_SEED_STRIDE * r, "restarts": 1})
-        kept: dict = {}
-
-        def keep(epoch: int, metrics: dict, state_fn) -> None:
-            if epoch == cfg.restart_epochs - 1:
-                kept.update(copy.deepcopy(state_fn()))
-
-        model = fit(images, start, comm, device, on_epoch=keep, log=lambda s: None, until=cfg.restart_epochs)
-        method = build_method(start, images.shape[-1], images.shape[1])
-        method.finish(model, x, comm)  # its labels as a finished run would give them (k-means, normalisers)
-        evenness = cluster_evenness(model, x, comm, cfg.k)
+        start = start_config(cfg, r)
+        kept, model = try_start(images, x, start, cfg.restart_epochs, comm, device)
+        even = cluster_evenness(model, x, comm, cfg.k)
         log(f"start {r + 1}/{cfg.restarts} (seed {start.seed}): {cfg.restart_epochs} epochs, loss "
-            f"{kept['history'][-1]['loss']:.5f}, cluster evenness {evenness:.4f}")
-        if best is None or evenness > max(scores):
+            f"{kept['history'][-1]['loss']:.5f}, cluster evenness {even:.4f}")
+        if best is None or even > max(scores):
             best, picked = kept, r
-        scores.append(evenness)
+        scores.append(even)
     best["history"][-1] = {**best["history"][-1], "start_evenness": [round(e, 4) for e in scores],
                            "start_picked": picked}
     log(f"continuing start {picked + 1} (the most even clusters)")

@@ -1,4 +1,5 @@
-"""Scores against ground-truth labels where they exist: ACC (Hungarian matching), NMI, ARI."""
+"""Scores against ground-truth labels where they exist: ACC (Hungarian matching), NMI, ARI; and label-free ones,
+used to choose among runs: evenness of the cluster sizes."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,3 +23,11 @@ def scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
         "nmi": float(normalized_mutual_info_score(labels, clusters)),
         "ari": float(adjusted_rand_score(labels, clusters)),
     }
+
+
+def evenness(cluster_sizes) -> float:
+    """Entropy of the cluster-size distribution over log k: 1 when all k clusters are equal, 0 when one holds all.
+    Label-free: a run that merges two classes early has one cluster of twice the usual size."""
+    p = np.asarray(cluster_sizes, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum() / np.log(len(cluster_sizes)))

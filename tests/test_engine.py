@@ -94,19 +94,24 @@ def test_nmm_epochs_report_the_labelling_sub_head(digits):
     assert all(m["head"] in (0, 1) and 0 < m["pi_min"] <= 1 for m in seen)
 
 
-def test_cluster_evenness_is_one_for_equal_clusters_and_zero_for_one():
-    class Fixed(torch.nn.Module):  # predicts the cluster stored in the image's first pixel
-        head = None
+class FirstPixelCluster(torch.nn.Module):
+    """A stand-in model whose cluster for an image is the value of its first pixel."""
 
-        def embed(self, x):
-            return x.flatten(1)[:, :1]
+    def __init__(self, k: int):
+        super().__init__()
+        self.head = torch.nn.Module()
+        self.head.predict_proba = lambda z: torch.nn.functional.one_hot((z * 255).round().long(), k).float()
 
-    model = Fixed()
-    model.head = type("H", (), {"predict_proba": staticmethod(lambda z: torch.nn.functional.one_hot(
-        (z[:, 0] * 255).round().long(), 4).float())})()
+    def embed(self, x):
+        return x.flatten(1)[:, 0]
+
+
+def test_cluster_evenness_counts_the_models_clusters():
+    model = FirstPixelCluster(4)
     equal = torch.arange(8, dtype=torch.uint8).remainder(4).view(8, 1, 1, 1)
     assert engine.cluster_evenness(model, equal, Comm(), 4) == pytest.approx(1.0)
-    assert engine.cluster_evenness(model, torch.zeros(8, 1, 1, 1, dtype=torch.uint8), Comm(), 4) == pytest.approx(0.0)
+    uneven = torch.tensor([0, 0, 0, 1], dtype=torch.uint8).view(4, 1, 1, 1)  # sizes 3, 1, 0, 0
+    assert engine.cluster_evenness(model, uneven, Comm(), 4) == pytest.approx(metrics.evenness([3, 1, 0, 0]))
 
 
 def test_restarts_continue_the_start_with_the_most_even_clusters(digits):

@@ -1,0 +1,70 @@
+"""How well does a label-free rule pick among starts? Trains N starts for E epochs each (as train.restarts does),
+scores every start's ACC and cluster evenness, and compares picks over every group of `--group` starts:
+the most even clusters (what train.restarts does), the start that agrees most with the others (mean NMI), and a
+random one (the mean ACC), against the best start of each group (labels).
+
+    python benchmarks/starts.py --data ../.data/mnist --config ../configs/mnist.yaml --starts 12 --limit 10000
+
+Prints a table and writes JSON. Not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import numpy as np
+import torch
+from common import load_arrays, print_table, write_json
+from sklearn.metrics import normalized_mutual_info_score
+
+from clustering import engine, metrics
+from clustering.comm import Comm
+from clustering.config import PipelineConfig, load_config
+from clustering.methods import predict_all
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
+    p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
+    p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.heads=1")
+    p.add_argument("--starts", type=int, default=12, help="starts to train (seeds seed, seed+1000, ...)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per start; default train.restart_epochs")
+    p.add_argument("--group", type=int, default=4, help="starts a pick chooses among (train.restarts)")
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--out", default="results/starts.json")
+    args = p.parse_args()
+
+    cfg = load_config(PipelineConfig, args.config, args.set).train
+    epochs = args.epochs or cfg.restart_epochs
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels = load_arrays(args.data, args.limit)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    starts, preds = [], []
+    for r in range(args.starts):
+        start = engine.start_config(cfg, r)
+        _, model = engine.try_start(images, x, start, epochs, Comm(), device)
+        pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
+        starts.append({"seed": start.seed, "acc": metrics.scores(labels, pred)["acc"],
+                       "evenness": engine.cluster_evenness(model, x, Comm(), cfg.k)})
+        preds.append(pred)
+        print(f"  start seed {start.seed}: ACC {starts[-1]['acc']:.4f} evenness {starts[-1]['evenness']:.4f}", flush=True)
+
+    n = len(starts)
+    agree = np.array([[normalized_mutual_info_score(preds[i], preds[j]) if i != j else np.nan for j in range(n)]
+                      for i in range(n)])
+    acc = np.array([s["acc"] for s in starts])
+    rules = {"most even clusters": lambda g: max(g, key=lambda i: starts[i]["evenness"]),
+             "most agreement (mean NMI)": lambda g: max(g, key=lambda i: np.nanmean(agree[i, [j for j in g if j != i]])),
+             "best (labels)": lambda g: max(g, key=lambda i: acc[i])}
+    groups = list(itertools.combinations(range(n), min(args.group, n)))
+    rows = [{"pick": name, "mean ACC": f"{np.mean([acc[rule(list(g))] for g in groups]):.4f}"} for name, rule in rules.items()]
+    rows.append({"pick": "random", "mean ACC": f"{acc.mean():.4f}"})
+    print(f"\n{n} starts of {epochs} epochs; picks over all {len(groups)} groups of {min(args.group, n)}:")
+    print_table(rows, ["pick", "mean ACC"])
+    write_json(args.out, {"data": args.data, "n": len(images), "epochs": epochs, "group": args.group,
+                          "config": cfg.model_dump(mode="json"), "starts": starts, "picks": rows})
+
+
+if __name__ == "__main__":
+    main()
