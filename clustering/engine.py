@@ -13,10 +13,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .metrics import evenness
 from .comm import Comm
 from .config import TrainConfig
 from .methods import build_method, predict_all, to_float
+from .metrics import evenness
 from .schedule import stage_at, steps_per_epoch
 
 EpochCallback = Callable[[int, dict, Callable[[], dict]], None]
