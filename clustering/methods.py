@@ -50,13 +50,11 @@ class ClusterNet(Clusterer):
 
 
 @torch.no_grad()
-def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096, fn=None) -> torch.Tensor:
-    """Codes of every local image (or what `fn`, a part of the model, gives), in eval mode.
-    images: uint8 (N, C, H, W) on the model's device."""
-    fn = fn or model.embed
+def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    """Codes of every local image, in eval mode. images: uint8 (N, C, H, W) on the model's device."""
     was_training = model.training
     model.eval()
-    z = torch.cat([fn(to_float(images[i:i + batch])).float() for i in range(0, len(images), batch)])
+    z = torch.cat([model.embed(to_float(images[i:i + batch])).float() for i in range(0, len(images), batch)])
     model.train(was_training)
     return z  # (N, D)
 
@@ -244,7 +242,13 @@ class NMM(Recipe):
         """Mine each image's neighbours with the net as it is now (a function of the weights: resumes exactly)."""
         self.images, self.neighbours = images, None
         if self.cfg.neighbours and epoch >= self.cfg.neighbours_after:
-            self.neighbours = nearest_neighbours(embed_all(model, images, fn=model.net.features), self.cfg.neighbours)
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                feats = torch.cat([model.net.features(to_float(images[i:i + 4096])).float()
+                                   for i in range(0, len(images), 4096)])
+            model.train(was_training)
+            self.neighbours = nearest_neighbours(feats, self.cfg.neighbours)
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
