@@ -59,11 +59,6 @@ class TrainConfig(Strict):
                                            "with the lowest loss labels (IIC's sub-heads)")
     over_k: int = Field(0, ge=0, description="nmm: components of an auxiliary over-clustering mixture trained "
                                             "alongside, labelling nothing (IIC); 0 = none")
-    neighbours: int = Field(0, ge=0, description="nmm: SCAN's neighbours; from epoch neighbours_after on, an "
-                                                 "image's second view is a view of one of its k nearest neighbours "
-                                                 "in the net's feature space (mined on each worker's images every "
-                                                 "epoch); 0 = a second view of the image itself")
-    neighbours_after: int = Field(10, ge=0, description="nmm: epochs of own-image views before neighbours are used")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
                                                "restart_epochs epochs each and continue the one whose clusters are "
                                                "the most even (label-free; early merges leave one cluster twice "

@@ -66,19 +66,6 @@ def predict_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> tu
     return model.head.predict_proba(z), z
 
 
-@torch.no_grad()
-def nearest_neighbours(features: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """(N, k) indices of each row's k most cosine-similar other rows of features (N, D)."""
-    f = torch.nn.functional.normalize(features.float(), dim=1)
-    out = []
-    for i in range(0, len(f), chunk):
-        sim = f[i:i + chunk] @ f.T  # (c, N)
-        rows = torch.arange(len(sim), device=f.device)
-        sim[rows, i + rows] = float("-inf")  # not its own neighbour
-        out.append(sim.topk(k, dim=1).indices)
-    return torch.cat(out)
-
-
 def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255.0)
 
@@ -214,9 +201,6 @@ class NMM(Recipe):
     2019): a partition that merged two classes early costs more than one that did not.
     With cfg.over_k > 0, one more mixture of over_k components trains alongside and labels nothing (IIC's
     over-clustering head): it asks the net to keep finer distinctions than K clusters need.
-    With cfg.neighbours = k > 0, after cfg.neighbours_after epochs the second view is a view of a random one of
-    the image's k nearest neighbours in the net's features, mined each epoch (SCAN, Van Gansbeke et al. 2020):
-    EM targets, consistency and the instance loss then pull neighbours together, not just two views of one image.
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
@@ -224,8 +208,6 @@ class NMM(Recipe):
         self.view = view_for(channels)
         self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
         self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
-        self.images: torch.Tensor | None = None  # this rank's uint8 images, for the neighbours' views
-        self.neighbours: torch.Tensor | None = None  # (N, k) each local image's nearest neighbours, this epoch
 
     def build(self) -> MixtureNet:
         c = self.cfg
@@ -237,18 +219,6 @@ class NMM(Recipe):
 
     def stages(self) -> list[Stage]:
         return make_stages(em=self.cfg.joint_epochs)
-
-    def start_epoch(self, stage, epoch, model: MixtureNet, images: torch.Tensor, comm: Comm) -> None:
-        """Mine each image's neighbours with the net as it is now (a function of the weights: resumes exactly)."""
-        self.images, self.neighbours = images, None
-        if self.cfg.neighbours and epoch >= self.cfg.neighbours_after:
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                feats = torch.cat([model.net.features(to_float(images[i:i + 4096])).float()
-                                   for i in range(0, len(images), 4096)])
-            model.train(was_training)
-            self.neighbours = nearest_neighbours(feats, self.cfg.neighbours)
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
@@ -274,11 +244,7 @@ class NMM(Recipe):
         return per_head, (gamma_a + gamma_b).sum(0).detach()
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        partner = x
-        if self.neighbours is not None:  # a random one of each image's nearest neighbours
-            pick = torch.randint(self.neighbours.shape[1], (len(idx),), device=idx.device)
-            partner = to_float(self.images[self.neighbours[idx, pick]])
-        logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(partner)]))  # one pass, shared BN
+        logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
         c = self.cfg
         main, over = logits[:, :c.heads * c.k], logits[:, c.heads * c.k:]
         per_head, s = self.mixture_loss(main.unflatten(1, (-1, c.k)), model.head.log_pi_)

@@ -38,9 +38,7 @@ def test_fit_learns_and_predicts(digits):
 def test_resume_continues_from_the_checkpoint(digits, method):
     images, _ = digits
     states = {}
-    # nmm: π, sub-head and neighbours (mined from the weights each epoch) too
-    cfg = small(method=method, joint_epochs=4,
-                **({"heads": 2, "neighbours": 5, "neighbours_after": 1} if method == "nmm" else {}))
+    cfg = small(method=method, joint_epochs=4, **({"heads": 2} if method == "nmm" else {}))  # nmm: π, sub-head too
     full = engine.fit(images, cfg, on_epoch=lambda e, m, s: states.setdefault(e, copy.deepcopy(s())), log=lambda s: None)
     resumed = engine.fit(images, cfg, resume=states[2], log=lambda s: None)
     # same seed, same data, same RNG state: the resumed run ends where the uninterrupted one did
@@ -68,8 +66,7 @@ def test_non_square_images_are_refused():
 
 
 @pytest.mark.parametrize("method, extra", [(m, {}) for m in ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"]]
-                         + [("nmm", {"instance_weight": 1.0, "heads": 3, "over_k": 30}),
-                            ("nmm", {"neighbours": 5, "neighbours_after": 1})])
+                         + [("nmm", {"instance_weight": 1.0, "heads": 3, "over_k": 30})])
 def test_every_method_trains_and_gives_posteriors(digits, method, extra):
     images, _ = digits
     model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8, **extra),

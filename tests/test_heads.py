@@ -38,12 +38,3 @@ def test_mixture_head_reads_a_checkpoint_from_before_sub_heads():
     head.load_state_dict(old)
     torch.testing.assert_close(head.log_pi_[0], old["log_pi_"])
     assert int(head.choice_) == 0
-
-
-def test_nearest_neighbours_are_the_closest_other_rows():
-    from clustering.methods import nearest_neighbours
-    angles = torch.tensor([0.0, 0.1, 0.25, 1.5, 1.6, 3.0])  # points on the unit circle
-    f = torch.stack([angles.cos(), angles.sin()], 1) * torch.tensor([[1.0], [2.0], [3.0], [1.0], [5.0], [1.0]])
-    nb = nearest_neighbours(f, 2, chunk=4)  # chunks smaller than N: the self-exclusion must follow the offset
-    assert nb[:, 0].tolist() == [1, 0, 1, 4, 3, 4]  # cosine: the scale of a row does not matter
-    assert nb[0].tolist() == [1, 2] and nb[5].tolist() == [4, 3]
