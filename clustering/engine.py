@@ -101,7 +101,7 @@ def fit(
         return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {}, "epoch": epoch,
                 "rng": torch.get_rng_state(), "history": history, "finished": finished}
 
-    # The pick among starts shows in the first epoch after it (its metrics reach on_epoch and Ray's reports).
+    # The pick among starts shows in the metrics of the first epoch after it (and in the checkpoints' history).
     pick = {key: resume["history"][-1][key] for key in ("start_evenness", "start_picked")} if picked else {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
