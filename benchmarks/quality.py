@@ -75,7 +75,7 @@ def keep_checkpoint(path: Path, every: int, along: list[dict], t0: float, second
 def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0, checkpoint: Path | None = None) -> dict:
     t0 = time.perf_counter()
     log = (lambda s: print(f"    {s}", flush=True)) if progress else (lambda s: None)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    x = engine.device_images(images, device)
     resume = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint and checkpoint.exists() else None
     along: list[dict] = list(resume.get("along", [])) if resume else []
     seconds_before = resume.get("seconds", 0.0) if resume else 0.0

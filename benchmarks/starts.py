@@ -39,7 +39,7 @@ def main() -> None:
     epochs = args.epochs or cfg.restart_epochs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_arrays(args.data, args.limit)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    x = engine.device_images(images, device)
     starts, preds = [], []
     for r in range(args.starts):
         start = engine.start_config(cfg, r)

@@ -30,6 +30,12 @@ def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
     return {"method": cfg.method, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
 
 
+def device_images(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """uint8 (N, H, W, C) images as the (N, C, H, W) uint8 tensor on the device that training and scoring read."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
 def build_from_spec(spec: dict):
     """(method, model) from the spec stored in a checkpoint."""
     method = build_method(TrainConfig(**spec["config"]), spec["channels"], spec["side"])
@@ -72,9 +78,7 @@ def fit(
     stages = method.stages()
     total_epochs = stages[-1].end if stages else 0
 
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W) uint8, once
-    if device.type == "cuda":
-        x_all = x_all.contiguous(memory_format=torch.channels_last)
+    x_all = device_images(images, device)
     global_n = int(comm.sum(torch.tensor([float(n)], device=device)).item())
     if n == 0:
         raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
@@ -200,7 +204,7 @@ def best_start(images: np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Ca
     size and splits another digit in two, while its loss is no higher than a good start's (docs/RESULTS.md).
     Every rank trains the same starts and sees the same sums, so all pick the same one."""
     check_restarts(cfg)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    x = device_images(images, device)  # for scoring; each start's fit puts its own copy there (once per start)
     best, picked, scores = None, 0, []  # scores: each start's evenness
     for r in range(cfg.restarts):
         start = start_config(cfg, r)

@@ -119,13 +119,13 @@ def test_restarts_continue_the_start_with_the_most_even_clusters(digits):
     cfg = small(method="nmm", joint_epochs=3, restarts=3, restart_epochs=1)
     picked = engine.best_start(images, cfg, Comm(), "cpu", log=lambda s: None)
     # each start on its own, as a plain run of its seed stopped after one epoch, scored the same way
-    evenness, weights = [], []
+    evenness, weights, x = [], [], torch.from_numpy(images).permute(0, 3, 1, 2)
     for r in range(3):
         start = cfg.model_copy(update={"seed": cfg.seed + engine.RESTART_SEED_STRIDE * r, "restarts": 1})
         model = engine.fit(images, start, log=lambda s: None, until=1)
         weights.append(copy.deepcopy(model.state_dict()))
-        NMM(start, 1, 8).finish(model, torch.from_numpy(images).permute(0, 3, 1, 2), Comm())
-        evenness.append(engine.cluster_evenness(model, torch.from_numpy(images).permute(0, 3, 1, 2), Comm(), 10))
+        NMM(start, 1, 8).finish(model, x, Comm())
+        evenness.append(engine.cluster_evenness(model, x, Comm(), 10))
     best = int(np.argmax(evenness))
     assert len(set(np.round(evenness, 4))) == 3  # the starts differ, so the pick means something
     assert picked["history"][-1]["start_picked"] == best
