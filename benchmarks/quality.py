@@ -26,7 +26,8 @@ from common import load_arrays, print_table, write_json
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
-from clustering.methods import MixtureNet, predict_all
+from clustering.heads import KMeansHead
+from clustering.methods import MixtureNet, predict_all, to_float
 
 
 def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
@@ -34,29 +35,43 @@ def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
     return np.round(np.sort(np.bincount(pred, minlength=k))[::-1] / len(pred), 4).tolist()
 
 
+@torch.no_grad()
+def feature_kmeans(model: MixtureNet, x: torch.Tensor, k: int) -> np.ndarray:
+    """k-means clusters of the net's L2-normalised features (cosine, as SimCLR compares them)."""
+    h = torch.cat([model.net.features(to_float(x[i:i + 4096])).float() for i in range(0, len(x), 4096)])
+    h = torch.nn.functional.normalize(h, dim=1)
+    return KMeansHead(k, h.shape[1]).fit(h).predict(h).cpu().numpy()
+
+
 def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dict]):
     """An engine on_epoch callback: every `every` epochs, score a copy of the model, print ACC and the cluster
-    sizes, largest first, and append them to `along` (how a run gets there, e.g. whether clusters drift apart)."""
+    sizes, largest first, and append them to `along` (how a run gets there, e.g. whether clusters drift apart).
+    In NMM's contrastive pretraining, the ACC is k-means' on the net's features: what EM will start from."""
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
-        if (epoch + 1) % every or info["stage"] == "pretrain":  # no clusters before the head is fitted
-            return
-        if along and along[-1]["epoch"] == epoch + 1:  # a finished run started again: scored already
+        if (epoch + 1) % every or (along and along[-1]["epoch"] == epoch + 1):  # (a finished run started again)
             return
         state = state_fn()
+        k, pretrain = state["spec"]["config"]["k"], info["stage"] == "pretrain"
+        if pretrain and state["spec"]["method"] != "nmm":  # an autoencoder's: no clusters before the head is fitted
+            return
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # building the copy draws random
             model = engine.build_from_spec(state["spec"])[1].to(x.device)  # weights: leave the run's RNG as it was
         model.load_state_dict(state["model"])
         model.eval()
-        if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; do it here too
-            model.fit_normaliser(x, Comm())
-        pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
-        point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"],
-                 "cluster_sizes": cluster_sizes(pred, state["spec"]["config"]["k"])}
-        if state["spec"]["config"]["heads"] > 1:
+        if pretrain:
+            pred = feature_kmeans(model, x, k)
+        else:
+            if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; here too
+                model.fit_normaliser(x, Comm())
+            pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
+        point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"], "cluster_sizes": cluster_sizes(pred, k),
+                 **({"of": "k-means on the features"} if pretrain else {})}
+        if state["spec"]["config"]["heads"] > 1 and not pretrain:
             point["head"] = info["head"]  # the sub-head that labels now (NMM's end of epoch reports it)
         along.append(point)
-        print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f} cluster sizes {point['cluster_sizes']}"
-              + (f" (sub-head {point['head']})" if "head" in point else ""), flush=True)
+        print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f}" + (f" ({point['of']})" if pretrain else "")
+              + f" cluster sizes {point['cluster_sizes']}" + (f" (sub-head {point['head']})" if "head" in point else ""),
+              flush=True)
     return on_epoch
 
 
