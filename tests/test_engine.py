@@ -7,9 +7,7 @@ import torch
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import TrainConfig
-from clustering.encoders import Trunk
-from clustering.heads import MixtureHead
-from clustering.methods import NMM, MixtureNet, predict_all
+from clustering.methods import NMM, predict_all
 from clustering.sources import digits_source
 
 
@@ -183,25 +181,3 @@ def test_selflabel_targets_are_the_clean_images_confident_clusters(digits):
     weighted = recipe.class_weight * counts  # every cluster with targets counts the same in all
     torch.testing.assert_close(weighted[used], torch.full((int(used.sum()),), weighted[used][0].item()))
     assert recipe.confident == pytest.approx(float((expected >= 0).float().mean()))
-
-
-class PixelTrunk(Trunk):
-    """A trunk whose features are the pixels themselves."""
-
-    def __init__(self, pixels: int, out_dim: int):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(pixels, out_dim))
-
-
-def test_em_after_pretraining_starts_from_kmeans_clusters_of_the_features():
-    gen = torch.Generator().manual_seed(0)
-    blob = torch.randint(0, 3, (300,), generator=gen)  # three blobs of 2x2 images, far apart
-    pixels = (torch.eye(4)[blob] * 180 + 30 + torch.randint(-20, 21, (300, 4), generator=gen)).to(torch.uint8)
-    images = pixels.view(300, 1, 2, 2)
-    model = MixtureNet(PixelTrunk(4, 3 * 2), MixtureHead(3, heads=2))
-    model.start_from_kmeans(images, Comm(), seed=0)
-    model.fit_normaliser(images, Comm())
-    for head in (0, 1):
-        model.head.choice_.fill_(head)
-        pred = predict_all(model, images)[0].argmax(1)
-        assert metrics.cluster_acc(blob.numpy(), pred.numpy()) == 1.0
