@@ -61,10 +61,6 @@ class TrainConfig(Strict):
                                             "alongside, labelling nothing (IIC); 0 = none")
     contrast_epochs: int = Field(0, ge=0, description="nmm: epochs of the instance loss alone before EM (SimCLR "
                                  "pretraining, as SCAN's first step); 0 = none")
-    selflabel_epochs: int = Field(0, ge=0, description="nmm: epochs of self-labelling after EM: each view learns "
-                                  "the cluster of its image where the model is confident (SCAN's last step); 0 = none")
-    selflabel_threshold: float = Field(0.99, gt=0, lt=1, description="nmm: posterior an image needs to be a "
-                                       "self-labelling target")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
                                                "restart_epochs epochs each and continue the one whose clusters are "
                                                "the most even (label-free; early merges leave one cluster twice "

@@ -65,22 +65,6 @@ def view_consistency(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Te
     return -torch.logsumexp(log_p_a + log_p_b, dim=-1).mean(0)
 
 
-def confident_targets(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Each row's most probable cluster where its posterior exceeds `threshold`, else -1 (no target). (N,)"""
-    top, label = probs.max(1)
-    return torch.where(top > threshold, label, torch.full_like(label, -1))
-
-
-def balanced_cross_entropy(log_p: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy towards hard targets, each class weighted (SCAN's self-labelling: rare clusters count as much
-    as common ones), over the rows that have a target (target -1: none); 0 when no row has one.
-    log_p (B, K) log-posteriors, target (B,), class_weight (K,)."""
-    has = target >= 0
-    w = class_weight[target.clamp_min(0)] * has
-    nll = -log_p.float().gather(1, target.clamp_min(0)[:, None])[:, 0]
-    return (w * nll).sum() / w.sum().clamp_min(1e-12)
-
-
 def instance_contrast(proj_a: torch.Tensor, proj_b: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent: each view must pick out its twin among the 2B − 1 other views of the batch, by cosine
     similarity / temperature. The instance-level representation loss of Contrastive Clustering (Li et al. 2021).

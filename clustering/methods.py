@@ -203,9 +203,6 @@ class NMM(Recipe):
     over-clustering head): it asks the net to keep finer distinctions than K clusters need.
     With cfg.contrast_epochs > 0, a first stage ("pretrain") trains the net's features on the instance loss alone
     (SimCLR pretraining, SCAN's first step), so EM starts from features that already group similar images.
-    With cfg.selflabel_epochs > 0, a last stage trains on the model's own confident labels (SCAN's self-labelling,
-    Van Gansbeke et al. 2020): each epoch, the clean images whose posterior exceeds cfg.selflabel_threshold get
-    their cluster as a target, and a view of each learns it by class-balanced cross-entropy on its posterior.
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
@@ -213,9 +210,6 @@ class NMM(Recipe):
         self.view = view_for(channels)
         self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
         self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
-        self.targets: torch.Tensor | None = None  # (N_local,) self-labelling: each image's cluster, -1 = none
-        self.class_weight: torch.Tensor | None = None  # (K,) self-labelling: inverse share of each cluster's targets
-        self.confident = 0.0  # self-labelling: share of the corpus with a target this epoch
 
     def build(self) -> MixtureNet:
         c = self.cfg
@@ -228,23 +222,12 @@ class NMM(Recipe):
 
     def stages(self) -> list[Stage]:
         c = self.cfg
-        return make_stages(pretrain=c.contrast_epochs, em=c.joint_epochs, selflabel=c.selflabel_epochs)
-
-    def start_epoch(self, stage, epoch, model: MixtureNet, images: torch.Tensor, comm: Comm) -> None:
-        """Self-labelling: the epoch's targets, from the clean images as the model labels them now."""
-        if stage.name != "selflabel":
-            return
-        z = embed_all(model, images)
-        model.head.fit(z, comm)  # the batch-free normaliser, as at the end of a run
-        self.targets = losses.confident_targets(model.head.predict_proba(z), self.cfg.selflabel_threshold)
-        counts = comm.sum(torch.bincount(self.targets[self.targets >= 0], minlength=self.cfg.k).float())  # (K,)
-        self.class_weight = counts.sum() / (self.cfg.k * counts.clamp_min(1))
-        self.confident = float(counts.sum() / comm.sum(torch.tensor(float(len(images)), device=z.device)))
+        return make_stages(pretrain=c.contrast_epochs, em=c.joint_epochs)
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
-        if stage.name != "em":  # π and the sub-head are EM's
-            return {} if stage.name == "pretrain" else {"confident": round(self.confident, 4), **self.describe_head(model)}
+        if stage.name == "pretrain":  # π and the sub-head are EM's
+            return {}
         model.head.set_weights(comm.sum(self.resp_sum), self.cfg.pi_momentum)
         model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
         self.resp_sum = self.head_loss_sum = None
@@ -270,10 +253,6 @@ class NMM(Recipe):
         if stage.name == "pretrain":  # SimCLR: the instance loss alone
             _, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))
             return losses.instance_contrast(*proj.chunk(2))
-        if stage.name == "selflabel":  # a view's posterior (with the batch's normaliser, as in EM) learns the target
-            log_post = torch.log_softmax(losses.batch_densities(model.embed(self.view(x)))
-                                         + model.head.log_pi_[model.head.choice_], -1)
-            return losses.balanced_cross_entropy(log_post, self.targets[idx], self.class_weight)
         logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
         c = self.cfg
         main, over = logits[:, :c.heads * c.k], logits[:, c.heads * c.k:]

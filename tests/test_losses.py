@@ -120,17 +120,3 @@ def test_sub_heads_side_by_side_give_each_heads_own_losses():
         torch.testing.assert_close(em[h], losses.m_step(losses.e_step(gb, log_pi[h]), ga, log_pi[h]))
         torch.testing.assert_close(cons[h], losses.view_consistency(ga + log_pi[h], gb + log_pi[h]))
 
-
-def test_confident_targets_keep_only_rows_above_the_threshold():
-    probs = torch.tensor([[0.995, 0.005], [0.6, 0.4], [0.001, 0.999]])
-    assert losses.confident_targets(probs, 0.99).tolist() == [0, -1, 1]
-
-
-def test_balanced_cross_entropy_weights_each_class_and_skips_rows_without_a_target():
-    log_p = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]))
-    target = torch.tensor([0, -1, 1])
-    weight = torch.tensor([1.0, 3.0])
-    expected = (1.0 * -math.log(0.5) + 3.0 * -math.log(0.8)) / 4.0  # row 1 has no target
-    torch.testing.assert_close(losses.balanced_cross_entropy(log_p, target, weight), torch.tensor(expected))
-    none = losses.balanced_cross_entropy(log_p, torch.full((3,), -1), weight)
-    assert none.item() == 0.0  # no target in the batch: nothing to learn, not NaN
