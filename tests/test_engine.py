@@ -81,7 +81,7 @@ def test_nmm_labels_with_the_sub_head_of_lowest_loss():
     model = recipe.build()
     x = torch.rand(5, 1, 8, 8)
     recipe.resp_sum, recipe.head_loss_sum = torch.ones(3, 10), torch.tensor([5.0, 2.0, 4.0])
-    recipe.end_epoch(None, 0, model, Comm())
+    recipe.end_epoch(recipe.stages()[0], 0, model, Comm())
     assert int(model.head.choice_) == 1
     model.eval()
     torch.testing.assert_close(model.embed(x), model.net(x)[:, 10:20])  # the chosen sub-head's outputs
