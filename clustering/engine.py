@@ -171,13 +171,18 @@ def cluster_evenness(model, images: torch.Tensor, comm: Comm, k: int) -> float:
 
 
 def check_restarts(cfg: TrainConfig) -> None:
-    """A start must train fewer epochs than the whole run (stages do not depend on the images' shape)."""
+    """A start must train fewer epochs than the whole run (stages do not depend on the images' shape), and an NMM
+    start must reach EM: before it, the mixture's outputs are untrained and their cluster sizes say nothing."""
     if cfg.restarts > 1:
         stages = build_method(cfg, 1, 8).stages()
         total = stages[-1].end if stages else 0
         if cfg.restart_epochs >= total:
             raise ValueError(f"train.restart_epochs={cfg.restart_epochs} must be fewer than the run's {total} epochs: "
                              "lower it, or set train.restarts=1")
+        if cfg.method == "nmm" and cfg.restart_epochs <= cfg.contrast_epochs:
+            raise ValueError(f"train.restart_epochs={cfg.restart_epochs} ends within the {cfg.contrast_epochs} epochs "
+                             "of contrastive pretraining (train.contrast_epochs), before EM: raise it, or set "
+                             "train.restarts=1")
 
 
 def start_config(cfg: TrainConfig, r: int) -> TrainConfig:

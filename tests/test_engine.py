@@ -139,10 +139,13 @@ def test_restarts_continue_the_start_with_the_most_even_clusters(digits):
     assert seen[0]["start_picked"] == best and "start_picked" not in seen[1]
 
 
-def test_restarts_need_fewer_epochs_than_the_run(digits):
+def test_restarts_need_fewer_epochs_than_the_run_and_nmm_starts_reach_em(digits):
     images, _ = digits
     with pytest.raises(ValueError, match="restart_epochs=3"):
         engine.fit(images, small(method="nmm", joint_epochs=3, restarts=2, restart_epochs=3), log=lambda s: None)
+    with pytest.raises(ValueError, match="contrastive pretraining"):
+        engine.fit(images, small(method="nmm", contrast_epochs=2, joint_epochs=3, restarts=2, restart_epochs=2),
+                   log=lambda s: None)
 
 
 
