@@ -27,7 +27,7 @@ from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
 from clustering.heads import KMeansHead
-from clustering.methods import MixtureNet, predict_all, to_float
+from clustering.methods import MixtureNet, embed_all, predict_all
 
 
 def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
@@ -35,11 +35,9 @@ def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
     return np.round(np.sort(np.bincount(pred, minlength=k))[::-1] / len(pred), 4).tolist()
 
 
-@torch.no_grad()
 def feature_kmeans(model: MixtureNet, x: torch.Tensor, k: int) -> np.ndarray:
     """k-means clusters of the net's L2-normalised features (cosine, as SimCLR compares them)."""
-    h = torch.cat([model.net.features(to_float(x[i:i + 4096])).float() for i in range(0, len(x), 4096)])
-    h = torch.nn.functional.normalize(h, dim=1)
+    h = torch.nn.functional.normalize(embed_all(model, x, fn=model.net.features), dim=1)
     return KMeansHead(k, h.shape[1]).fit(h).predict(h).cpu().numpy()
 
 

@@ -50,11 +50,13 @@ class ClusterNet(Clusterer):
 
 
 @torch.no_grad()
-def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-    """Codes of every local image, in eval mode. images: uint8 (N, C, H, W) on the model's device."""
+def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096, fn=None) -> torch.Tensor:
+    """Codes of every local image (or `fn` of them, e.g. a net's features), in eval mode. images: uint8
+    (N, C, H, W) on the model's device."""
     was_training = model.training
     model.eval()
-    z = torch.cat([model.embed(to_float(images[i:i + batch])).float() for i in range(0, len(images), batch)])
+    fn = fn or model.embed
+    z = torch.cat([fn(to_float(images[i:i + batch])).float() for i in range(0, len(images), batch)])
     model.train(was_training)
     return z  # (N, D)
 
@@ -250,8 +252,8 @@ class NMM(Recipe):
         return per_head, (gamma_a + gamma_b).sum(0).detach()
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if stage.name == "pretrain":  # SimCLR: the instance loss alone
-            _, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))
+        if stage.name == "pretrain":  # SimCLR: the instance loss alone, on projections of the net's features
+            proj = model.projector(model.net.features(torch.cat([self.view(x), self.view(x)])))
             return losses.instance_contrast(*proj.chunk(2))
         logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
         c = self.cfg

@@ -119,4 +119,3 @@ def test_sub_heads_side_by_side_give_each_heads_own_losses():
         ga, gb = losses.batch_densities(la[:, h]), losses.batch_densities(lb[:, h])
         torch.testing.assert_close(em[h], losses.m_step(losses.e_step(gb, log_pi[h]), ga, log_pi[h]))
         torch.testing.assert_close(cons[h], losses.view_consistency(ga + log_pi[h], gb + log_pi[h]))
-
