@@ -252,10 +252,11 @@ class NMM(Recipe):
         return per_head, (gamma_a + gamma_b).sum(0).detach()
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([self.view(x), self.view(x)])  # two views of each image, one pass (shared BN)
         if stage.name == "pretrain":  # SimCLR: the instance loss alone, on projections of the net's features
-            proj = model.projector(model.net.features(torch.cat([self.view(x), self.view(x)])))
+            proj = model.projector(model.net.features(views))
             return losses.instance_contrast(*proj.chunk(2))
-        logits, proj = model.outputs_and_projections(torch.cat([self.view(x), self.view(x)]))  # one pass, shared BN
+        logits, proj = model.outputs_and_projections(views)
         c = self.cfg
         main, over = logits[:, :c.heads * c.k], logits[:, c.heads * c.k:]
         per_head, s = self.mixture_loss(main.unflatten(1, (-1, c.k)), model.head.log_pi_)

@@ -148,7 +148,6 @@ def test_restarts_need_fewer_epochs_than_the_run_and_nmm_starts_reach_em(digits)
                    log=lambda s: None)
 
 
-
 def test_nmm_contrastive_pretraining_trains_features_then_em_the_mixture(digits):
     images, _ = digits
     cfg = small(method="nmm", contrast_epochs=2, joint_epochs=2)
