@@ -55,8 +55,6 @@ class TrainConfig(Strict):
                                                                "cluster posteriors (0 = EM / the ELBO alone)")
     instance_weight: float = Field(0.0, ge=0, description="nmm: weight of the instance-level contrastive loss "
                                    "(SimCLR's NT-Xent on a projection of the net's features); 0 = none")
-    sobel: bool = Field(False, description="nmm: the net sees grayscale Sobel gradients, not the pixels (IIC's "
-                                           "input for CIFAR; colour then cannot decide the clusters)")
     heads: int = Field(1, ge=1, description="nmm: sub-heads of k clusters trained side by side on one net; the one "
                                            "with the lowest loss labels (IIC's sub-heads)")
     over_k: int = Field(0, ge=0, description="nmm: components of an auxiliary over-clustering mixture trained "

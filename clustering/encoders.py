@@ -73,21 +73,6 @@ class MLPAutoencoder(Autoencoder):
         self.decoder = nn.Sequential(*dec, nn.Linear(rev[-2], rev[-1]), nn.Unflatten(1, self.shape))
 
 
-class Sobel(nn.Module):
-    """A fixed first layer: grayscale, then the horizontal and vertical Sobel gradients (2 channels). IIC and
-    DeepCluster feed natural images through it so that colour, the easiest cue, cannot decide the clusters."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        gx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
-        to_gray = torch.tensor([0.299, 0.587, 0.114]) if channels == 3 else torch.ones(channels) / channels
-        kernel = torch.stack([gx, gx.T])[:, None] * to_gray[None, :, None, None]  # (2, C, 3, 3)
-        self.register_buffer("weight", kernel, persistent=False)  # a constant, not a learned weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.conv2d(x, self.weight.to(x.dtype), padding=1)
-
-
 class Trunk(nn.Module):
     """A net `self.net` whose last layer is a Linear; `features(x)` is what that layer sees (NMM's projection
     head for the instance loss reads them)."""

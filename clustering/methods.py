@@ -15,7 +15,7 @@ from . import losses
 from .augment import view_for
 from .comm import Comm
 from .config import TrainConfig
-from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18, Sobel, Trunk
+from .encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18, Trunk
 from .heads import KMeansHead, MixtureHead, SoftmaxHead, StudentTHead
 from .schedule import Stage, make_stages
 
@@ -205,7 +205,6 @@ class NMM(Recipe):
     over-clustering head): it asks the net to keep finer distinctions than K clusters need.
     With cfg.contrast_epochs > 0, a first stage ("pretrain") trains the net's features on the instance loss alone
     (SimCLR pretraining, SCAN's first step), so EM starts from features that already group similar images.
-    With cfg.sobel, the net's first layer is a fixed grayscale Sobel filter (IIC's input for CIFAR).
     """
 
     def __init__(self, cfg: TrainConfig, channels: int, side: int):
@@ -216,13 +215,10 @@ class NMM(Recipe):
 
     def build(self) -> MixtureNet:
         c = self.cfg
-        c_in = 2 if c.sobel else self.channels
         if c.encoder == "resnet18":
-            net = ResNet18(c_in, c.k * c.heads + c.over_k)
+            net = ResNet18(self.channels, c.k * c.heads + c.over_k)
         else:
-            net = ConvNet(c_in, self.side, c.k * c.heads + c.over_k, c.conv_widths)
-        if c.sobel:  # a fixed first layer, so labelling sees images exactly as training did
-            net.net.insert(0, Sobel(self.channels))
+            net = ConvNet(self.channels, self.side, c.k * c.heads + c.over_k, c.conv_widths)
         projected = c.instance_weight or c.contrast_epochs
         return MixtureNet(net, MixtureHead(c.k, c.heads), PROJECTION_DIM if projected else 0)
 

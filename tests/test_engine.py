@@ -66,7 +66,7 @@ def test_non_square_images_are_refused():
 
 
 @pytest.mark.parametrize("method, extra", [(m, {}) for m in ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"]]
-                         + [("nmm", {"instance_weight": 1.0, "heads": 3, "over_k": 30}), ("nmm", {"sobel": True})])
+                         + [("nmm", {"instance_weight": 1.0, "heads": 3, "over_k": 30})])
 def test_every_method_trains_and_gives_posteriors(digits, method, extra):
     images, _ = digits
     model = engine.fit(images[:512], small(method=method, pretrain_epochs=1, joint_epochs=1, code_dim=8, **extra),
