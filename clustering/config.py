@@ -89,11 +89,24 @@ class LabelConfig(Strict):
     write_embedding: bool = False
 
 
+class TuneConfig(Strict):
+    space: dict[str, list] = Field(default_factory=dict, description=(
+        "train keys to search and the values to try, e.g. {k: [8, 10, 12], consistency_weight: [0.5, 1]}: every "
+        "combination is a trial (a grid); empty = no tuning, and the pipeline trains the train section as it is"))
+    metric: Literal["silhouette", "evenness"] = Field(
+        "silhouette", description="label-free score that picks the winner: silhouette of the clusters on the pixels "
+                                  "(chooses k too), or evenness of the cluster sizes (for a fixed k)")
+    score_sample: int = Field(10_000, ge=100, description="images the silhouette is measured on (a fixed sample)")
+    max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's resources allow")
+    output: str = Field("outputs/demo/tune", description="where trials.json and best.yaml go")
+
+
 class PipelineConfig(Strict):
     work_dir: str = Field("outputs/demo", description="folder or s3:// prefix; shards/, runs/, assignments/ go under it")
     shard: ShardConfig = Field(default_factory=ShardConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _wire_paths(self) -> "PipelineConfig":
@@ -106,9 +119,13 @@ class PipelineConfig(Strict):
             (self.train, "storage_path", f"{root}/runs"),
             (self.label, "shards", self.shard.output),
             (self.label, "output", f"{root}/assignments"),
+            (self.tune, "output", f"{root}/tune"),
         ]:
             if field not in section.model_fields_set:
                 section.__dict__[field] = value
+        unknown = sorted(set(self.tune.space) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"tune.space names {unknown}, which are not train keys (see clustering/config.py)")
         return self
 
 

@@ -1,10 +1,10 @@
 """Scores against ground-truth labels where they exist: ACC (Hungarian matching), NMI, ARI; and label-free ones,
-used to choose among runs: evenness of the cluster sizes."""
+used to choose among runs: evenness of the cluster sizes, and the silhouette of the clusters in pixel space."""
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 
 def cluster_acc(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -31,3 +31,26 @@ def evenness(cluster_sizes) -> float:
     p = np.asarray(cluster_sizes, dtype=np.float64)
     p = p[p > 0] / p.sum()
     return float(-(p * np.log(p)).sum() / np.log(len(cluster_sizes)))
+
+
+def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, seed: int = 0) -> float:
+    """Silhouette of a partition measured on the images' pixels (scaled to [0, 1]), on a fixed random sample.
+    Label-free, and comparable across runs because the space is the same for all of them (a net's own features
+    are not: each net shapes its space around its own k). -1 when fewer than two clusters are used.
+    On the 8x8 digits it peaks at k = 10 among 6..16 (docs/RESULTS.md, "Choosing without labels")."""
+    clusters = np.asarray(clusters)
+    if len(np.unique(clusters)) < 2:
+        return -1.0
+    pixels = images.reshape(len(images), -1)
+    idx = np.random.default_rng(seed).permutation(len(pixels))[:sample]
+    picked = clusters[idx]
+    if len(np.unique(picked)) < 2 or len(np.unique(picked)) >= len(idx):
+        return -1.0
+    return float(silhouette_score(pixels[idx].astype(np.float32) / 255.0, picked))
+
+
+def label_free(images: np.ndarray, clusters: np.ndarray, k: int, sample: int = 10_000) -> dict:
+    """The scores a run is chosen by (Tune, benchmarks/selection.py): no labels involved."""
+    sizes = np.bincount(clusters, minlength=k)
+    return {"silhouette": pixel_silhouette(images, clusters, sample), "evenness": evenness(sizes),
+            "clusters_used": int((sizes > 0).sum())}

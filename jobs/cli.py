@@ -1,8 +1,9 @@
 """dicl: the command line. Every command reads one YAML (sections shard/train/label) plus key=value overrides.
 
-  dicl pipeline configs/demo.yaml                 shard -> train -> label -> report
+  dicl pipeline configs/demo.yaml                 shard -> [tune ->] train -> label -> report
   dicl shard configs/mnist.yaml shard.source=DIR  one stage alone
   dicl train configs/demo.yaml train.k=12 train.num_workers=2
+  dicl tune configs/demo.yaml "tune.space={k: [8, 10, 12]}"   one trial per value; picked without labels
   dicl label configs/demo.yaml label.checkpoint=RUN_OR_CHECKPOINT_DIR
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import sys
 
-COMMANDS = ("pipeline", "shard", "train", "label")
+COMMANDS = ("pipeline", "shard", "tune", "train", "label")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -50,6 +51,10 @@ def run(ns: argparse.Namespace) -> None:
 
         r = run_train(cfg.train)
         print(f"run {r.name} finished in {r.seconds:.0f}s\ncheckpoint {r.checkpoint}")
+    elif ns.command == "tune":
+        from .tune import format_table, run_tune
+
+        print(format_table(run_tune(cfg)))
     elif ns.command == "label":
         from .label import run_label
 

@@ -1,4 +1,5 @@
-"""shard -> train -> label -> report, on whatever Ray the environment gives (local or a cluster)."""
+"""shard -> tune (when tune.space names keys) -> train -> label -> report, on whatever Ray the environment gives
+(local or a cluster)."""
 from __future__ import annotations
 
 import time
@@ -9,22 +10,30 @@ from clustering.config import PipelineConfig
 from .label import run_label
 from .shard import describe, run_shard
 from .train import load_checkpoint, run_train
+from .tune import format_table, run_tune, trial_config
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
-    print(f"[1/4] shard {cfg.shard.source} -> {cfg.shard.output}", flush=True)
+    steps = 5 if cfg.tune.space else 4
+    print(f"[1/{steps}] shard {cfg.shard.source} -> {cfg.shard.output}", flush=True)
     manifest = run_shard(cfg.shard, progress=progress)
     print(describe(manifest, cfg.shard.output), flush=True)
 
-    print(f"[2/4] train {cfg.train.method} (k={cfg.train.k}) on {cfg.train.num_workers} worker(s)", flush=True)
+    if cfg.tune.space:
+        print(f"[2/{steps}] tune {', '.join(sorted(cfg.tune.space))} without labels ({cfg.tune.metric})", flush=True)
+        tuned = run_tune(cfg)
+        print(format_table(tuned), flush=True)
+        cfg = cfg.model_copy(update={"train": trial_config(cfg.train, tuned["best"])})
+
+    print(f"[{steps - 2}/{steps}] train {cfg.train.method} (k={cfg.train.k}) on {cfg.train.num_workers} worker(s)", flush=True)
     trained = run_train(cfg.train)
     print(f"trained in {trained.seconds:.0f}s; checkpoint {trained.checkpoint}", flush=True)
 
-    print(f"[3/4] label -> {cfg.label.output}", flush=True)
+    print(f"[{steps - 1}/{steps}] label -> {cfg.label.output}", flush=True)
     info = run_label(cfg.label, checkpoint=trained.checkpoint)
 
-    print("[4/4] report", flush=True)
+    print(f"[{steps}/{steps}] report", flush=True)
     summary = report.summarize(cfg.label.output, cfg.label.shards)
     summary.update(run=trained.name, checkpoint=trained.checkpoint, seconds=round(time.perf_counter() - t0, 1))
     history = load_checkpoint(trained.checkpoint).get("history", [])

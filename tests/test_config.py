@@ -37,3 +37,10 @@ def test_missing_file_and_bad_override():
 def test_demo_config_is_valid():
     cfg = load_config(PipelineConfig, "configs/demo.yaml")
     assert cfg.shard.source == "sklearn:digits"
+
+
+def test_tune_space_names_train_keys_and_follows_work_dir():
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", ["work_dir=/tmp/w", "tune.space={k: [8, 10]}"])
+    assert cfg.tune.space == {"k": [8, 10]} and cfg.tune.output == "/tmp/w/tune"
+    with pytest.raises(ConfigError, match="'kk'.*not train keys"):
+        load_config(PipelineConfig, None, ["tune.space={kk: [8, 10]}"])

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from clustering import metrics
 from clustering.metrics import cluster_acc, evenness, scores
 
 
@@ -25,3 +26,19 @@ def test_evenness_is_one_for_equal_clusters_and_zero_for_one():
     merged = evenness([20, 5, 5, 10, 10, 10, 10, 10, 10, 10])
     assert merged == pytest.approx(-(0.2 * np.log(0.2) + 2 * 0.05 * np.log(0.05) + 7 * 0.1 * np.log(0.1)) / np.log(10))
     assert merged < evenness([10] * 10)
+
+
+def test_pixel_silhouette_prefers_the_true_partition():
+    # Three well-separated groups of 8x8 "images": the true split beats a merge, a split and a random labelling.
+    rng = np.random.default_rng(0)
+    centres = rng.integers(0, 256, (3, 8, 8, 1))
+    truth = np.repeat(np.arange(3), 40)
+    images = np.clip(centres[truth] + rng.normal(0, 12, (120, 8, 8, 1)), 0, 255).astype(np.uint8)
+    good = metrics.pixel_silhouette(images, truth)
+    merged = metrics.pixel_silhouette(images, np.minimum(truth, 1))
+    split = metrics.pixel_silhouette(images, np.where((truth == 2) & (np.arange(120) % 2 == 0), 3, truth))
+    shuffled = metrics.pixel_silhouette(images, rng.permutation(truth))
+    assert good > max(merged, split) and good > 0.5 > abs(shuffled)
+    assert metrics.pixel_silhouette(images, np.zeros(120, int)) == -1.0  # one cluster: the worst score
+    # on a sample, the score comes from the same images every time (comparable across runs)
+    assert metrics.pixel_silhouette(images, truth, sample=50) == metrics.pixel_silhouette(images, truth, sample=50)

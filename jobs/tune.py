@@ -1,0 +1,128 @@
+"""Tune job: Ray Tune trains one trial per combination of `tune.space` and picks the winner without labels.
+
+Each trial is one process on its own resources (a GPU where the cluster has them): it reads every shard, trains
+with `clustering.engine.fit`, and scores its clusters with a label-free score (`tune.metric`). Labels, where the
+shards carry them, are scored too, for the table only; they never choose. The job writes `trials.json` (every
+trial's values and scores) and `best.yaml` (the winning train values, ready to pass to the train job).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import numpy as np
+import ray
+import torch
+import yaml
+from ray import tune
+
+from clustering import engine, metrics, shards, storage
+from clustering.comm import Comm
+from clustering.config import ConfigError, PipelineConfig, TrainConfig
+from clustering.methods import predict_all
+
+from .runtime import train_storage, want_gpu
+
+RESULT_KEYS = ("silhouette", "evenness", "clusters_used", "seconds")  # what trials.json keeps of a trial's result
+
+
+def trial_values(space: dict[str, list]) -> list[dict]:
+    """Every combination of the searched values (a grid), in a stable order."""
+    keys = sorted(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
+    try:
+        return TrainConfig(**{**base.model_dump(), **values})
+    except ValueError as e:
+        raise ConfigError(f"tune.space: the trial {values} is not a valid train config: {e}") from None
+
+
+def score(images: np.ndarray, labels: np.ndarray, clusters: np.ndarray, k: int, sample: int) -> dict:
+    out = metrics.label_free(images, clusters, k, sample)
+    known = labels >= 0
+    if known.any():  # shown beside the label-free scores; never used to choose
+        out.update({f"{name}_vs_labels": v for name, v in metrics.scores(labels[known], clusters[known]).items()})
+    return out
+
+
+def run_trial(config: dict) -> None:
+    """Runs in a Tune trial's actor: train one config on all shards, then report its scores (once, at the end)."""
+    cfg = TrainConfig(**{**config["base"], **{key: config[key] for key in config["searched"]}})
+    device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(cfg.cpus_per_worker)
+    manifest = shards.read_manifest(cfg.shards)
+    data = shards.load_shards(shards.shard_uris(cfg.shards, manifest), manifest, cfg.image_size,
+                              workers=cfg.cpus_per_worker)
+    t0 = time.perf_counter()
+    model = engine.fit(data.images, cfg, Comm(), device, log=lambda s: None)
+    clusters = predict_all(model, engine.device_images(data.images, device))[0].argmax(1).cpu().numpy()
+    tune.report({"seconds": time.perf_counter() - t0,
+                 **score(data.images, data.labels, clusters, cfg.k, config["score_sample"])})
+
+
+def run_tune(cfg: PipelineConfig) -> dict:
+    """Run every trial of `cfg.tune.space`; write trials.json and best.yaml under `cfg.tune.output`.
+    Returns {"best": winning values, "trials": rows (best first), "best_yaml": URI}."""
+    if not cfg.tune.space:
+        raise ConfigError("tune.space is empty: name train keys and values to try, e.g. "
+                          "'tune.space={k: [8, 10, 12]}'")
+    base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
+    shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
+    for values in trial_values(cfg.tune.space):  # every trial valid before any starts
+        engine.check_restarts(trial_config(base, values))
+    storage.check_writable(cfg.tune.output)
+    path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
+    gpu = want_gpu(cfg.train.use_gpu)
+    trainable = tune.with_resources(run_trial, {"cpu": cfg.train.cpus_per_worker, "gpu": 1 if gpu else 0})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={**{key: tune.grid_search(values) for key, values in cfg.tune.space.items()},
+                     "base": base.model_dump(mode="json"), "searched": sorted(cfg.tune.space),
+                     "score_sample": cfg.tune.score_sample},
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent or None),
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
+                                  storage_filesystem=filesystem, verbose=1),
+    )
+    results = tuner.fit()
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        values = {key: result.config[key] for key in sorted(cfg.tune.space)}
+        if result.error or "silhouette" not in m:
+            rows.append({"values": values, "error": str(result.error or "no final result")})
+            continue
+        rows.append({"values": values, **{key: m[key] for key in m if key in RESULT_KEYS or key.endswith("_vs_labels")}})
+    scored = sorted((r for r in rows if "error" not in r), key=lambda r: -r[cfg.tune.metric])
+    if not scored:
+        raise RuntimeError(f"all {len(rows)} tune trials failed: {rows[0]['error']}")
+    ordered = scored + [r for r in rows if "error" in r]
+    best = scored[0]["values"]
+    storage.write_bytes(storage.join(cfg.tune.output, "trials.json"),
+                        json.dumps({"metric": cfg.tune.metric, "trials": ordered}, indent=1).encode())
+    best_yaml = storage.join(cfg.tune.output, "best.yaml")
+    storage.write_bytes(best_yaml, yaml.safe_dump({"train": best}, sort_keys=True).encode())
+    return {"best": best, "trials": ordered, "best_yaml": best_yaml, "metric": cfg.tune.metric}
+
+
+def show(value) -> str:
+    """A value as an override takes it: lists without spaces, so the shell keeps `train.key=[a,b]` one word."""
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
+
+
+def format_table(summary: dict) -> str:
+    """The trials, best first: searched values, label-free scores, and ACC where labels exist."""
+    lines = [f"Trials (chosen by {summary['metric']}, no labels; best first)"]
+    for i, r in enumerate(summary["trials"]):
+        values = " ".join(f"{k}={show(v)}" for k, v in r["values"].items())
+        if "error" in r:
+            lines.append(f"  {values:<36} FAILED: {r['error'].splitlines()[0][:80]}")
+            continue
+        acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
+        lines.append(f"{'*' if i == 0 else ' '} {values:<36} silhouette {r['silhouette']:.3f}  evenness "
+                     f"{r['evenness']:.3f}  clusters {r['clusters_used']}{acc}  ({r['seconds']:.0f}s)")
+    overrides = " ".join(f"train.{k}={show(v)}" for k, v in summary["best"].items())
+    lines += [f"best: {overrides}", f"  written to {summary['best_yaml']}"]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""The tune job through a real local Ray Tune: one trial per combination, the winner chosen without labels."""
+import json
+
+import pytest
+import yaml
+
+from clustering import storage
+from clustering.config import ConfigError, PipelineConfig, load_config
+from jobs.cli import main
+
+SMALL = ["shard.samples_per_shard=500", "train.joint_epochs=3", "train.cpus_per_worker=1"]
+
+
+def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_local, tmp_path, capsys):
+    from jobs.shard import run_shard
+    from jobs.tune import run_tune
+
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}", "tune.space={k: [2, 6]}"])
+    run_shard(cfg.shard, progress=False)
+    summary = run_tune(cfg)
+
+    trials = summary["trials"]
+    assert sorted(t["values"]["k"] for t in trials) == [2, 6]
+    assert all(t["clusters_used"] <= t["values"]["k"] and -1 <= t["silhouette"] <= 1 for t in trials)
+    assert all("acc_vs_labels" in t for t in trials)  # the digits carry labels: scored, for the table only
+    assert summary["best"] == max(trials, key=lambda t: t["silhouette"])["values"]
+    written = json.loads(storage.read_bytes(f"{tmp_path}/tune/trials.json"))
+    assert written["metric"] == "silhouette" and written["trials"] == trials
+    assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {"train": summary["best"]}
+
+    # by evenness instead: the same trials, ordered by that score
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}/e", f"shard.output={tmp_path}/shards",
+                                                                    "tune.space={k: [2, 6]}", "tune.metric=evenness"])
+    summary = run_tune(cfg)
+    assert [t["evenness"] for t in summary["trials"]] == sorted((t["evenness"] for t in summary["trials"]), reverse=True)
+
+
+def test_tune_refuses_bad_trials_before_training(ray_local, tmp_path, capsys):
+    from jobs.tune import run_tune
+
+    assert main(["shard", "configs/demo.yaml", f"work_dir={tmp_path}", "--no-progress"]) == 0
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={tmp_path}", "tune.space={k: [10, 1]}"])
+    with pytest.raises(ConfigError, match=r"trial \{'k': 1\} is not a valid train config"):
+        run_tune(cfg)
+    with pytest.raises(ConfigError, match="tune.space is empty"):
+        run_tune(load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={tmp_path}"]))
+    capsys.readouterr()
+    assert main(["tune", "configs/demo.yaml", f"work_dir={tmp_path}/none", "tune.space={k: [8]}"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
