@@ -4,6 +4,7 @@ Config is data: every knob Tune may search is a field with a default here, so a 
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,6 +128,19 @@ class PipelineConfig(Strict):
         if unknown:
             raise ValueError(f"tune.space names {unknown}, which are not train keys (see clustering/config.py)")
         return self
+
+
+def grid_values(space: dict[str, list]) -> list[dict]:
+    """Every combination of the searched values (a grid), in a stable order."""
+    keys = sorted(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
+    try:
+        return TrainConfig(**{**base.model_dump(), **values})
+    except ValueError as e:
+        raise ConfigError(f"tune.space: the trial {values} is not a valid train config: {e}") from None
 
 
 def parse_value(text: str) -> Any:

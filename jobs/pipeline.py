@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from clustering import report, storage
-from clustering.config import PipelineConfig
+from clustering.config import PipelineConfig, trial_config
 
 from .label import run_label
 from .shard import describe, run_shard
 from .train import load_checkpoint, run_train
-from .tune import format_table, run_tune, trial_config
+from .tune import format_table, run_tune
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:

@@ -7,7 +7,6 @@ trial's values and scores) and `best.yaml` (the winning train values, ready to p
 """
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
@@ -19,25 +18,18 @@ from ray import tune
 
 from clustering import engine, metrics, shards, storage
 from clustering.comm import Comm
-from clustering.config import ConfigError, PipelineConfig, TrainConfig
+from clustering.config import (
+    ConfigError,
+    PipelineConfig,
+    TrainConfig,
+    grid_values,
+    trial_config,
+)
 from clustering.methods import predict_all
 
 from .runtime import train_storage, want_gpu
 
 RESULT_KEYS = ("silhouette", "evenness", "clusters_used", "seconds")  # what trials.json keeps of a trial's result
-
-
-def trial_values(space: dict[str, list]) -> list[dict]:
-    """Every combination of the searched values (a grid), in a stable order."""
-    keys = sorted(space)
-    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
-
-
-def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
-    try:
-        return TrainConfig(**{**base.model_dump(), **values})
-    except ValueError as e:
-        raise ConfigError(f"tune.space: the trial {values} is not a valid train config: {e}") from None
 
 
 def score(images: np.ndarray, labels: np.ndarray, clusters: np.ndarray, k: int, sample: int) -> dict:
@@ -71,7 +63,7 @@ def run_tune(cfg: PipelineConfig) -> dict:
                           "'tune.space={k: [8, 10, 12]}'")
     base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
     shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
-    for values in trial_values(cfg.tune.space):  # every trial valid before any starts
+    for values in grid_values(cfg.tune.space):  # every trial valid before any starts
         engine.check_restarts(trial_config(base, values))
     storage.check_writable(cfg.tune.output)
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
@@ -90,7 +82,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
     rows = []
     for result in results:
         m = result.metrics or {}
-        values = {key: result.config[key] for key in sorted(cfg.tune.space)}
+        searched = trial_config(base, {key: result.config[key] for key in cfg.tune.space}).model_dump(mode="json")
+        values = {key: searched[key] for key in sorted(cfg.tune.space)}  # as validated: `1e-3` a float, not text
         if result.error or "silhouette" not in m:
             rows.append({"values": values, "error": str(result.error or "no final result")})
             continue
