@@ -85,7 +85,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
         searched = trial_config(base, {key: result.config[key] for key in cfg.tune.space}).model_dump(mode="json")
         values = {key: searched[key] for key in sorted(cfg.tune.space)}  # as validated: `1e-3` a float, not text
         if result.error or "silhouette" not in m:
-            rows.append({"values": values, "error": str(result.error or "no final result")})
+            cause = str(result.error or "no final result").strip().splitlines()[-1]  # Ray's traceback ends with it
+            rows.append({"values": values, "error": cause})
             continue
         rows.append({"values": values, **{key: m[key] for key in m if key in RESULT_KEYS or key.endswith("_vs_labels")}})
     scored = sorted((r for r in rows if "error" not in r), key=lambda r: -r[cfg.tune.metric])
@@ -111,7 +112,7 @@ def format_table(summary: dict) -> str:
     for i, r in enumerate(summary["trials"]):
         values = " ".join(f"{k}={show(v)}" for k, v in r["values"].items())
         if "error" in r:
-            lines.append(f"  {values:<36} FAILED: {r['error'].splitlines()[0][:80]}")
+            lines.append(f"  {values:<36} FAILED: {r['error']}")
             continue
         acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
         lines.append(f"{'*' if i == 0 else ' '} {values:<36} silhouette {r['silhouette']:.3f}  evenness "

@@ -28,11 +28,12 @@ def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_loc
     assert written["metric"] == "silhouette" and written["trials"] == trials
     assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {"train": summary["best"]}
 
-    # by evenness instead: the same trials, ordered by that score
+    # a trial that fails (NaN loss) is listed with its cause, last; the others still finish and choose
     cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}/e", f"shard.output={tmp_path}/shards",
-                                                                    "tune.space={k: [2, 6]}", "tune.metric=evenness"])
+                                                                    "tune.space={lr: [1.0e+30, 1.0e-3]}", "tune.metric=evenness"])
     summary = run_tune(cfg)
-    assert [t["evenness"] for t in summary["trials"]] == sorted((t["evenness"] for t in summary["trials"]), reverse=True)
+    assert summary["best"] == {"lr": 0.001} and summary["trials"][0]["evenness"] > 0
+    assert summary["trials"][1]["values"] == {"lr": 1e30} and "NonFiniteLoss" in summary["trials"][1]["error"]
 
 
 def test_tune_refuses_bad_trials_before_training(ray_local, tmp_path, capsys):
