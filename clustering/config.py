@@ -96,7 +96,7 @@ class TuneConfig(Strict):
         "combination is a trial (a grid); empty = no tuning, and the pipeline trains the train section as it is"))
     metric: Literal["silhouette", "evenness"] = Field(
         "silhouette", description="label-free score that picks the winner: silhouette of the clusters on the pixels "
-                                  "(chooses k too), or evenness of the cluster sizes (for a fixed k)")
+                                  "(comparable across k), or evenness of the cluster sizes")
     score_sample: int = Field(10_000, ge=100, description="images the silhouette is measured on (a fixed sample)")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's resources allow")
     output: str = Field("outputs/demo/tune", description="where trials.json and best.yaml go")

@@ -38,13 +38,10 @@ def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_
     Label-free, and comparable across runs because the space is the same for all of them (a net's own features
     are not: each net shapes its space around its own k). -1 when fewer than two clusters are used.
     On the 8x8 digits it peaks at k = 10 among 6..16 (docs/RESULTS.md, "Choosing without labels")."""
-    clusters = np.asarray(clusters)
-    if len(np.unique(clusters)) < 2:
-        return -1.0
     pixels = images.reshape(len(images), -1)
     idx = np.random.default_rng(seed).permutation(len(pixels))[:sample]
-    picked = clusters[idx]
-    if len(np.unique(picked)) < 2 or len(np.unique(picked)) >= len(idx):
+    picked = np.asarray(clusters)[idx]
+    if not 2 <= len(np.unique(picked)) < len(idx):  # the silhouette is defined for 2..n-1 clusters
         return -1.0
     return float(silhouette_score(pixels[idx].astype(np.float32) / 255.0, picked))
 

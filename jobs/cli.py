@@ -1,4 +1,4 @@
-"""dicl: the command line. Every command reads one YAML (sections shard/train/label) plus key=value overrides.
+"""dicl: the command line. Every command reads one YAML (sections shard/train/label/tune) plus key=value overrides.
 
   dicl pipeline configs/demo.yaml                 shard -> [tune ->] train -> label -> report
   dicl shard configs/mnist.yaml shard.source=DIR  one stage alone
