@@ -42,7 +42,7 @@ def score(images: np.ndarray, labels: np.ndarray, clusters: np.ndarray, k: int, 
 
 def run_trial(config: dict) -> None:
     """Runs in a Tune trial's actor: train one config on all shards, then report its scores (once, at the end)."""
-    cfg = TrainConfig(**{**config["base"], **{key: config[key] for key in config["searched"]}})
+    cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.cpus_per_worker)
     manifest = shards.read_manifest(cfg.shards)
@@ -55,6 +55,12 @@ def run_trial(config: dict) -> None:
                  **score(data.images, data.labels, clusters, cfg.k, config["score_sample"])})
 
 
+def validated_space(base: TrainConfig, space: dict[str, list]) -> dict[str, list]:
+    """Each searched value as the train config reads it (`1e-3` a float, not text), or a ConfigError naming it."""
+    return {key: [trial_config(base, {key: v}).model_dump(mode="json")[key] for v in values]
+            for key, values in space.items()}
+
+
 def run_tune(cfg: PipelineConfig) -> dict:
     """Run every trial of `cfg.tune.space`; write trials.json and best.yaml under `cfg.tune.output`.
     Returns {"best": winning values, "trials": rows (best first), "best_yaml": URI}."""
@@ -63,7 +69,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
                           "'tune.space={k: [8, 10, 12]}'")
     base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
     shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
-    for values in grid_values(cfg.tune.space):  # every trial valid before any starts
+    space = validated_space(base, cfg.tune.space)
+    for values in grid_values(space):  # every trial valid before any starts
         engine.check_restarts(trial_config(base, values))
     storage.check_writable(cfg.tune.output)
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
@@ -71,8 +78,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
     trainable = tune.with_resources(run_trial, {"cpu": cfg.train.cpus_per_worker, "gpu": 1 if gpu else 0})
     tuner = tune.Tuner(
         trainable,
-        param_space={**{key: tune.grid_search(values) for key, values in cfg.tune.space.items()},
-                     "base": base.model_dump(mode="json"), "searched": sorted(cfg.tune.space),
+        param_space={**{key: tune.grid_search(values) for key, values in space.items()},
+                     "base": base.model_dump(mode="json"), "searched": sorted(space),
                      "score_sample": cfg.tune.score_sample},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent or None),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
@@ -82,8 +89,7 @@ def run_tune(cfg: PipelineConfig) -> dict:
     rows = []
     for result in results:
         m = result.metrics or {}
-        searched = trial_config(base, {key: result.config[key] for key in cfg.tune.space}).model_dump(mode="json")
-        values = {key: searched[key] for key in sorted(cfg.tune.space)}  # as validated: `1e-3` a float, not text
+        values = {key: result.config[key] for key in sorted(space)}
         if result.error or "silhouette" not in m:
             cause = str(result.error or "no final result").strip().splitlines()[-1]  # Ray's traceback ends with it
             rows.append({"values": values, "error": cause})
