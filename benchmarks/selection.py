@@ -21,7 +21,7 @@ from clustering import engine, metrics
 from clustering.config import PipelineConfig, grid_values, load_config, trial_config
 from clustering.methods import predict_all
 
-PICKS = ("silhouette", "evenness")
+PICKS = ("modularity", "silhouette", "evenness")
 
 
 def main() -> None:
@@ -32,8 +32,9 @@ def main() -> None:
     p.add_argument("--space", required=True, help='train values to try, e.g. "{k: [8, 10, 12]}"')
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
-    p.add_argument("--sample", type=int, default=10_000, help="images the silhouette is measured on")
+    p.add_argument("--sample", type=int, default=10_000, help="images the label-free scores are measured on")
     p.add_argument("--out", default="results/selection.json")
+    p.add_argument("--predictions", default=None, help="also write every run's clusters here (.npz), to study scores")
     args = p.parse_args()
 
     base = load_config(PipelineConfig, args.config, args.set).train
@@ -43,13 +44,14 @@ def main() -> None:
     x = engine.device_images(images, device)
     print(f"{args.data}: {images.shape} on {device}", flush=True)
 
-    runs = []
+    runs, preds = [], []
     for seed in args.seeds:
         for values in grid_values(space):
             cfg = trial_config(base, {**values, "seed": seed})
             t0 = time.perf_counter()
             model = engine.fit(images, cfg, device=device, log=lambda s: None)
             pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
+            preds.append(pred.astype(np.int16))
             scored = {**metrics.label_free(images, pred, cfg.k, args.sample), "acc": metrics.cluster_acc(labels, pred)}
             runs.append({"seed": seed, **{key: getattr(cfg, key) for key in values}, **{k: round(v, 4) for k, v in scored.items()},
                          "seconds": round(time.perf_counter() - t0, 1)})
@@ -64,7 +66,7 @@ def main() -> None:
             picks.append({"seed": seed, "rule": rule, "chosen": {k: chosen[k] for k in space},
                           "chosen_acc": chosen["acc"], "best_acc": best, "gap": round(best - chosen["acc"], 4)})
     print()
-    print_table(runs, ["seed", *space, "silhouette", "evenness", "clusters_used", "acc", "seconds"])
+    print_table(runs, ["seed", *space, "modularity", "silhouette", "evenness", "clusters_used", "acc", "seconds"])
     print()
     print_table(picks, ["seed", "rule", "chosen", "chosen_acc", "best_acc", "gap"])
     for rule in PICKS:
@@ -72,6 +74,8 @@ def main() -> None:
         print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f})")
     write_json(args.out, {"data": args.data, "n": len(images), "space": space, "config": base.model_dump(mode="json"),
                           "device": str(device), "runs": runs, "picks": picks})
+    if args.predictions:  # row i holds the clusters of runs[i]
+        np.savez_compressed(args.predictions, clusters=np.stack(preds), labels=labels)
 
 
 if __name__ == "__main__":

@@ -94,10 +94,11 @@ class TuneConfig(Strict):
     space: dict[str, list] = Field(default_factory=dict, description=(
         "train keys to search and the values to try, e.g. {k: [8, 10, 12], consistency_weight: [0.5, 1]}: every "
         "combination is a trial (a grid); empty = no tuning, and the pipeline trains the train section as it is"))
-    metric: Literal["silhouette", "evenness"] = Field(
-        "silhouette", description="label-free score that picks the winner: silhouette of the clusters on the pixels "
-                                  "(comparable across k), or evenness of the cluster sizes")
-    score_sample: int = Field(10_000, ge=100, description="images the silhouette is measured on (a fixed sample)")
+    metric: Literal["modularity", "silhouette", "evenness"] = Field(
+        "modularity", description="label-free score that picks the winner: modularity of the clusters on the images' "
+                                  "nearest-neighbour graph, or their silhouette on the pixels (both compare values of "
+                                  "k), or the evenness of the cluster sizes")
+    score_sample: int = Field(10_000, ge=100, description="images the scores are measured on (a fixed sample)")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's resources allow")
     output: str = Field("outputs/demo/tune", description="where trials.json and best.yaml go")
 

@@ -29,7 +29,7 @@ from clustering.methods import predict_all
 
 from .runtime import train_storage, want_gpu
 
-RESULT_KEYS = ("silhouette", "evenness", "clusters_used", "seconds")  # what trials.json keeps of a trial's result
+RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds")  # what trials.json keeps of a trial's result
 
 
 def score(images: np.ndarray, labels: np.ndarray, clusters: np.ndarray, k: int, sample: int) -> dict:
@@ -90,7 +90,7 @@ def run_tune(cfg: PipelineConfig) -> dict:
     for result in results:
         m = result.metrics or {}
         values = {key: result.config[key] for key in sorted(space)}
-        if result.error or "silhouette" not in m:
+        if result.error or cfg.tune.metric not in m:
             cause = str(result.error or "no final result").strip().splitlines()[-1]  # Ray's traceback ends with it
             rows.append({"values": values, "error": cause})
             continue
@@ -121,8 +121,9 @@ def format_table(summary: dict) -> str:
             lines.append(f"  {values:<36} FAILED: {r['error']}")
             continue
         acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
-        lines.append(f"{'*' if i == 0 else ' '} {values:<36} silhouette {r['silhouette']:.3f}  evenness "
-                     f"{r['evenness']:.3f}  clusters {r['clusters_used']}{acc}  ({r['seconds']:.0f}s)")
+        lines.append(f"{'*' if i == 0 else ' '} {values:<36} modularity {r['modularity']:.3f}  silhouette "
+                     f"{r['silhouette']:.3f}  evenness {r['evenness']:.3f}  clusters {r['clusters_used']}{acc}  "
+                     f"({r['seconds']:.0f}s)")
     overrides = " ".join(f"train.{k}={show(v)}" for k, v in summary["best"].items())
     lines += [f"best: {overrides}", f"  written to {summary['best_yaml']}"]
     return "\n".join(lines)

@@ -42,3 +42,29 @@ def test_pixel_silhouette_prefers_the_true_partition():
     assert metrics.pixel_silhouette(images, np.zeros(120, int)) == -1.0  # one cluster: the worst score
     # on a sample, the score comes from the same images every time (comparable across runs)
     assert metrics.pixel_silhouette(images, truth, sample=50) == metrics.pixel_silhouette(images, truth, sample=50)
+
+
+def test_knn_modularity_prefers_the_true_partition():
+    # The same three groups: the true split beats a merge and a split; a random labelling and one cluster score 0.
+    rng = np.random.default_rng(0)
+    centres = rng.integers(0, 256, (3, 8, 8, 1))
+    truth = np.repeat(np.arange(3), 40)
+    images = np.clip(centres[truth] + rng.normal(0, 12, (120, 8, 8, 1)), 0, 255).astype(np.uint8)
+    good = metrics.knn_modularity(images, truth)
+    merged = metrics.knn_modularity(images, np.minimum(truth, 1))
+    split = metrics.knn_modularity(images, np.where((truth == 2) & (np.arange(120) % 2 == 0), 3, truth))
+    shuffled = metrics.knn_modularity(images, rng.permutation(truth))
+    # every link stays inside its group, so the score is 1 minus the chance term, 1 - 3 * (1/3)^2
+    assert good == pytest.approx(2 / 3) and good > max(merged, split) and abs(shuffled) < 0.1
+    assert metrics.knn_modularity(images, np.zeros(120, int)) == pytest.approx(0.0)
+
+
+def test_knn_modularity_follows_neighbours_where_the_silhouette_follows_distance():
+    # Two long parallel strokes, close together: the silhouette prefers cutting both in halves (compact pieces),
+    # the neighbour graph keeps each stroke whole, since an image's nearest images lie on its own stroke.
+    t = np.linspace(0, 255, 60)
+    points = np.concatenate([np.stack([t, np.zeros(60)], 1), np.stack([t, np.full(60, 30.0)], 1)])
+    images = points.reshape(120, 1, 2, 1).astype(np.uint8)
+    strokes, halves = np.repeat([0, 1], 60), np.tile(np.repeat([0, 1], 30), 2)
+    assert metrics.pixel_silhouette(images, halves) > metrics.pixel_silhouette(images, strokes)
+    assert metrics.knn_modularity(images, strokes) > metrics.knn_modularity(images, halves)

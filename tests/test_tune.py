@@ -21,11 +21,12 @@ def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_loc
 
     trials = summary["trials"]
     assert sorted(t["values"]["k"] for t in trials) == [2, 6]
-    assert all(t["clusters_used"] <= t["values"]["k"] and -1 <= t["silhouette"] <= 1 for t in trials)
+    assert all(t["clusters_used"] <= t["values"]["k"] and -1 <= t["silhouette"] <= 1 and t["modularity"] <= 1
+               for t in trials)
     assert all("acc_vs_labels" in t for t in trials)  # the digits carry labels: scored, for the table only
-    assert summary["best"] == max(trials, key=lambda t: t["silhouette"])["values"]
+    assert summary["best"] == max(trials, key=lambda t: t["modularity"])["values"]
     written = json.loads(storage.read_bytes(f"{tmp_path}/tune/trials.json"))
-    assert written["metric"] == "silhouette" and written["trials"] == trials
+    assert written["metric"] == "modularity" and written["trials"] == trials
     assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {"train": summary["best"]}
 
     # a trial that fails (NaN loss) is listed with its cause, last; the others still finish and choose
