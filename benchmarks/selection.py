@@ -6,14 +6,19 @@ Trains every combination of --space (the syntax of `tune.space`) for each seed, 
 run with the tune job's label-free scores (clustering.metrics.label_free) and with ACC. For each seed it shows
 the run each score picks and its ACC against the best ACC among the runs (DESIGN target: within 0.02, and k = 10
 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of the test suite.
+
+--predictions keeps every run's clusters (.npz); --rescore scores such a file again with the current label-free
+scores, without training, to compare a new score on the same runs.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 import yaml
 from common import load_arrays, print_table, write_json
 
@@ -35,30 +40,40 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=10_000, help="images the label-free scores are measured on")
     p.add_argument("--out", default="results/selection.json")
     p.add_argument("--predictions", default=None, help="also write every run's clusters here (.npz), to study scores")
+    p.add_argument("--rescore", nargs="*", default=[], help="--predictions files: score their runs again instead of "
+                                                             "training (same --data, --limit and --space)")
     args = p.parse_args()
 
     base = load_config(PipelineConfig, args.config, args.set).train
     space = yaml.safe_load(args.space)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_arrays(args.data, args.limit)
-    x = engine.device_images(images, device)
     print(f"{args.data}: {images.shape} on {device}", flush=True)
 
+    def scored(run: dict, pred: np.ndarray, k: int) -> dict:
+        found = {**metrics.label_free(images, pred, k, args.sample), "acc": metrics.cluster_acc(labels, pred)}
+        out = {**run, **{key: round(v, 4) for key, v in found.items()}}
+        print("  " + " ".join(f"{key} {v}" for key, v in out.items()), flush=True)
+        return out
+
     runs, preds = [], []
-    for seed in args.seeds:
+    for path in args.rescore:
+        saved = np.load(path)
+        for run, pred in zip(json.loads(str(saved["runs"])), saved["clusters"].astype(np.int64)):
+            runs.append(scored(run, pred, run.get("k", base.k)))
+    for seed in [] if args.rescore else args.seeds:
         for values in grid_values(space):
             cfg = trial_config(base, {**values, "seed": seed})
             t0 = time.perf_counter()
             model = engine.fit(images, cfg, device=device, log=lambda s: None)
-            pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
+            pred = predict_all(model, engine.device_images(images, device))[0].argmax(1).cpu().numpy()
             preds.append(pred.astype(np.int16))
-            scored = {**metrics.label_free(images, pred, cfg.k, args.sample), "acc": metrics.cluster_acc(labels, pred)}
-            runs.append({"seed": seed, **{key: getattr(cfg, key) for key in values}, **{k: round(v, 4) for k, v in scored.items()},
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            print("  " + " ".join(f"{k} {v}" for k, v in runs[-1].items()), flush=True)
+            run = {"seed": seed, **{key: getattr(cfg, key) for key in values},
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            runs.append(scored(run, pred, cfg.k))
 
     picks = []
-    for seed in args.seeds:
+    for seed in sorted({r["seed"] for r in runs}):
         mine = [r for r in runs if r["seed"] == seed]
         best = max(r["acc"] for r in mine)
         for rule in PICKS:
@@ -71,11 +86,14 @@ def main() -> None:
     print_table(picks, ["seed", "rule", "chosen", "chosen_acc", "best_acc", "gap"])
     for rule in PICKS:
         gaps = [q["gap"] for q in picks if q["rule"] == rule]
-        print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f})")
+        rho = spearmanr([r[rule] for r in runs], [r["acc"] for r in runs])[0]
+        print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f}); "
+              f"rank correlation with ACC over all runs {rho:.3f}")
     write_json(args.out, {"data": args.data, "n": len(images), "space": space, "config": base.model_dump(mode="json"),
                           "device": str(device), "runs": runs, "picks": picks})
-    if args.predictions:  # row i holds the clusters of runs[i]
-        np.savez_compressed(args.predictions, clusters=np.stack(preds), labels=labels)
+    if args.predictions and preds:  # row i holds the clusters of runs[i]
+        keep = [{key: r[key] for key in ("seed", *space, "seconds")} for r in runs]
+        np.savez_compressed(args.predictions, clusters=np.stack(preds), runs=json.dumps(keep))
 
 
 if __name__ == "__main__":
