@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 import yaml
 from common import load_arrays, print_table, write_json
+from scipy.stats import spearmanr
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, grid_values, load_config, trial_config
