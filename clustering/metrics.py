@@ -61,8 +61,8 @@ def knn_modularity(images: np.ndarray, clusters: np.ndarray, sample: int = 10_00
     in pixel space (Leicht & Newman 2008), on a fixed sample: the share of links that stay inside a cluster, minus
     the share expected by chance given how many links leave and reach each cluster. Merging two classes raises the
     chance term, splitting one cuts links, so it peaks at the partition the neighbours agree with. 0 for a single
-    cluster and about 0 for a random labelling; at most 1. On MNIST it separates k = 10 from 8 and 12 where the
-    silhouette does not (docs/RESULTS.md, "Choosing without labels")."""
+    cluster and about 0 for a random labelling; at most 1. Over MNIST runs with k = 6..16 its rank correlation with
+    ACC was 0.87, the pixel silhouette's 0.57 (docs/RESULTS.md, "Choosing without labels")."""
     pixels, picked = fixed_sample(images, clusters, sample, seed)
     nbrs = NearestNeighbors(n_neighbors=min(neighbours, len(picked) - 1)).fit(pixels).kneighbors(
         return_distance=False)  # (S, neighbours); without X, an image is not its own neighbour
