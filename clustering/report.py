@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 from . import assignments, metrics, shards, storage  # noqa: E402
 
 MONTAGE_SOURCE_IMAGES = 20_000  # images read back for the picture grids (the first shards)
+SCORE_SAMPLE = 10_000  # images of the first shards the label-free score is measured on (as the tune job's default)
 
 
 def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
@@ -29,16 +30,34 @@ def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
     return pd.Series(labels, index=keys, dtype=np.int64)
 
 
+def first_images(shards_uri: str, manifest: dict, limit: int) -> tuple[np.ndarray, list[str]]:
+    """Decoded images and keys of the first shards, at least `limit` images (or all there are)."""
+    mode, size = shards.image_spec(manifest)
+    images, keys = [], []
+    for uri in shards.shard_uris(shards_uri, manifest):
+        d = shards.load_shard(uri, mode, size)
+        images.append(d.images)
+        keys += d.keys
+        if len(keys) >= limit:
+            break
+    return np.concatenate(images), keys
+
+
 def summarize(output: str, shards_uri: str) -> dict:
-    """Counts per cluster and, where the shards carry labels, ACC/NMI/ARI over the whole corpus."""
+    """Counts per cluster; the label-free modularity of the clusters (metrics.knn_modularity, as the tune job
+    scores trials) on images of the first shards; and, where the shards carry labels, ACC/NMI/ARI over the corpus."""
     manifest = shards.read_manifest(shards_uri)
     table = assignments.read(output, columns=["key", "cluster", "confidence"])
+    images, keys = first_images(shards_uri, manifest, SCORE_SAMPLE)
+    clusters = table.set_index("key")["cluster"].reindex(keys)
+    known = clusters.notna().to_numpy()  # a skipped image has no row
     summary = {
         "rows": int(len(table)),
         "unique_keys": int(table["key"].nunique()),
         "expected_rows": manifest["num_samples"],
         "cluster_sizes": {int(k): int(v) for k, v in table["cluster"].value_counts().sort_index().items()},
         "mean_confidence": float(table["confidence"].mean()),
+        "modularity": metrics.knn_modularity(images[known], clusters[known].to_numpy(np.int64), SCORE_SAMPLE),
     }
     if manifest.get("labelled"):
         truth = labels_of(shards_uri, manifest)
@@ -59,15 +78,7 @@ def montages(output: str, shards_uri: str, per_cluster: int = 16) -> dict[int, s
     """The most confident images of each cluster as one PNG grid per cluster (base64)."""
     manifest = shards.read_manifest(shards_uri)
     table = assignments.read(output, columns=["key", "cluster", "confidence"]).set_index("key")
-    mode, size = shards.image_spec(manifest)
-    images, keys = [], []
-    for uri in shards.shard_uris(shards_uri, manifest):
-        d = shards.load_shard(uri, mode, size)
-        images.append(d.images)
-        keys += d.keys
-        if len(keys) >= MONTAGE_SOURCE_IMAGES:
-            break
-    images = np.concatenate(images)
+    images, keys = first_images(shards_uri, manifest, MONTAGE_SOURCE_IMAGES)
     sub = table.loc[table.index.intersection(keys)]
     pos = {k: i for i, k in enumerate(keys)}
     grids = {}
@@ -112,7 +123,9 @@ def write_html(report_dir: str, summary: dict, grids: dict[int, str], history: l
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Clustering report</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;text-align:left}} img{{max-width:100%}}</style></head>
 <body><h1>Clustering report</h1>
-<p>{summary['rows']:,} images in {len(summary['cluster_sizes'])} clusters; mean confidence {summary['mean_confidence']:.3f}.</p>
+<p>{summary['rows']:,} images in {len(summary['cluster_sizes'])} clusters; mean confidence {summary['mean_confidence']:.3f};
+modularity on the images' nearest-neighbour graph {summary['modularity']:.3f} (0: no better than chance, 1: every
+image's 10 nearest images in its own cluster; no labels used).</p>
 <table>{scores}</table>
 <h2>Cluster sizes</h2>{img(sizes_chart(summary['cluster_sizes']))}
 {'<h2>Training loss</h2>' + img(curve_chart(history)) if history else ''}

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from clustering import assignments, report, shards, storage
+from clustering import assignments, metrics, report, shards, storage
 from clustering.config import PipelineConfig, load_config
 from jobs.cli import main
 from tests.conftest import BUCKET
@@ -42,6 +42,10 @@ def test_pipeline_on_local_folders(ray_local, tmp_path):
     assert success["rows"] == 1797 and sum(success["counts"].values()) == 1797
     summary = report.summarize(cfg.label.output, cfg.label.shards)
     assert summary["scored_rows"] == 1797 and 0 <= summary["acc"] <= 1
+    # the label-free figure: the tune job's score, of each image's own cluster (joined by key; a shuffle scores ~0)
+    images, keys = report.first_images(cfg.label.shards, manifest, report.SCORE_SAMPLE)  # all 1797 here
+    clusters = assignments.read(cfg.label.output).set_index("key").loc[keys, "cluster"].to_numpy()
+    assert summary["modularity"] == pytest.approx(metrics.knn_modularity(images, clusters)) and summary["modularity"] > 0.3
 
     from jobs.label import run_label
 
