@@ -28,16 +28,22 @@ def test_evenness_is_one_for_equal_clusters_and_zero_for_one():
     assert merged < evenness([10] * 10)
 
 
-def test_pixel_silhouette_prefers_the_true_partition():
-    # Three well-separated groups of 8x8 "images": the true split beats a merge, a split and a random labelling.
+def three_groups() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Three well-separated groups of 8x8 "images", and four partitions of them."""
     rng = np.random.default_rng(0)
     centres = rng.integers(0, 256, (3, 8, 8, 1))
     truth = np.repeat(np.arange(3), 40)
     images = np.clip(centres[truth] + rng.normal(0, 12, (120, 8, 8, 1)), 0, 255).astype(np.uint8)
-    good = metrics.pixel_silhouette(images, truth)
-    merged = metrics.pixel_silhouette(images, np.minimum(truth, 1))
-    split = metrics.pixel_silhouette(images, np.where((truth == 2) & (np.arange(120) % 2 == 0), 3, truth))
-    shuffled = metrics.pixel_silhouette(images, rng.permutation(truth))
+    return images, {"truth": truth, "merged": np.minimum(truth, 1), "shuffled": rng.permutation(truth),
+                    "split": np.where((truth == 2) & (np.arange(120) % 2 == 0), 3, truth)}
+
+
+def test_pixel_silhouette_prefers_the_true_partition():
+    # The true split beats a merge, a split and a random labelling.
+    images, partitions = three_groups()
+    truth = partitions["truth"]
+    good, merged, split, shuffled = (metrics.pixel_silhouette(images, partitions[name])
+                                     for name in ("truth", "merged", "split", "shuffled"))
     assert good > max(merged, split) and good > 0.5 > abs(shuffled)
     assert metrics.pixel_silhouette(images, np.zeros(120, int)) == -1.0  # one cluster: the worst score
     # on a sample, the score comes from the same images every time (comparable across runs)
@@ -45,15 +51,10 @@ def test_pixel_silhouette_prefers_the_true_partition():
 
 
 def test_knn_modularity_prefers_the_true_partition():
-    # The same three groups: the true split beats a merge and a split; a random labelling and one cluster score 0.
-    rng = np.random.default_rng(0)
-    centres = rng.integers(0, 256, (3, 8, 8, 1))
-    truth = np.repeat(np.arange(3), 40)
-    images = np.clip(centres[truth] + rng.normal(0, 12, (120, 8, 8, 1)), 0, 255).astype(np.uint8)
-    good = metrics.knn_modularity(images, truth)
-    merged = metrics.knn_modularity(images, np.minimum(truth, 1))
-    split = metrics.knn_modularity(images, np.where((truth == 2) & (np.arange(120) % 2 == 0), 3, truth))
-    shuffled = metrics.knn_modularity(images, rng.permutation(truth))
+    # The true split beats a merge and a split; a random labelling and one cluster score about 0.
+    images, partitions = three_groups()
+    good, merged, split, shuffled = (metrics.knn_modularity(images, partitions[name])
+                                     for name in ("truth", "merged", "split", "shuffled"))
     # every link stays inside its group, so the score is 1 minus the chance term, 1 - 3 * (1/3)^2
     assert good == pytest.approx(2 / 3) and good > max(merged, split) and abs(shuffled) < 0.1
     assert metrics.knn_modularity(images, np.zeros(120, int)) == pytest.approx(0.0)
