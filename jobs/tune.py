@@ -29,7 +29,7 @@ from clustering.methods import predict_all
 
 from .runtime import train_storage, want_gpu
 
-RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds")  # what trials.json keeps of a trial's result
+RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds")  # kept in trials.json
 
 
 def score(images: np.ndarray, labels: np.ndarray, clusters: np.ndarray, k: int, sample: int) -> dict:

@@ -58,6 +58,7 @@ def test_knn_modularity_prefers_the_true_partition():
     # every link stays inside its group, so the score is 1 minus the chance term, 1 - 3 * (1/3)^2
     assert good == pytest.approx(2 / 3) and good > max(merged, split) and abs(shuffled) < 0.1
     assert metrics.knn_modularity(images, np.zeros(120, int)) == pytest.approx(0.0)
+    assert metrics.knn_modularity(images[:1], np.zeros(1, int)) == 0.0  # one image: no links
 
 
 def test_knn_modularity_follows_neighbours_where_the_silhouette_follows_distance():
