@@ -52,7 +52,7 @@ def format_summary(s: dict) -> str:
         f"  images labelled  {s['rows']:,} (expected {s['expected_rows']:,}, unique keys {s['unique_keys']:,})",
         f"  cluster sizes    {sizes}",
         f"  mean confidence  {s['mean_confidence']:.3f}",
-        f"  modularity       {s['modularity']:.3f} (no labels: images kept with their nearest neighbours; 1 = all)",
+        f"  modularity       {s['modularity']:.3f} (label-free: clusters keep images with their 10 nearest; 0 chance, 1 all)",
     ]
     if "acc" in s:
         lines.append(f"  vs labels        ACC {s['acc']:.4f}  NMI {s['nmi']:.4f}  ARI {s['ari']:.4f}  ({s['scored_rows']:,} labelled images)")
