@@ -61,12 +61,13 @@ def main() -> None:
         saved = np.load(path)
         for run, pred in zip(json.loads(str(saved["runs"])), saved["clusters"].astype(np.int64)):
             runs.append(scored(run, pred, run.get("k", base.k)))
+    x = None if args.rescore else engine.device_images(images, device)
     for seed in [] if args.rescore else args.seeds:
         for values in grid_values(space):
             cfg = trial_config(base, {**values, "seed": seed})
             t0 = time.perf_counter()
             model = engine.fit(images, cfg, device=device, log=lambda s: None)
-            pred = predict_all(model, engine.device_images(images, device))[0].argmax(1).cpu().numpy()
+            pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
             preds.append(pred.astype(np.int16))
             run = {"seed": seed, **{key: getattr(cfg, key) for key in values},
                    "seconds": round(time.perf_counter() - t0, 1)}
