@@ -15,8 +15,8 @@ import pandas as pd  # noqa: E402
 
 from . import assignments, metrics, shards, storage  # noqa: E402
 
-MONTAGE_SOURCE_IMAGES = 20_000  # images read back for the picture grids (the first shards)
-SCORE_SAMPLE = 10_000  # images of the first shards the label-free score is measured on (as the tune job's default)
+SOURCE_IMAGES = 20_000  # images of the first shards read back for the picture grids and the label-free score
+SCORE_SAMPLE = 10_000  # of those, the images the label-free score is measured on (as the tune job's default)
 
 
 def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
@@ -30,8 +30,10 @@ def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
     return pd.Series(labels, index=keys, dtype=np.int64)
 
 
-def first_images(shards_uri: str, manifest: dict, limit: int) -> tuple[np.ndarray, list[str]]:
-    """Decoded images and keys of the first shards, at least `limit` images (or all there are)."""
+def first_images(shards_uri: str, limit: int = SOURCE_IMAGES) -> tuple[np.ndarray, list[str]]:
+    """Decoded images and keys of the first shards, at least `limit` images (or all there are). Read once and
+    passed to `summarize` and `montages`, which both look at them."""
+    manifest = shards.read_manifest(shards_uri)
     mode, size = shards.image_spec(manifest)
     images, keys = [], []
     for uri in shards.shard_uris(shards_uri, manifest):
@@ -43,12 +45,13 @@ def first_images(shards_uri: str, manifest: dict, limit: int) -> tuple[np.ndarra
     return np.concatenate(images), keys
 
 
-def summarize(output: str, shards_uri: str) -> dict:
+def summarize(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | None = None) -> dict:
     """Counts per cluster; the label-free modularity of the clusters (metrics.knn_modularity, as the tune job
-    scores trials) on images of the first shards; and, where the shards carry labels, ACC/NMI/ARI over the corpus."""
+    scores trials) on images of the first shards (`seen`, from first_images); and, where the shards carry labels,
+    ACC/NMI/ARI over the corpus."""
     manifest = shards.read_manifest(shards_uri)
     table = assignments.read(output, columns=["key", "cluster", "confidence"])
-    images, keys = first_images(shards_uri, manifest, SCORE_SAMPLE)
+    images, keys = seen or first_images(shards_uri)
     clusters = table.set_index("key")["cluster"].reindex(keys)
     known = clusters.notna().to_numpy()  # a skipped image has no row
     summary = {
@@ -74,11 +77,12 @@ def figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def montages(output: str, shards_uri: str, per_cluster: int = 16) -> dict[int, str]:
-    """The most confident images of each cluster as one PNG grid per cluster (base64)."""
-    manifest = shards.read_manifest(shards_uri)
+def montages(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | None = None,
+             per_cluster: int = 16) -> dict[int, str]:
+    """The most confident images of each cluster, among the first shards' (`seen`), as one PNG grid per cluster
+    (base64)."""
     table = assignments.read(output, columns=["key", "cluster", "confidence"]).set_index("key")
-    images, keys = first_images(shards_uri, manifest, MONTAGE_SOURCE_IMAGES)
+    images, keys = seen or first_images(shards_uri)
     sub = table.loc[table.index.intersection(keys)]
     pos = {k: i for i, k in enumerate(keys)}
     grids = {}

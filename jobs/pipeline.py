@@ -34,11 +34,12 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     info = run_label(cfg.label, checkpoint=trained.checkpoint)
 
     print(f"[{steps}/{steps}] report", flush=True)
-    summary = report.summarize(cfg.label.output, cfg.label.shards)
+    seen = report.first_images(cfg.label.shards)  # read once: the score and the picture grids look at them
+    summary = report.summarize(cfg.label.output, cfg.label.shards, seen)
     summary.update(run=trained.name, checkpoint=trained.checkpoint, seconds=round(time.perf_counter() - t0, 1))
     history = load_checkpoint(trained.checkpoint).get("history", [])
     report_dir = storage.join(cfg.work_dir, "report")
-    html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards), history)
+    html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards, seen), history)
     summary.update(assignments=cfg.label.output, report=html, labelled_rows=info["rows"])
     print(format_summary(summary), flush=True)
     return summary
