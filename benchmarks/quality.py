@@ -24,7 +24,6 @@ import torch
 from common import load_arrays, print_table, write_json
 
 from clustering import engine, metrics
-from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
 from clustering.heads import KMeansHead
 from clustering.methods import MixtureNet, embed_all, predict_all
@@ -44,24 +43,18 @@ def feature_kmeans(model: MixtureNet, x: torch.Tensor, k: int) -> np.ndarray:
 def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dict]):
     """An engine on_epoch callback: every `every` epochs, score a copy of the model, print ACC and the cluster
     sizes, largest first, and append them to `along` (how a run gets there, e.g. whether clusters drift apart).
-    In NMM's contrastive pretraining, the ACC is k-means' on the net's features: what EM will start from."""
+    The clusters are those the run would give if it ended there (for an autoencoder in pretraining, k-means on its
+    codes); in NMM's contrastive pretraining, k-means on the net's features: what EM will start from."""
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
         if (epoch + 1) % every or (along and along[-1]["epoch"] == epoch + 1):  # (a finished run started again)
             return
         state = state_fn()
         k, pretrain = state["spec"]["config"]["k"], info["stage"] == "pretrain"
-        if pretrain and state["spec"]["method"] != "nmm":  # an autoencoder's: no clusters before the head is fitted
-            return
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # building the copy draws random
-            model = engine.build_from_spec(state["spec"])[1].to(x.device)  # weights: leave the run's RNG as it was
-        model.load_state_dict(state["model"])
-        model.eval()
+        pretrain = pretrain and state["spec"]["method"] == "nmm"
         if pretrain:
-            pred = feature_kmeans(model, x, k)
+            pred = feature_kmeans(engine.model_copy(state, x.device)[1], x, k)
         else:
-            if isinstance(model, MixtureNet):  # NMM fits its batch-free normaliser at the end of a run; here too
-                model.fit_normaliser(x, Comm())
-            pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
+            pred = engine.clusters_now(state, x).cpu().numpy()
         point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"], "cluster_sizes": cluster_sizes(pred, k),
                  **({"of": "k-means on the features"} if pretrain else {})}
         if state["spec"]["config"]["heads"] > 1 and not pretrain:

@@ -99,6 +99,13 @@ class TuneConfig(Strict):
                                   "nearest-neighbour graph, or their silhouette on the pixels (both compare values of "
                                   "k), or the evenness of the cluster sizes")
     score_sample: int = Field(10_000, ge=100, description="images the scores are measured on (a fixed sample)")
+    report_every: int = Field(5, ge=1, description="a trial scores its clusters every N epochs once it clusters "
+                                                    "(and at the end): progress, and what the scheduler decides on")
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="fifo: every trial trains to the end; asha: asynchronous successive halving stops a "
+                            "trial whose score falls below the best third of those that reached the same epoch")
+    grace_epochs: int = Field(0, ge=0, description="asha: epochs every trial trains before it may be stopped; "
+                                                    "0 = a third of the longest trial")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's resources allow")
     output: str = Field("outputs/demo/tune", description="where trials.json and best.yaml go")
 

@@ -42,6 +42,31 @@ def build_from_spec(spec: dict):
     return method, method.build()
 
 
+def model_copy(state: dict, device: torch.device | str):
+    """(method, model in eval mode) of a run's checkpoint dict (`on_epoch`'s state_fn()), to look at it mid-run.
+    Building the copy draws random weights: the run's random stream is left as it was."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        method, model = build_from_spec(state["spec"])
+    model.to(device).load_state_dict(state["model"])
+    return method, model.eval()
+
+
+def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Tensor:
+    """(N,) the clusters of the images x (on the device) that the run of `state` would give if it ended there:
+    a copy of its model after the method's end-of-run step (k-means on the codes, NMM's normalisers)."""
+    method, model = model_copy(state, x.device)
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        method.finish(model, x, comm)
+    return predict_all(model, x)[0].argmax(1)
+
+
+def total_epochs(cfg: TrainConfig) -> int:
+    """Epochs of a whole run (stages do not depend on the images' shape)."""
+    stages = build_method(cfg, 1, 8).stages()
+    return stages[-1].end if stages else 0
+
+
 def fit(
     images: np.ndarray,
     cfg: TrainConfig,
@@ -171,18 +196,19 @@ def cluster_evenness(model, images: torch.Tensor, comm: Comm, k: int) -> float:
 
 
 def check_restarts(cfg: TrainConfig) -> None:
-    """A start must train fewer epochs than the whole run (stages do not depend on the images' shape), and an NMM
-    start must reach EM: before it, the mixture's outputs are untrained and their cluster sizes say nothing."""
+    """A start must train fewer epochs than the whole run, and must end where the run clusters (for NMM after its
+    contrastive pretraining): before that, its cluster sizes say nothing."""
     if cfg.restarts > 1:
-        stages = build_method(cfg, 1, 8).stages()
-        total = stages[-1].end if stages else 0
+        method = build_method(cfg, 1, 8)
+        total = total_epochs(cfg)
         if cfg.restart_epochs >= total:
             raise ValueError(f"train.restart_epochs={cfg.restart_epochs} must be fewer than the run's {total} epochs: "
                              "lower it, or set train.restarts=1")
-        if cfg.method == "nmm" and cfg.restart_epochs <= cfg.contrast_epochs:
-            raise ValueError(f"train.restart_epochs={cfg.restart_epochs} ends within the {cfg.contrast_epochs} epochs "
-                             "of contrastive pretraining (train.contrast_epochs), before EM: raise it, or set "
-                             "train.restarts=1")
+        stage = stage_at(method.stages(), cfg.restart_epochs - 1)
+        if not method.clusters_in(stage):
+            raise ValueError(f"train.restart_epochs={cfg.restart_epochs} ends in the run's {stage.name} stage, before "
+                             f"it clusters (nmm: the contrastive pretraining of train.contrast_epochs="
+                             f"{cfg.contrast_epochs}): raise it, or set train.restarts=1")
 
 
 def start_config(cfg: TrainConfig, r: int) -> TrainConfig:

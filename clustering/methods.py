@@ -95,6 +95,10 @@ class Recipe:
     def finish(self, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
         return {}
 
+    def clusters_in(self, stage: Stage) -> bool:
+        """Whether a run stopped in this stage would already cluster (after `finish`)."""
+        return True
+
 
 def fit_head(model: Clusterer, images: torch.Tensor, comm: Comm, seed: int) -> dict:
     """k-means on every image's code (all ranks), as the centres of the model's head."""
@@ -225,6 +229,9 @@ class NMM(Recipe):
     def stages(self) -> list[Stage]:
         c = self.cfg
         return make_stages(pretrain=c.contrast_epochs, em=c.joint_epochs)
+
+    def clusters_in(self, stage: Stage) -> bool:
+        return stage.name == "em"  # before EM the mixture's outputs are untrained and their clusters say nothing
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""

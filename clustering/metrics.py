@@ -39,45 +39,79 @@ def evenness(cluster_sizes) -> float:
     return float(-(p * np.log(p)).sum() / np.log(len(cluster_sizes)))
 
 
-def fixed_sample(images: np.ndarray, clusters: np.ndarray, sample: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The same `sample` images for every run (flat pixels scaled to [0, 1]) and their clusters: the common ground
-    on which the label-free scores compare runs (a net's own features are not: each net shapes them around its k)."""
-    idx = np.random.default_rng(seed).permutation(len(images))[:sample]
-    return images[idx].reshape(len(idx), -1).astype(np.float32) / 255.0, np.asarray(clusters)[idx]
+def sample_index(n: int, sample: int, seed: int = 0) -> np.ndarray:
+    """The same `sample` of n images for every run: the common ground on which the label-free scores compare runs
+    (a net's own features are not: each net shapes them around its k)."""
+    return np.random.default_rng(seed).permutation(n)[:sample]
 
 
-def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, seed: int = 0) -> float:
-    """Silhouette of a partition measured on the images' pixels, on a fixed sample. -1 when fewer than two
-    clusters are used. On the 8x8 digits it peaks at k = 10 among 6..16; on MNIST it is flat (docs/RESULTS.md)."""
-    pixels, picked = fixed_sample(images, clusters, sample, seed)
-    if not 2 <= len(np.unique(picked)) < len(picked):  # the silhouette is defined for 2..n-1 clusters
-        return -1.0
-    return float(silhouette_score(pixels, picked))
+def knn_graph(pixels: np.ndarray, neighbours: int = 10) -> np.ndarray:
+    """(S, neighbours) indices: each image's nearest images in pixel space, itself excluded."""
+    return NearestNeighbors(n_neighbors=min(neighbours, len(pixels) - 1)).fit(pixels).kneighbors(return_distance=False)
 
 
-def knn_modularity(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, neighbours: int = 10,
-                   seed: int = 0) -> float:
-    """Modularity of a partition on the directed graph that links each image to its `neighbours` nearest images
-    in pixel space (Leicht & Newman 2008), on a fixed sample: the share of links that stay inside a cluster, minus
-    the share expected by chance given how many links leave and reach each cluster. Merging two classes raises the
-    chance term, splitting one cuts links, so it peaks at the partition the neighbours agree with. 0 for a single
-    cluster and about 0 for a random labelling; at most 1. Over MNIST runs with k = 6..16 its rank correlation with
-    ACC was 0.87, the pixel silhouette's 0.57 (docs/RESULTS.md, "Choosing without labels")."""
-    pixels, picked = fixed_sample(images, clusters, sample, seed)
-    if len(picked) < 2:  # no links to score
-        return 0.0
-    nbrs = NearestNeighbors(n_neighbors=min(neighbours, len(picked) - 1)).fit(pixels).kneighbors(
-        return_distance=False)  # (S, neighbours); without X, an image is not its own neighbour
-    c = np.unique(picked, return_inverse=True)[1]
+def graph_modularity(nbrs: np.ndarray, clusters: np.ndarray) -> float:
+    """Modularity of a partition on the directed graph `nbrs` (Leicht & Newman 2008): the share of links that stay
+    inside a cluster, minus the share expected by chance given how many links leave and reach each cluster."""
+    c = np.unique(clusters, return_inverse=True)[1]
     inside = (c[nbrs] == c[:, None]).mean()
     leaving = np.bincount(c) / len(c)  # every image sends the same number of links
     reaching = np.bincount(c[nbrs].ravel(), minlength=len(leaving)) / nbrs.size
     return float(inside - leaving @ reaching)
 
 
+class LabelFreeScores:
+    """The label-free scores that choose among runs, for partitions of one image set: a fixed sample of it
+    (`sample_index`) and that sample's neighbour graph are built once, so a tune trial scores itself along its run
+    at the cost of a prediction.
+
+    - modularity: of the clusters on the graph linking each image to its `neighbours` nearest images in pixel space.
+      Merging two classes raises the chance term, splitting one cuts links, so it peaks at the partition the
+      neighbours agree with. 0 for a single cluster and about 0 for a random labelling; at most 1. Over MNIST runs
+      with k = 6..16 its rank correlation with ACC was 0.87, the pixel silhouette's 0.57 (docs/RESULTS.md).
+    - silhouette: of the clusters on the pixels; -1 when fewer than two clusters are used. On the 8x8 digits it
+      peaks at k = 10 among 6..16; on MNIST it is flat.
+    - evenness of the cluster sizes (over all images).
+    """
+
+    def __init__(self, images: np.ndarray, k: int, sample: int = 10_000, neighbours: int = 10, seed: int = 0):
+        self.k, self.neighbours = k, neighbours
+        self.index = sample_index(len(images), sample, seed)
+        self.pixels = images[self.index].reshape(len(self.index), -1).astype(np.float32) / 255.0  # (S, H*W*C)
+        self._graph: np.ndarray | None = None
+
+    def modularity(self, clusters: np.ndarray) -> float:
+        if len(self.index) < 2:  # no links to score
+            return 0.0
+        if self._graph is None:
+            self._graph = knn_graph(self.pixels, self.neighbours)
+        return graph_modularity(self._graph, np.asarray(clusters)[self.index])
+
+    def silhouette(self, clusters: np.ndarray) -> float:
+        picked = np.asarray(clusters)[self.index]
+        if not 2 <= len(np.unique(picked)) < len(picked):  # the silhouette is defined for 2..n-1 clusters
+            return -1.0
+        return float(silhouette_score(self.pixels, picked))
+
+    def __call__(self, clusters: np.ndarray, names=("modularity", "silhouette", "evenness")) -> dict:
+        sizes = np.bincount(clusters, minlength=self.k)
+        out = {name: getattr(self, name)(clusters) for name in names if name != "evenness"}
+        if "evenness" in names:
+            out["evenness"] = evenness(sizes)
+        return {**out, "clusters_used": int((sizes > 0).sum())}
+
+
+def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, seed: int = 0) -> float:
+    """`LabelFreeScores.silhouette` of one partition."""
+    return LabelFreeScores(images, 2, sample, seed=seed).silhouette(clusters)
+
+
+def knn_modularity(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, neighbours: int = 10,
+                   seed: int = 0) -> float:
+    """`LabelFreeScores.modularity` of one partition."""
+    return LabelFreeScores(images, 2, sample, neighbours, seed).modularity(clusters)
+
+
 def label_free(images: np.ndarray, clusters: np.ndarray, k: int, sample: int = 10_000) -> dict:
     """The scores a run is chosen by (Tune, benchmarks/selection.py): no labels involved."""
-    sizes = np.bincount(clusters, minlength=k)
-    return {"modularity": knn_modularity(images, clusters, sample),
-            "silhouette": pixel_silhouette(images, clusters, sample),
-            "evenness": evenness(sizes), "clusters_used": int((sizes > 0).sum())}
+    return LabelFreeScores(images, k, sample)(clusters)

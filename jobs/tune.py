@@ -1,20 +1,21 @@
 """Tune job: Ray Tune trains one trial per combination of `tune.space` and picks the winner without labels.
 
 Each trial is one process on its own resources (a GPU where the cluster has them): it reads every shard, trains
-with `clustering.engine.fit`, and scores its clusters with a label-free score (`tune.metric`). Labels, where the
-shards carry them, are scored too, for the table only; they never choose. The job writes `trials.json` (every
-trial's values and scores) and `best.yaml` (the winning train values, ready to pass to the train job).
+with `clustering.engine.fit`, and scores its clusters with a label-free score (`tune.metric`) along the run and at
+the end. With `tune.scheduler=asha`, Ray Tune's ASHA stops the trials whose score trails at set epochs. Labels, where
+the shards carry them, are scored at the end too, for the table only; they never choose. The job writes
+`trials.json` (every trial's values and scores) and `best.yaml` (the winning train values, for the train job).
 """
 from __future__ import annotations
 
 import json
 import time
 
-import numpy as np
 import ray
 import torch
 import yaml
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from clustering import engine, metrics, shards, storage
 from clustering.comm import Comm
@@ -25,34 +26,54 @@ from clustering.config import (
     grid_values,
     trial_config,
 )
-from clustering.methods import predict_all
+from clustering.methods import build_method, predict_all
+from clustering.schedule import stage_at
 
 from .runtime import train_storage, want_gpu
 
 RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds")  # kept in trials.json
 
 
-def score(images: np.ndarray, labels: np.ndarray, clusters: np.ndarray, k: int, sample: int) -> dict:
-    out = metrics.label_free(images, clusters, k, sample)
-    known = labels >= 0
-    if known.any():  # shown beside the label-free scores; never used to choose
-        out.update({f"{name}_vs_labels": v for name, v in metrics.scores(labels[known], clusters[known]).items()})
-    return out
-
-
 def run_trial(config: dict) -> None:
-    """Runs in a Tune trial's actor: train one config on all shards, then report its scores (once, at the end)."""
+    """Runs in a Tune trial's actor: train one config on all shards. Every `report_every` epochs once the run
+    clusters, report the label-free score that chooses (`metric`, on a copy of the model) so that a scheduler can
+    stop a poor trial early; at the end, report every score, and ACC/NMI/ARI where the shards carry labels."""
     cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.cpus_per_worker)
     manifest = shards.read_manifest(cfg.shards)
     data = shards.load_shards(shards.shard_uris(cfg.shards, manifest), manifest, cfg.image_size,
                               workers=cfg.cpus_per_worker)
+    x = engine.device_images(data.images, device)
+    scores = metrics.LabelFreeScores(data.images, cfg.k, config["score_sample"])  # its neighbour graph: built once
+    method = build_method(cfg, x.shape[1], x.shape[2])
+    stages, every = method.stages(), config["report_every"]
     t0 = time.perf_counter()
-    model = engine.fit(data.images, cfg, Comm(), device, log=lambda s: None)
-    clusters = predict_all(model, engine.device_images(data.images, device))[0].argmax(1).cpu().numpy()
-    tune.report({"seconds": time.perf_counter() - t0,
-                 **score(data.images, data.labels, clusters, cfg.k, config["score_sample"])})
+
+    def report_along(epoch: int, info: dict, state_fn) -> None:
+        if info["stage"] == "final" or (epoch + 1) % every or not method.clusters_in(stage_at(stages, epoch)):
+            return  # the final report follows fit
+        clusters = engine.clusters_now(state_fn(), x).cpu().numpy()
+        tune.report({"epoch": epoch + 1, "final": False, "seconds": time.perf_counter() - t0,
+                     **scores(clusters, names=(config["metric"],))})
+
+    model = engine.fit(data.images, cfg, Comm(), device, on_epoch=report_along, log=lambda s: None)
+    clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
+    final = {"epoch": engine.total_epochs(cfg), "final": True, "seconds": time.perf_counter() - t0, **scores(clusters)}
+    known = data.labels >= 0
+    if known.any():  # shown beside the label-free scores; never used to choose
+        final.update({f"{name}_vs_labels": v
+                      for name, v in metrics.scores(data.labels[known], clusters[known]).items()})
+    tune.report(final)
+
+
+def scheduler(cfg: PipelineConfig, trials: list[TrainConfig]):
+    """Ray Tune's scheduler for `tune.scheduler`, on the epoch axis (`report_every` epochs apart)."""
+    if cfg.tune.scheduler == "fifo":
+        return None
+    longest = max(engine.total_epochs(t) for t in trials)
+    grace = cfg.tune.grace_epochs or max(1, longest // 3)
+    return ASHAScheduler(time_attr="epoch", max_t=max(longest, grace), grace_period=grace, reduction_factor=3)
 
 
 def validated_space(base: TrainConfig, space: dict[str, list]) -> dict[str, list]:
@@ -70,8 +91,9 @@ def run_tune(cfg: PipelineConfig) -> dict:
     base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
     shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
     space = validated_space(base, cfg.tune.space)
-    for values in grid_values(space):  # every trial valid before any starts
-        engine.check_restarts(trial_config(base, values))
+    trials = [trial_config(base, values) for values in grid_values(space)]
+    for trial in trials:  # every trial valid before any starts
+        engine.check_restarts(trial)
     storage.check_writable(cfg.tune.output)
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
     gpu = want_gpu(cfg.train.use_gpu)
@@ -80,8 +102,10 @@ def run_tune(cfg: PipelineConfig) -> dict:
         trainable,
         param_space={**{key: tune.grid_search(values) for key, values in space.items()},
                      "base": base.model_dump(mode="json"), "searched": sorted(space),
-                     "score_sample": cfg.tune.score_sample},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent or None),
+                     "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
+                     "report_every": cfg.tune.report_every},
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler(cfg, trials),
+                                    max_concurrent_trials=cfg.tune.max_concurrent or None),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
                                   storage_filesystem=filesystem, verbose=1),
     )
@@ -91,11 +115,14 @@ def run_tune(cfg: PipelineConfig) -> dict:
         m = result.metrics or {}
         values = {key: result.config[key] for key in sorted(space)}
         if result.error or cfg.tune.metric not in m:
-            cause = str(result.error or "no final result").strip().splitlines()[-1]  # Ray's traceback ends with it
+            cause = str(result.error or "no result").strip().splitlines()[-1]  # Ray's traceback ends with it
             rows.append({"values": values, "error": cause})
             continue
-        rows.append({"values": values, **{key: m[key] for key in m if key in RESULT_KEYS or key.endswith("_vs_labels")}})
-    scored = sorted((r for r in rows if "error" not in r), key=lambda r: -r[cfg.tune.metric])
+        row = {"values": values, **{key: m[key] for key in m if key in RESULT_KEYS or key.endswith("_vs_labels")}}
+        rows.append(row if m["final"] else {**row, "stopped_at_epoch": m["epoch"]})
+    # Finished trials first, by the score; then those the scheduler stopped (their scores are from then); then errors.
+    scored = sorted((r for r in rows if "error" not in r),
+                    key=lambda r: ("stopped_at_epoch" in r, -r[cfg.tune.metric]))
     if not scored:
         raise RuntimeError(f"all {len(rows)} tune trials failed: {rows[0]['error']}")
     ordered = scored + [r for r in rows if "error" in r]
@@ -114,16 +141,25 @@ def show(value) -> str:
 
 def format_table(summary: dict) -> str:
     """The trials, best first: searched values, label-free scores, and ACC where labels exist."""
+    trials = summary["trials"]
     lines = [f"Trials (chosen by {summary['metric']}, no labels; best first)"]
-    for i, r in enumerate(summary["trials"]):
+    for i, r in enumerate(trials):
         values = " ".join(f"{k}={show(v)}" for k, v in r["values"].items())
         if "error" in r:
             lines.append(f"  {values:<36} FAILED: {r['error']}")
-            continue
-        acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
-        lines.append(f"{'*' if i == 0 else ' '} {values:<36} modularity {r['modularity']:.3f}  silhouette "
-                     f"{r['silhouette']:.3f}  evenness {r['evenness']:.3f}  clusters {r['clusters_used']}{acc}  "
-                     f"({r['seconds']:.0f}s)")
+        elif "stopped_at_epoch" in r:
+            lines.append(f"  {values:<36} stopped at epoch {r['stopped_at_epoch']}: {summary['metric']} "
+                         f"{r[summary['metric']]:.3f}  ({r['seconds']:.0f}s)")
+        else:
+            acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
+            lines.append(f"{'*' if i == 0 else ' '} {values:<36} modularity {r['modularity']:.3f}  silhouette "
+                         f"{r['silhouette']:.3f}  evenness {r['evenness']:.3f}  clusters {r['clusters_used']}{acc}  "
+                         f"({r['seconds']:.0f}s)")
+    stopped = sum("stopped_at_epoch" in r for r in trials)
+    failed = sum("error" in r for r in trials)
     overrides = " ".join(f"train.{k}={show(v)}" for k, v in summary["best"].items())
-    lines += [f"best: {overrides}", f"  written to {summary['best_yaml']}"]
+    seconds = sum(r.get("seconds", 0) for r in trials)
+    counts = f"{len(trials) - stopped - failed} finished, {stopped} stopped early, {failed} failed"
+    lines += [f"{len(trials)} trials: {counts}; {seconds:.0f} trial-seconds", f"best: {overrides}",
+              f"  written to {summary['best_yaml']}"]
     return "\n".join(lines)

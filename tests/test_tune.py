@@ -37,6 +37,24 @@ def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_loc
     assert summary["trials"][1]["values"] == {"lr": 1e30} and "NonFiniteLoss" in summary["trials"][1]["error"]
 
 
+def test_asha_stops_a_trial_that_trails_and_picks_among_the_finished(ray_local, tmp_path):
+    from jobs.shard import run_shard
+    from jobs.tune import format_table, run_tune
+
+    # One trial at a time, in grid order: k = 10 trains to the end, then k = 2 trails it at the grace epoch.
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [
+        f"work_dir={tmp_path}", "train.joint_epochs=6", "tune.space={k: [10, 2]}", "tune.scheduler=asha",
+        "tune.grace_epochs=2", "tune.report_every=1", "tune.max_concurrent=1"])
+    run_shard(cfg.shard, progress=False)
+    summary = run_tune(cfg)
+
+    finished, stopped = summary["trials"]
+    assert finished["values"] == {"k": 10} == summary["best"] and "stopped_at_epoch" not in finished
+    assert stopped["values"] == {"k": 2} and stopped["stopped_at_epoch"] == 2
+    assert stopped["modularity"] < finished["modularity"] and "acc_vs_labels" not in stopped
+    assert "1 finished, 1 stopped early, 0 failed" in format_table(summary)
+
+
 def test_tune_refuses_bad_trials_before_training(ray_local, tmp_path, capsys):
     from jobs.tune import run_tune
 
