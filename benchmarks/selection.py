@@ -9,12 +9,19 @@ found among 6..16 on MNIST). Prints a table and writes JSON. Not part of the tes
 
 --predictions keeps every run's clusters (.npz); --rescore scores such a file again with the current label-free
 scores, without training, to compare a new score on the same runs.
+
+--along also records each run's `tune.metric` every `tune.report_every` epochs, as a tune trial reports it, and
+replays those reports through the tune job's ASHA scheduler (Ray Tune's own code, `tune.scheduler=asha`) in every
+order of the trials (up to --orders of them) and for each of --graces: how often ASHA picks the trial that training
+every trial to the end picks, its ACC gap, and the share of epochs it trains.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,7 +30,13 @@ from common import load_arrays, print_table, write_json
 from scipy.stats import spearmanr
 
 from clustering import engine, metrics
-from clustering.config import PipelineConfig, grid_values, load_config, trial_config
+from clustering.config import (
+    PipelineConfig,
+    TuneConfig,
+    grid_values,
+    load_config,
+    trial_config,
+)
 from clustering.methods import predict_all
 
 PICKS = ("modularity", "silhouette", "evenness")
@@ -34,7 +47,7 @@ def main() -> None:
     p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
     p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
     p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
-    p.add_argument("--space", required=True, help='train values to try, e.g. "{k: [8, 10, 12]}"')
+    p.add_argument("--space", default=None, help='train values to try, e.g. "{k: [8, 10, 12]}"')
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
     p.add_argument("--sample", type=int, default=10_000, help="images the label-free scores are measured on")
@@ -42,16 +55,33 @@ def main() -> None:
     p.add_argument("--predictions", default=None, help="also write every run's clusters here (.npz), to study scores")
     p.add_argument("--rescore", nargs="*", default=[], help="--predictions files: score their runs again instead of "
                                                              "training (same --data, --limit and --space)")
+    p.add_argument("--along", action="store_true", help="record each run's score along it and replay ASHA on it "
+                                                        "(tune.report_every, tune.grace_epochs via --set)")
+    p.add_argument("--orders", type=int, default=720, help="--along: trial orders replayed per seed (at most)")
+    p.add_argument("--graces", type=int, nargs="*", default=[], help="--along: tune.grace_epochs values to replay "
+                                                                      "(0 = a third of the longest run)")
+    p.add_argument("--replay", default=None, help="a JSON this script wrote with --along: replay ASHA on its runs "
+                                                  "again (other --graces), without training")
     args = p.parse_args()
 
-    base = load_config(PipelineConfig, args.config, args.set).train
+    if args.replay:
+        saved = json.loads(open(args.replay).read())
+        asha_replays(saved["runs"], TuneConfig(**saved["tune"]), args.graces or [saved["tune"]["grace_epochs"]],
+                     args.orders)
+        return
+    if args.space is None:
+        p.error("--space is required (unless --replay)")
+    pipeline = load_config(PipelineConfig, args.config, args.set)
+    base, metric = pipeline.train, pipeline.tune.metric
     space = yaml.safe_load(args.space)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_arrays(args.data, args.limit)
     print(f"{args.data}: {images.shape} on {device}", flush=True)
 
+    scores = metrics.LabelFreeScores(images, args.sample)  # one sample and neighbour graph for every run
+
     def scored(run: dict, pred: np.ndarray, k: int) -> dict:
-        found = {**metrics.label_free(images, pred, k, args.sample), "acc": metrics.cluster_acc(labels, pred)}
+        found = {**scores(pred, k), "acc": metrics.cluster_acc(labels, pred)}
         out = {**run, **{key: round(v, 4) for key, v in found.items()}}
         print("  " + " ".join(f"{key} {v}" for key, v in out.items()), flush=True)
         return out
@@ -65,13 +95,22 @@ def main() -> None:
     for seed in [] if args.rescore else args.seeds:
         for values in grid_values(space):
             cfg = trial_config(base, {**values, "seed": seed})
-            t0 = time.perf_counter()
-            model = engine.fit(images, cfg, device=device, log=lambda s: None)
+            t0, along = time.perf_counter(), []
+
+            def record(epoch: int, state: dict, k=cfg.k, along=along) -> None:
+                pred = engine.clusters_now(state, x).cpu().numpy()
+                along.append([epoch, round(scores(pred, k, names=(metric,))[metric], 4)])
+            on_epoch = engine.while_clustering(cfg, pipeline.tune.report_every, record) if args.along else None
+            model = engine.fit(images, cfg, device=device, log=lambda s: None, on_epoch=on_epoch)
             pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
             preds.append(pred.astype(np.int16))
             run = {"seed": seed, **{key: getattr(cfg, key) for key in values},
                    "seconds": round(time.perf_counter() - t0, 1)}
-            runs.append(scored(run, pred, cfg.k))
+            run = scored(run, pred, cfg.k)
+            if args.along:  # epochs tried by the starts before the pick (train.restarts) are not on the epoch axis
+                run.update(along=along, epochs=engine.total_epochs(cfg),
+                           start_epochs=(cfg.restarts - 1) * cfg.restart_epochs if cfg.restarts > 1 else 0)
+            runs.append(run)
 
     picks = []
     for seed in sorted({r["seed"] for r in runs}):
@@ -90,11 +129,72 @@ def main() -> None:
         rho = spearmanr([r[rule] for r in runs], [r["acc"] for r in runs])[0]
         print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f}); "
               f"rank correlation with ACC over all runs {rho:.3f}")
+    replays = asha_replays(runs, pipeline.tune, args.graces or [pipeline.tune.grace_epochs], args.orders) \
+        if args.along else []
     write_json(args.out, {"data": args.data, "n": len(images), "space": space, "config": base.model_dump(mode="json"),
-                          "device": str(device), "runs": runs, "picks": picks})
+                          "tune": pipeline.tune.model_dump(mode="json"), "device": str(device), "runs": runs,
+                          "picks": picks, "asha": replays})
     if args.predictions and preds:  # row i holds the clusters of runs[i]
         keep = [{key: r[key] for key in ("seed", *space, "seconds")} for r in runs]
         np.savez_compressed(args.predictions, clusters=np.stack(preds), runs=json.dumps(keep))
+
+
+def replay(runs: list[dict], tune_cfg: TuneConfig, order: tuple[int, ...]) -> tuple[int, dict]:
+    """Feed the runs' reports to the tune job's ASHA scheduler as Tune would, the trials reaching each epoch in
+    `order` (as when they run one after another, or side by side at the same speed). Returns the pick (the finished
+    run with the best final score) and the epoch at which each run ended."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from jobs.tune import scheduler  # Ray Tune's ASHA, as the tune job builds it
+
+    metric = tune_cfg.metric
+    asha = scheduler(tune_cfg.model_copy(update={"scheduler": "asha"}), max(r["epochs"] for r in runs))
+    asha.set_search_properties(metric, "max")
+    trials = {i: SimpleNamespace(trial_id=str(i)) for i in order}
+    for i in order:
+        asha.on_trial_add(None, trials[i])
+    reports = sorted((epoch, position, i, score) for position, i in enumerate(order)
+                     for epoch, score in [*runs[i]["along"], [runs[i]["epochs"], runs[i][metric]]])
+    ended: dict[int, int] = {}
+    for epoch, _, i, score in reports:
+        if i in ended:
+            continue
+        result = {"epoch": epoch, metric: score}
+        action = asha.on_trial_result(None, trials[i], result)
+        if epoch == runs[i]["epochs"] or action == TrialScheduler.STOP:
+            ended[i] = epoch
+            asha.on_trial_complete(None, trials[i], result)
+    finished = [i for i in order if ended[i] == runs[i]["epochs"]]
+    return max(finished, key=lambda i: runs[i][metric]), ended
+
+
+def asha_replays(runs: list[dict], tune_cfg: TuneConfig, graces: list[int], max_orders: int) -> list[dict]:
+    """Per seed and grace: how often ASHA picks what FIFO picks (the best final score), the ACC gap of its pick to
+    the best run by labels, and its epochs against FIFO's (the starts tried before a pick count)."""
+    rows = []
+    for seed in sorted({r["seed"] for r in runs}):
+        mine = [r for r in runs if r["seed"] == seed]
+        fifo, best = max(range(len(mine)), key=lambda i: mine[i][tune_cfg.metric]), max(r["acc"] for r in mine)
+        orders = list(itertools.islice(itertools.permutations(range(len(mine))), max_orders))
+        if len(orders) == max_orders:  # more orders than we replay: a random draw of them instead of the first ones
+            rng = np.random.default_rng(seed)
+            orders = [tuple(rng.permutation(len(mine))) for _ in range(max_orders)]
+        full = sum(r["epochs"] + r["start_epochs"] for r in mine)
+        for grace in graces:
+            picks, gaps, shares = [], [], []
+            for order in orders:
+                pick, ended = replay(mine, tune_cfg.model_copy(update={"grace_epochs": grace}), order)
+                picks.append(pick == fifo)
+                gaps.append(best - mine[pick]["acc"])
+                shares.append(sum(ended[i] + mine[i]["start_epochs"] for i in ended) / full)
+            rows.append({"seed": seed, "grace_epochs": grace or f"0 ({max(r['epochs'] for r in mine) // 3})",
+                         "orders": len(orders), "same_pick_as_fifo": round(float(np.mean(picks)), 3),
+                         "fifo_gap": round(best - mine[fifo]["acc"], 4), "asha_gap_mean": round(float(np.mean(gaps)), 4),
+                         "asha_gap_max": round(float(np.max(gaps)), 4), "epochs_vs_fifo": round(float(np.mean(shares)), 3)})
+    print()
+    print_table(rows, ["seed", "grace_epochs", "orders", "same_pick_as_fifo", "fifo_gap", "asha_gap_mean",
+                       "asha_gap_max", "epochs_vs_fifo"])
+    return rows
 
 
 if __name__ == "__main__":

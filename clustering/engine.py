@@ -61,6 +61,18 @@ def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Ten
     return predict_all(model, x)[0].argmax(1)
 
 
+def while_clustering(cfg: TrainConfig, every: int, fn: Callable[[int, dict], None]) -> EpochCallback:
+    """An on_epoch callback that calls fn(epochs done, the run's checkpoint dict) every `every` epochs of the stages
+    in which the method clusters (`clusters_in`), up to the last epoch: the finished model is the caller's."""
+    method = build_method(cfg, 1, 8)  # stages do not depend on the images' shape
+    stages = method.stages()
+
+    def on_epoch(epoch: int, info: dict, state_fn) -> None:
+        if info["stage"] != "final" and (epoch + 1) % every == 0 and method.clusters_in(stage_at(stages, epoch)):
+            fn(epoch + 1, state_fn())
+    return on_epoch
+
+
 def total_epochs(cfg: TrainConfig) -> int:
     """Epochs of a whole run (stages do not depend on the images' shape)."""
     stages = build_method(cfg, 1, 8).stages()

@@ -74,8 +74,8 @@ class LabelFreeScores:
     - evenness of the cluster sizes (over all images).
     """
 
-    def __init__(self, images: np.ndarray, k: int, sample: int = 10_000, neighbours: int = 10, seed: int = 0):
-        self.k, self.neighbours = k, neighbours
+    def __init__(self, images: np.ndarray, sample: int = 10_000, neighbours: int = 10, seed: int = 0):
+        self.neighbours = neighbours
         self.index = sample_index(len(images), sample, seed)
         self.pixels = images[self.index].reshape(len(self.index), -1).astype(np.float32) / 255.0  # (S, H*W*C)
         self._graph: np.ndarray | None = None
@@ -93,8 +93,8 @@ class LabelFreeScores:
             return -1.0
         return float(silhouette_score(self.pixels, picked))
 
-    def __call__(self, clusters: np.ndarray, names=("modularity", "silhouette", "evenness")) -> dict:
-        sizes = np.bincount(clusters, minlength=self.k)
+    def __call__(self, clusters: np.ndarray, k: int, names=("modularity", "silhouette", "evenness")) -> dict:
+        sizes = np.bincount(clusters, minlength=k)
         out = {name: getattr(self, name)(clusters) for name in names if name != "evenness"}
         if "evenness" in names:
             out["evenness"] = evenness(sizes)
@@ -103,15 +103,15 @@ class LabelFreeScores:
 
 def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, seed: int = 0) -> float:
     """`LabelFreeScores.silhouette` of one partition."""
-    return LabelFreeScores(images, 2, sample, seed=seed).silhouette(clusters)
+    return LabelFreeScores(images, sample, seed=seed).silhouette(clusters)
 
 
 def knn_modularity(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, neighbours: int = 10,
                    seed: int = 0) -> float:
     """`LabelFreeScores.modularity` of one partition."""
-    return LabelFreeScores(images, 2, sample, neighbours, seed).modularity(clusters)
+    return LabelFreeScores(images, sample, neighbours, seed).modularity(clusters)
 
 
 def label_free(images: np.ndarray, clusters: np.ndarray, k: int, sample: int = 10_000) -> dict:
     """The scores a run is chosen by (Tune, benchmarks/selection.py): no labels involved."""
-    return LabelFreeScores(images, k, sample)(clusters)
+    return LabelFreeScores(images, sample)(clusters, k)

@@ -23,11 +23,11 @@ from clustering.config import (
     ConfigError,
     PipelineConfig,
     TrainConfig,
+    TuneConfig,
     grid_values,
     trial_config,
 )
-from clustering.methods import build_method, predict_all
-from clustering.schedule import stage_at
+from clustering.methods import predict_all
 
 from .runtime import train_storage, want_gpu
 
@@ -45,21 +45,19 @@ def run_trial(config: dict) -> None:
     data = shards.load_shards(shards.shard_uris(cfg.shards, manifest), manifest, cfg.image_size,
                               workers=cfg.cpus_per_worker)
     x = engine.device_images(data.images, device)
-    scores = metrics.LabelFreeScores(data.images, cfg.k, config["score_sample"])  # its neighbour graph: built once
-    method = build_method(cfg, x.shape[1], x.shape[2])
-    stages, every = method.stages(), config["report_every"]
+    scores = metrics.LabelFreeScores(data.images, config["score_sample"])  # its neighbour graph: built once
     t0 = time.perf_counter()
 
-    def report_along(epoch: int, info: dict, state_fn) -> None:
-        if info["stage"] == "final" or (epoch + 1) % every or not method.clusters_in(stage_at(stages, epoch)):
-            return  # the final report follows fit
-        clusters = engine.clusters_now(state_fn(), x).cpu().numpy()
-        tune.report({"epoch": epoch + 1, "final": False, "seconds": time.perf_counter() - t0,
-                     **scores(clusters, names=(config["metric"],))})
+    def report_along(epoch: int, state: dict) -> None:
+        clusters = engine.clusters_now(state, x).cpu().numpy()
+        tune.report({"epoch": epoch, "final": False, "seconds": time.perf_counter() - t0,
+                     **scores(clusters, cfg.k, names=(config["metric"],))})
 
-    model = engine.fit(data.images, cfg, Comm(), device, on_epoch=report_along, log=lambda s: None)
+    model = engine.fit(data.images, cfg, Comm(), device, log=lambda s: None,
+                       on_epoch=engine.while_clustering(cfg, config["report_every"], report_along))
     clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
-    final = {"epoch": engine.total_epochs(cfg), "final": True, "seconds": time.perf_counter() - t0, **scores(clusters)}
+    final = {"epoch": engine.total_epochs(cfg), "final": True, "seconds": time.perf_counter() - t0,
+             **scores(clusters, cfg.k)}
     known = data.labels >= 0
     if known.any():  # shown beside the label-free scores; never used to choose
         final.update({f"{name}_vs_labels": v
@@ -67,12 +65,11 @@ def run_trial(config: dict) -> None:
     tune.report(final)
 
 
-def scheduler(cfg: PipelineConfig, trials: list[TrainConfig]):
-    """Ray Tune's scheduler for `tune.scheduler`, on the epoch axis (`report_every` epochs apart)."""
-    if cfg.tune.scheduler == "fifo":
+def scheduler(cfg: TuneConfig, longest: int):
+    """Ray Tune's scheduler for `tune.scheduler`, on the epoch axis; `longest`: epochs of the longest trial."""
+    if cfg.scheduler == "fifo":
         return None
-    longest = max(engine.total_epochs(t) for t in trials)
-    grace = cfg.tune.grace_epochs or max(1, longest // 3)
+    grace = cfg.grace_epochs or max(1, longest // 3)
     return ASHAScheduler(time_attr="epoch", max_t=max(longest, grace), grace_period=grace, reduction_factor=3)
 
 
@@ -104,7 +101,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
                      "base": base.model_dump(mode="json"), "searched": sorted(space),
                      "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
                      "report_every": cfg.tune.report_every},
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler(cfg, trials),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max",
+                                    scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
                                     max_concurrent_trials=cfg.tune.max_concurrent or None),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
                                   storage_filesystem=filesystem, verbose=1),

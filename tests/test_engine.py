@@ -46,6 +46,27 @@ def test_resume_continues_from_the_checkpoint(digits, method):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method, clustering_epochs", [("nmm", [3, 4]), ("dcec", [1, 2, 3, 4])])
+def test_clusters_along_a_run_come_from_stages_that_cluster_and_leave_the_run_as_it_was(digits, method, clustering_epochs):
+    images, _ = digits
+    cfg = small(method=method, pretrain_epochs=2, contrast_epochs=2, joint_epochs=3)  # nmm: 2 contrastive, 3 EM
+    x, seen, final = engine.device_images(images, "cpu"), {}, {}
+    along = engine.while_clustering(cfg, 1, lambda epoch, state: seen.update({epoch: engine.clusters_now(state, x)}))
+
+    def on_epoch(epoch: int, info: dict, state_fn) -> None:
+        along(epoch, info, state_fn)
+        if info["stage"] == "final":
+            final.update(state_fn())
+    model = engine.fit(images, cfg, on_epoch=on_epoch, log=lambda s: None)
+    assert sorted(seen) == clustering_epochs  # up to the last epoch, whose clusters are the finished model's
+    assert all(c.shape == (len(images),) and 0 <= c.min() and c.max() < cfg.k for c in seen.values())
+    # at the end, the clusters "if the run ended here" are the finished run's
+    assert torch.equal(engine.clusters_now(final, x), predict_all(model, x)[0].argmax(1))
+    untouched = engine.fit(images, cfg, log=lambda s: None)  # looking drew no random numbers from the run
+    for a, b in zip(model.state_dict().values(), untouched.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_resume_says_when_it_keeps_the_checkpoints_learning_rate(digits):
     images, _ = digits
     states, lines = {}, []
