@@ -66,8 +66,9 @@ def main() -> None:
 
     if args.replay:
         saved = json.loads(open(args.replay).read())
-        asha_replays(saved["runs"], TuneConfig(**saved["tune"]), args.graces or [saved["tune"]["grace_epochs"]],
-                     args.orders)
+        saved["asha"] = asha_replays(saved["runs"], TuneConfig(**saved["tune"]),
+                                     args.graces or [saved["tune"]["grace_epochs"]], args.orders)
+        write_json(args.out, saved)
         return
     if args.space is None:
         p.error("--space is required (unless --replay)")
