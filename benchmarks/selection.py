@@ -59,7 +59,7 @@ def main() -> None:
                                                         "(tune.report_every, tune.grace_epochs via --set)")
     p.add_argument("--orders", type=int, default=720, help="--along: trial orders replayed per seed (at most)")
     p.add_argument("--graces", type=int, nargs="*", default=[], help="--along: tune.grace_epochs values to replay "
-                                                                      "(0 = a third of the longest run)")
+                                                                      "(0 = half the longest run)")
     p.add_argument("--replay", default=None, help="a JSON this script wrote with --along: replay ASHA on its runs "
                                                   "again (other --graces), without training")
     args = p.parse_args()
@@ -188,7 +188,7 @@ def asha_replays(runs: list[dict], tune_cfg: TuneConfig, graces: list[int], max_
                 picks.append(pick == fifo)
                 gaps.append(best - mine[pick]["acc"])
                 shares.append(sum(ended[i] + mine[i]["start_epochs"] for i in ended) / full)
-            rows.append({"seed": seed, "grace_epochs": grace or f"0 ({max(r['epochs'] for r in mine) // 3})",
+            rows.append({"seed": seed, "grace_epochs": grace or f"0 ({max(r['epochs'] for r in mine) // 2})",
                          "orders": len(orders), "same_pick_as_fifo": round(float(np.mean(picks)), 3),
                          "fifo_gap": round(best - mine[fifo]["acc"], 4), "asha_gap_mean": round(float(np.mean(gaps)), 4),
                          "asha_gap_max": round(float(np.max(gaps)), 4), "epochs_vs_fifo": round(float(np.mean(shares)), 3)})

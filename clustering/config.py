@@ -103,9 +103,9 @@ class TuneConfig(Strict):
                                                     "(and at the end): progress, and what the scheduler decides on")
     scheduler: Literal["fifo", "asha"] = Field(
         "fifo", description="fifo: every trial trains to the end; asha: asynchronous successive halving stops a "
-                            "trial whose score falls below the best third of those that reached the same epoch")
+                            "trial whose score at grace_epochs is below the best third of the trials that got there")
     grace_epochs: int = Field(0, ge=0, description="asha: epochs every trial trains before it may be stopped; "
-                                                    "0 = a third of the longest trial")
+                                                    "0 = half the longest trial")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's resources allow")
     output: str = Field("outputs/demo/tune", description="where trials.json and best.yaml go")
 
