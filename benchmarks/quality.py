@@ -49,8 +49,8 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
         if (epoch + 1) % every or (along and along[-1]["epoch"] == epoch + 1):  # (a finished run started again)
             return
         state = state_fn()
-        k, pretrain = state["spec"]["config"]["k"], info["stage"] == "pretrain"
-        pretrain = pretrain and state["spec"]["method"] == "nmm"
+        k = state["spec"]["config"]["k"]
+        pretrain = info["stage"] == "pretrain" and state["spec"]["method"] == "nmm"  # NMM before EM: no clusters yet
         if pretrain:
             pred = feature_kmeans(engine.model_copy(state, x.device)[1], x, k)
         else:
