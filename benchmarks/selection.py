@@ -3,7 +3,7 @@
     python benchmarks/selection.py --config configs/demo.yaml --space "{k: [6, 8, 10, 12, 14, 16]}" --seeds 0 1
 
 Trains every combination of --space (the syntax of `tune.space`) for each seed, in this process, and scores each
-run with the tune job's label-free scores (clustering.metrics.label_free) and with ACC. For each seed it shows
+run with the tune job's label-free scores (clustering.metrics.LabelFreeScores) and with ACC. For each seed it shows
 the run each score picks and its ACC against the best ACC among the runs (DESIGN target: within 0.02, and k = 10
 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of the test suite.
 

@@ -94,11 +94,10 @@ class LabelFreeScores:
         return float(silhouette_score(self.pixels, picked))
 
     def __call__(self, clusters: np.ndarray, k: int, names=("modularity", "silhouette", "evenness")) -> dict:
+        """The scores named (all by default) of a partition into k clusters, and how many clusters it uses."""
         sizes = np.bincount(clusters, minlength=k)
-        out = {name: getattr(self, name)(clusters) for name in names if name != "evenness"}
-        if "evenness" in names:
-            out["evenness"] = evenness(sizes)
-        return {**out, "clusters_used": int((sizes > 0).sum())}
+        score = {"modularity": self.modularity, "silhouette": self.silhouette, "evenness": lambda _: evenness(sizes)}
+        return {**{name: score[name](clusters) for name in names}, "clusters_used": int((sizes > 0).sum())}
 
 
 def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, seed: int = 0) -> float:
@@ -110,8 +109,3 @@ def knn_modularity(images: np.ndarray, clusters: np.ndarray, sample: int = 10_00
                    seed: int = 0) -> float:
     """`LabelFreeScores.modularity` of one partition."""
     return LabelFreeScores(images, sample, neighbours, seed).modularity(clusters)
-
-
-def label_free(images: np.ndarray, clusters: np.ndarray, k: int, sample: int = 10_000) -> dict:
-    """The scores a run is chosen by (Tune, benchmarks/selection.py): no labels involved."""
-    return LabelFreeScores(images, sample)(clusters, k)

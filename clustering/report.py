@@ -14,9 +14,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from . import assignments, metrics, shards, storage  # noqa: E402
+from .config import TuneConfig  # noqa: E402
 
 SOURCE_IMAGES = 20_000  # images of the first shards read back for the picture grids and the label-free score
-SCORE_SAMPLE = 10_000  # of those, the images the label-free score is measured on (as the tune job's default)
+SCORE_SAMPLE = TuneConfig().score_sample  # of those, the images the label-free score is measured on, as in tune
 
 
 def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
