@@ -2,20 +2,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; pinned so pip does not pull a multi-GB CUDA build on CPU machines.
-# On a GPU machine: make TORCH="torch" (keeps the CUDA build that pip picks).
+# The CPU build of torch, held by a constraints file through every install step, so that no later step pulls a
+# multi-GB CUDA build on CPU machines. On a GPU machine: make CONSTRAINTS= TORCH=torch (keeps pip's CUDA build).
 TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 ARGS ?=
 
 .PHONY: setup run test clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(PIP_C) "$(TORCH)"
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
+	$(PY) -m pip list 2>/dev/null | grep -i "^torch "
 	touch $@
 
 run: setup
