@@ -30,9 +30,9 @@ def load_arrays(spec: str, limit: int | None = None, sample: int | None = None) 
         imgs = imgs[..., None] if imgs.ndim == 3 else imgs
     else:
         first = src.load(items[0])
-        mode, size = ("L" if first.mode == "L" else "RGB"), (first.height, first.width)
+        mode, side = ("L" if first.mode == "L" else "RGB"), min(first.height, first.width)
         with ThreadPoolExecutor(os.cpu_count()) as pool:
-            imgs = np.stack(list(pool.map(lambda it: shards.decode_image(src.load(it).data, mode, size), items, chunksize=512)))
+            imgs = np.stack(list(pool.map(lambda it: shards.decode_image(src.load(it).data, mode, side), items, chunksize=512)))
     labels = np.array([-1 if it.label is None else it.label for it in items], dtype=np.int64)
     return imgs, labels
 

@@ -37,7 +37,22 @@ class TrainConfig(Strict):
         "dcec", description="dcec (seed 001), vc (seed 000), nmm (seed 002), or a baseline: idec, dec, ae_kmeans, "
                             "kmeans (on pixels)")
     k: int = Field(10, ge=2, description="number of clusters")
-    image_size: int | None = Field(None, ge=4, description="train at this side (resizing); empty = the shards' size")
+    image_size: int | None = Field(None, ge=4, description="train at this square side (shorter side resized, centre "
+                                   "crop); empty = the corpus' median shorter side, at most 64 (in manifest.json)")
+    input: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: each worker decodes its images once and holds them on its device (fastest); "
+                            "stream: each worker streams its shards through a shuffle buffer, decoding in loader "
+                            "processes; auto: stream when a worker's decoded images exceed memory_budget_gb")
+    memory_budget_gb: float | None = Field(None, gt=0, description="auto: most decoded GB a worker may hold; empty = "
+                                           "a quarter of the host's memory per worker on it (and of the GPU's)")
+    sample: int | None = Field(None, ge=1, description="train on a seeded uniform random sample of this many images "
+                               "drawn across all shards (tune trials use the same one); the label job labels all")
+    sample_seed: int = Field(0, description="seed of train.sample (apart from train.seed, so every trial shares it)")
+    stats_sample: int = Field(20_000, ge=100, description="stream: images (over all workers) held for the "
+                              "dataset statistics: k-means init and end-of-run fit, DEC/CAH f_j, NMM's normalisers")
+    shuffle_buffer: int = Field(10_000, ge=1, description="stream: images each loader process shuffles across shards")
+    loader_workers: int | None = Field(None, ge=0, description="stream: decoding processes per worker; empty = "
+                                       "cpus_per_worker - 1 (at least 1); 0 = decode in the training process")
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
         "conv", description="conv (DCEC's conv AE / a conv net), mlp (DEC's), resnet18 (CIFAR stem; nmm only)")
     code_dim: int = Field(16, ge=2)
@@ -83,8 +98,11 @@ class LabelConfig(Strict):
     shards: str = "outputs/demo/shards"
     checkpoint: str = Field("", description="checkpoint folder/URI; empty = the train job's latest")
     output: str = "outputs/demo/assignments"
-    batch_size: int = Field(1024, ge=1)
-    actors: int = Field(1, ge=1, description="size of the labelling actor pool")
+    batch_size: int = Field(4096, ge=1, description="images per forward pass of a labelling actor")
+    actors: int = Field(1, ge=1, description="size of the labelling actor pool (one GPU each, where there are GPUs)")
+    cpus_per_actor: int = Field(1, ge=1, description="CPU threads of a labelling actor without a GPU")
+    decoders: int | None = Field(None, ge=1, description="decoding tasks at once (one CPU and one shard each); "
+                                 "empty = as many as the free CPUs allow")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     write_probs: bool = True
     write_embedding: bool = False

@@ -1,13 +1,14 @@
 """The training loop of one process, alone or as one rank of N (through `Comm`); no Ray here.
 
-Data: the rank's decoded uint8 images are moved to the device once; batches are index gathers there,
-converted to float on the device. Every rank runs the same number of steps per epoch (sized from the
-global sample count), cycling through its own shuffled rows, so no rank waits forever on a collective.
+Data comes through one seam (`inputs.py`): the rank's images held on the device or streamed from its shards.
+Either way every rank runs the same number of steps per epoch (sized from the global sample count), so no rank
+waits forever on a collective, and dataset-level statistics read the input's `sample`.
 """
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 
 from .comm import Comm
 from .config import TrainConfig
+from .inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
 from .methods import build_method, predict_all, to_float
 from .metrics import evenness
-from .schedule import stage_at, steps_per_epoch
+from .schedule import Stage, stage_at, steps_per_epoch
 
 EpochCallback = Callable[[int, dict, Callable[[], dict]], None]
 
@@ -28,12 +30,6 @@ class NonFiniteLoss(FloatingPointError):
 
 def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
     return {"method": cfg.method, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
-
-
-def device_images(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """uint8 (N, H, W, C) images as the (N, C, H, W) uint8 tensor on the device that training and scoring read."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def build_from_spec(spec: dict):
@@ -79,8 +75,81 @@ def total_epochs(cfg: TrainConfig) -> int:
     return stages[-1].end if stages else 0
 
 
+@dataclass
+class Run:
+    """What a run trains and keeps: its model, optimizer and history; `state` is its checkpoint dict."""
+    spec: dict
+    method: object
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer | None
+    history: list = field(default_factory=list)
+
+    def state(self, epoch: int, finished: bool = False) -> dict:
+        # finished: the method's end-of-run step (k-means, NMM's normalisers) is in the weights; labelling needs it
+        return {"spec": self.spec, "model": self.model.state_dict(), "optimizer": self.opt.state_dict() if self.opt else {},
+                "epoch": epoch, "rng": torch.get_rng_state(), "history": self.history, "finished": finished}
+
+
+def new_run(cfg: TrainConfig, channels: int, side: int, device: torch.device) -> Run:
+    spec = model_spec(cfg, channels, side)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank gives every rank the same initial weights
+    method, model = build_from_spec(spec)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None  # k-means on pixels has nothing to train
+    return Run(spec, method, model, opt)
+
+
+def restore(run: Run, resume: dict, cfg: TrainConfig, log: Callable[[str], None], picked: bool) -> int:
+    """Load a checkpoint dict into the run; returns the first epoch to train. `picked`: it is a start's (no note)."""
+    run.model.load_state_dict(resume["model"])
+    if run.opt is not None:
+        run.opt.load_state_dict(resume["optimizer"])
+    torch.set_rng_state(resume["rng"])
+    run.history = list(resume.get("history", []))
+    if not picked:
+        log(f"resumed from epoch {resume['epoch']}")
+        kept_lr = run.opt.param_groups[0]["lr"] if run.opt is not None else cfg.lr
+        if kept_lr != cfg.lr:  # a resumed run continues its optimizer as it was, learning rate included
+            log(f"note: the run continues with its checkpoint's lr {kept_lr:g}; train.lr={cfg.lr:g} applies to new runs "
+                "(give train.name a new value to start one)")
+    return int(resume["epoch"]) + 1
+
+
+def train_epoch(run: Run, data: TrainInput, stage: Stage, epoch: int, cfg: TrainConfig, comm: Comm,
+                steps: int) -> dict:
+    """One epoch of `steps` steps on every rank; returns its metrics (the same on every rank)."""
+    method, model, opt, device = run.method, run.model, run.opt, data.sample.device
+    t0 = time.perf_counter()
+    events = method.start_stage(stage, model, data.sample, comm) if epoch == stage.start else {}
+    method.start_epoch(stage, epoch, model, data.sample, comm)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
+    for x_u8, idx in data.batches(epoch, steps, max(1, cfg.batch_size // comm.world), cfg.seed, comm.rank):
+        with autocast:
+            loss = method.loss(stage, model, to_float(x_u8), idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        comm.average_gradients(model)
+        opt.step()
+        loss_sum += loss.detach().float()
+        bad += (~torch.isfinite(loss.detach())).float()
+    events = {**events, **method.end_epoch(stage, epoch, model, comm)}
+    # One collective per epoch: every rank sees the same sums, so all stop together on a NaN.
+    totals = comm.sum(torch.stack([loss_sum, bad]))
+    rank_steps = comm.gather(torch.tensor([[float(steps)]], device=device), 1)  # (world, 1): steps of each rank
+    if totals[1].item() > 0:
+        raise NonFiniteLoss(f"{stage.name} loss became NaN/inf in epoch {epoch} ({int(totals[1].item())} steps); "
+                            "the last good checkpoint is kept. Lower train.lr or check the input data.")
+    return {"epoch": epoch, "stage": stage.name, "loss": totals[0].item() / (steps * comm.world),
+            "seconds": time.perf_counter() - t0, "steps_min": int(rank_steps.min()), "steps_max": int(rank_steps.max()),
+            "local_samples": data.n, "input": "stream" if data.streamed else "memory", **events}
+
+
 def fit(
-    images: np.ndarray,
+    data: TrainInput | np.ndarray,
     cfg: TrainConfig,
     comm: Comm = Comm(),
     device: torch.device | str = "cpu",
@@ -89,7 +158,8 @@ def fit(
     log: Callable[[str], None] = print,
     until: int | None = None,
 ):
-    """Train `cfg.method` on uint8 images (N, H, W, C). Returns the model (in eval mode).
+    """Train `cfg.method` on an input (`inputs.py`), or on uint8 images (N, H, W, C) held in memory. Returns the
+    model (in eval mode).
 
     on_epoch(epoch, metrics, state_fn) runs after each epoch on every rank; state_fn() gives a
     checkpoint dict (model, optimizer, epoch, RNG) for the caller to persist.
@@ -97,105 +167,41 @@ def fit(
     trains that many starts and continues the best (`best_start`).
     `until`: stop after that many epochs, before the method's end-of-run step (a start being tried).
     """
+    device = torch.device(device)
+    data = as_input(data, device)
+    if data.n == 0:
+        raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
     picked = resume is None and cfg.restarts > 1
     if picked:
-        resume = best_start(images, cfg, comm, device, log)
-    device = torch.device(device)
-    n, h, w, c = images.shape
-    if h != w:
-        raise ValueError(f"images must be square, got {h}x{w}; re-shard with a resize")
-    spec = model_spec(cfg, c, h)
-    torch.manual_seed(cfg.seed)  # the same seed on every rank gives every rank the same initial weights
-    method, model = build_from_spec(spec)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None  # k-means on pixels has nothing to train
-    stages = method.stages()
-    total_epochs = stages[-1].end if stages else 0
-
-    x_all = device_images(images, device)
-    global_n = int(comm.sum(torch.tensor([float(n)], device=device)).item())
-    if n == 0:
-        raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
-    steps = steps_per_epoch(global_n, cfg.batch_size)
-    local_batch = max(1, cfg.batch_size // comm.world)
-
-    start_epoch, history, resumed_from = 0, [], -1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if opt is not None:
-            opt.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"])
-        start_epoch, history = int(resume["epoch"]) + 1, list(resume.get("history", []))
-        if not picked:
-            resumed_from = int(resume["epoch"])
-            log(f"resumed from epoch {resume['epoch']}")
-        kept_lr = opt.param_groups[0]["lr"] if opt is not None else cfg.lr
-        if kept_lr != cfg.lr:  # a resumed run continues its optimizer as it was, learning rate included
-            log(f"note: the run continues with its checkpoint's lr {kept_lr:g}; train.lr={cfg.lr:g} applies to new runs "
-                "(give train.name a new value to start one)")
-
-    def state_fn(epoch: int, finished: bool = False) -> dict:
-        # finished: the method's end-of-run step (k-means, NMM's normalisers) is in the weights; labelling needs it
-        return {"spec": spec, "model": model.state_dict(), "optimizer": opt.state_dict() if opt else {}, "epoch": epoch,
-                "rng": torch.get_rng_state(), "history": history, "finished": finished}
-
+        resume = best_start(data, cfg, comm, device, log)
+    run = new_run(cfg, data.channels, data.side, device)
+    start_epoch = restore(run, resume, cfg, log, picked) if resume is not None else 0
+    resumed_from = start_epoch - 1 if resume is not None and not picked else -1
     # The pick among starts shows in the metrics of the first epoch after it (and in the checkpoints' history).
     pick = {key: resume["history"][-1][key] for key in ("start_evenness", "start_picked")} if picked else {}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model.train()
-    last_epoch = total_epochs if until is None else min(until, total_epochs)
-    for epoch in range(start_epoch, last_epoch):
-        stage = stage_at(stages, epoch)
-        t0 = time.perf_counter()
-        events = method.start_stage(stage, model, x_all, comm) if epoch == stage.start else {}
-        events, pick = {**pick, **events}, {}
-        method.start_epoch(stage, epoch, model, x_all, comm)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 1_009 + comm.rank)
-        order = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        bad = torch.zeros((), device=device)
-        for step in range(steps):
-            idx = order[(step * local_batch + torch.arange(local_batch, device=device)) % n]
-            x = to_float(x_all[idx])
-            with autocast:
-                loss = method.loss(stage, model, x, idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            comm.average_gradients(model)
-            opt.step()
-            loss_sum += loss.detach().float()
-            bad += (~torch.isfinite(loss.detach())).float()
-        events = {**events, **method.end_epoch(stage, epoch, model, comm)}
-        # One collective per epoch: every rank sees the same sums, so all stop together on a NaN.
-        totals = comm.sum(torch.stack([loss_sum, bad]))
-        rank_steps = comm.gather(torch.tensor([[float(steps)]], device=device), 1)  # (world, 1): steps of each rank
-        mean_loss = totals[0].item() / (steps * comm.world)
-        if totals[1].item() > 0:
-            raise NonFiniteLoss(
-                f"{stage.name} loss became NaN/inf in epoch {epoch} ({int(totals[1].item())} steps); "
-                "the last good checkpoint is kept. Lower train.lr or check the input data."
-            )
-        metrics = {"epoch": epoch, "stage": stage.name, "loss": mean_loss, "seconds": time.perf_counter() - t0,
-                   "steps_min": int(rank_steps.min()), "steps_max": int(rank_steps.max()), "local_samples": n,
-                   "resumed_from": resumed_from, **events}
-        history.append(metrics)
-        log(f"epoch {epoch + 1}/{total_epochs} [{stage.name}] loss {mean_loss:.5f} ({metrics['seconds']:.1f}s)")
-        if on_epoch is not None and epoch < total_epochs - 1:
-            on_epoch(epoch, metrics, lambda e=epoch: state_fn(e))
-    if last_epoch < total_epochs:
-        model.eval()
-        return model
-
-    final = method.finish(model, x_all, comm)
-    if on_epoch is not None:
-        metrics = {**(history[-1] if history else {}), "epoch": total_epochs - 1, "stage": "final",
-                   "resumed_from": resumed_from, **final}
-        on_epoch(total_epochs - 1, metrics, lambda: state_fn(total_epochs - 1, finished=True))
-    model.eval()
-    return model
+    stages = run.method.stages()
+    total = stages[-1].end if stages else 0
+    steps = steps_per_epoch(int(comm.sum(torch.tensor([float(data.n)], device=device)).item()), cfg.batch_size)
+    run.model.train()
+    try:
+        for epoch in range(start_epoch, total if until is None else min(until, total)):
+            metrics = {**pick, **train_epoch(run, data, stage_at(stages, epoch), epoch, cfg, comm, steps),
+                       "resumed_from": resumed_from}
+            pick = {}
+            run.history.append(metrics)
+            log(f"epoch {epoch + 1}/{total} [{metrics['stage']}] loss {metrics['loss']:.5f} ({metrics['seconds']:.1f}s)")
+            if on_epoch is not None and epoch < total - 1:
+                on_epoch(epoch, metrics, lambda e=epoch: run.state(e))
+    finally:
+        data.close()
+    if until is None or until >= total:
+        final = run.method.finish(run.model, data.sample, comm)
+        if on_epoch is not None:
+            metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
+                       "resumed_from": resumed_from, **final}
+            on_epoch(total - 1, metrics, lambda: run.state(total - 1, finished=True))
+    run.model.eval()
+    return run.model
 
 
 RESTART_SEED_STRIDE = 1000  # start r of seed s uses seed s + 1000·r: start 0 is the run restarts=1 would train
@@ -227,32 +233,32 @@ def start_config(cfg: TrainConfig, r: int) -> TrainConfig:
     return cfg.model_copy(update={"seed": cfg.seed + RESTART_SEED_STRIDE * r, "restarts": 1})
 
 
-def try_start(images: np.ndarray, x: torch.Tensor, start: TrainConfig, epochs: int, comm: Comm, device):
+def try_start(data: TrainInput, start: TrainConfig, epochs: int, comm: Comm, device):
     """Train `start` for `epochs` epochs. Returns (its checkpoint then, the model labelling as a finished run
-    would: after the method's end-of-run step, e.g. k-means or NMM's normalisers). x: the images on the device."""
+    would: after the method's end-of-run step, e.g. k-means or NMM's normalisers, on the input's sample)."""
     kept: dict = {}
 
     def keep(epoch: int, metrics: dict, state_fn) -> None:
         if epoch == epochs - 1:
             kept.update(copy.deepcopy(state_fn()))
 
-    model = fit(images, start, comm, device, on_epoch=keep, log=lambda s: None, until=epochs)
-    build_method(start, images.shape[-1], images.shape[1]).finish(model, x, comm)
+    model = fit(data, start, comm, device, on_epoch=keep, log=lambda s: None, until=epochs)
+    build_method(start, data.channels, data.side).finish(model, data.sample, comm)
     return kept, model
 
 
-def best_start(images: np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
+def best_start(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
     """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one whose clusters
     are the most even. No labels: on MNIST a start that merges two digits early keeps one cluster of twice the usual
     size and splits another digit in two, while its loss is no higher than a good start's (docs/RESULTS.md).
     Every rank trains the same starts and sees the same sums, so all pick the same one."""
     check_restarts(cfg)
-    x = device_images(images, device)  # for scoring; each start's fit puts its own copy there (once per start)
+    data = as_input(data, device)
     best, picked, scores = None, 0, []  # scores: each start's evenness
     for r in range(cfg.restarts):
         start = start_config(cfg, r)
-        kept, model = try_start(images, x, start, cfg.restart_epochs, comm, device)
-        even = cluster_evenness(model, x, comm, cfg.k)
+        kept, model = try_start(data, start, cfg.restart_epochs, comm, device)
+        even = cluster_evenness(model, data.sample, comm, cfg.k)
         log(f"start {r + 1}/{cfg.restarts} (seed {start.seed}): {cfg.restart_epochs} epochs, loss "
             f"{kept['history'][-1]['loss']:.5f}, cluster evenness {even:.4f}")
         if best is None or even > max(scores):

@@ -125,7 +125,8 @@ class AEClustering(Recipe):
         super().__init__(cfg, channels, side)
         self.joint, self.reconstruct = joint, reconstruct
         self.view = view_for(channels)
-        self.targets: torch.Tensor | None = None  # (N_local, K): P, fixed between refreshes
+        self.targets: torch.Tensor | None = None  # (N_local, K): P of the held rows, fixed between refreshes
+        self.freq: torch.Tensor | None = None  # (K,) f_j of the last refresh, over every rank's images (or sample)
 
     def build(self) -> ClusterNet:
         c = self.cfg
@@ -141,20 +142,26 @@ class AEClustering(Recipe):
         if stage.name == "joint" and (self.targets is None or (epoch - stage.start) % self.cfg.target_every == 0):
             with torch.no_grad():
                 q = model.head.predict_proba(embed_all(model, images))  # (N, K)
-                freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share
-                self.targets = losses.cah_target(q, freq)
+                self.freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share
+                self.targets = losses.cah_target(q, self.freq)
 
-    def loss(self, stage: Stage, model: ClusterNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def target(self, q: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """P of a batch: the refresh's fixed P of held rows (idx); a streamed batch (no idx) has no held row, and
+        gets P from its own Q (no gradient) with the refresh's f_j: DEC's target refreshed every step."""
+        return self.targets[idx] if idx is not None else losses.cah_target(q.detach().float(), self.freq)
+
+    def loss(self, stage: Stage, model: ClusterNet, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.augment:  # DEC-DA: learn on a random view of each image (its target P comes from the image)
             x = self.view(x)
         if stage.name == "joint" and not self.reconstruct:
-            return losses.kl_div(self.targets[idx], model.head(model.embed(x)))
+            q = model.head(model.embed(x))
+            return losses.kl_div(self.target(q, idx), q)
         z, x_hat = model.ae(x)
         rec = losses.reconstruction(x_hat, x)
         if stage.name == "pretrain":
             return rec
         q = model.head(z)  # (B, K)
-        return losses.kl_div(self.targets[idx], q) + self.cfg.rec_weight * rec
+        return losses.kl_div(self.target(q, idx), q) + self.cfg.rec_weight * rec
 
     def finish(self, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
         return fit_head(model, images, comm, self.cfg.seed)

@@ -9,9 +9,10 @@ import hashlib
 import io
 import json
 import multiprocessing
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from itertools import repeat
 
 import numpy as np
 import webdataset as wds
@@ -108,13 +109,25 @@ def rank_shards(uris: list[str], rank: int, world: int) -> list[str]:
     return uris[rank::world]
 
 
-def decode_image(data: bytes, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, C) in the corpus' mode and size (DESIGN.md §6: mixed inputs are converted)."""
+# The input policy (DESIGN.md §3), the same in training, labelling and the report: every image is converted to the
+# corpus' mode (L or RGB), its shorter side resized to `side` and its centre cropped to a square side x side.
+# Nothing is stretched, and photos of any size and aspect ratio train together.
+POLICY = "convert to the corpus' mode (L or RGB); resize the shorter side to image_size; centre-crop a square"
+SIDE_CAP = 64  # the default side is the corpus' median shorter side, at most this: training from scratch stays fast
+
+
+def decode_image(data: bytes, mode: str, side: int) -> np.ndarray:
+    """Encoded bytes -> uint8 (side, side, C) by the input policy."""
     with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            im.draft(mode, (side, side))  # decode at 1/2..1/8 scale while that still covers side: far faster for photos
         if im.mode != mode:
             im = im.convert(mode)
-        if (im.height, im.width) != size:
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
+        w, h = im.size
+        if (w, h) != (side, side):
+            s = min(w, h)  # the centred square of the shorter side, resized in one step (antialiased)
+            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+            im = im.resize((side, side), Image.BILINEAR, box=box, reducing_gap=3.0)
         arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -134,45 +147,69 @@ def image_of(sample: dict) -> bytes:
     raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')} has no png/jpg member")
 
 
-def decode_samples(samples: list[dict], mode: str, size: tuple[int, int], shard: str) -> Decoded:
+def decode_samples(samples: list[dict], mode: str, side: int, shard: str) -> Decoded:
     # One thread: for small images Python's per-image overhead dominates, and threads only contend for the GIL.
-    arrays = [decode_image(image_of(s), mode, size) for s in samples]
+    arrays = [decode_image(image_of(s), mode, side) for s in samples]
     c = 1 if mode == "L" else 3
-    images = np.stack(arrays) if arrays else np.zeros((0, *size, c), np.uint8)
+    images = np.stack(arrays) if arrays else np.zeros((0, side, side, c), np.uint8)
     labels = np.array([int(s["cls"]) if "cls" in s else -1 for s in samples], dtype=np.int64)
     return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples))
 
 
-def image_spec(manifest: dict, side: int | None = None) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (H, W)) every image is decoded to: the corpus' own, or a square `side`."""
+def corpus_side(manifest: dict) -> int:
+    """The side images train at when train.image_size is not set: chosen by the shard job from the corpus."""
     img = manifest["image"]
-    size = (side, side) if side else (img["height"], img["width"])
-    return ("L" if img["channels"] == 1 else "RGB"), size
+    return int(img.get("side") or min(img["height"], img["width"]))  # manifests before the policy: the common shape
 
 
-def load_shard(uri: str, mode: str, size: tuple[int, int]) -> Decoded:
-    return decode_samples(read_shard(uri), mode, size, uri.rsplit("/", 1)[-1])
+def image_spec(manifest: dict, side: int | None = None, channels: int | None = None) -> tuple[str, int]:
+    """(PIL mode, side) every image is decoded to: the corpus' own (or `channels`), at `side` or the corpus' side."""
+    c = channels or manifest["image"]["channels"]
+    return ("L" if c == 1 else "RGB"), int(side or corpus_side(manifest))
 
 
-def load_shards(uris: list[str], manifest: dict, side: int | None = None, workers: int = 1) -> Decoded:
-    """Read and decode whole shards into one uint8 array (the training set of one rank).
-    With workers > 1, shards decode in parallel processes (forkserver: safe beside threads and CUDA)."""
-    mode, size = image_spec(manifest, side)
-    if workers > 1 and len(uris) > 1:
-        ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(min(workers, len(uris)), mp_context=ctx) as pool:
-            parts = list(pool.map(partial(load_shard, mode=mode, size=size), uris))
-    else:
-        parts = [load_shard(u, mode, size) for u in uris]
-    c = 1 if mode == "L" else 3
+def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None) -> Decoded:
+    """One shard decoded; `members`: only the samples at these positions (a sample drawn across the corpus)."""
+    samples = read_shard(uri)
+    if members is not None:
+        samples = [samples[i] for i in members]
+    return decode_samples(samples, mode, side, uri.rsplit("/", 1)[-1])
+
+
+def concat(parts: list[Decoded], mode: str, side: int) -> Decoded:
     if not parts:
-        return Decoded(np.zeros((0, *size, c), np.uint8), [], np.zeros(0, np.int64), [])
-    return Decoded(
-        np.concatenate([p.images for p in parts]),
-        [k for p in parts for k in p.keys],
-        np.concatenate([p.labels for p in parts]),
-        [s for p in parts for s in p.shards],
-    )
+        return Decoded(np.zeros((0, side, side, 1 if mode == "L" else 3), np.uint8), [], np.zeros(0, np.int64), [])
+    return Decoded(np.concatenate([p.images for p in parts]), [k for p in parts for k in p.keys],
+                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards])
+
+
+def load_shards(uris: list[str], manifest: dict, side: int | None = None, workers: int = 1,
+                members: dict[str, np.ndarray] | None = None, channels: int | None = None) -> Decoded:
+    """Read and decode whole shards (or the `members` of each, by shard name) into one uint8 array.
+    With workers > 1, shards decode in parallel processes (forkserver: safe beside threads and CUDA)."""
+    mode, side = image_spec(manifest, side, channels)
+    picks = [None if members is None else members.get(u.rsplit("/", 1)[-1], np.zeros(0, np.int64)) for u in uris]
+    jobs = [(u, p) for u, p in zip(uris, picks) if p is None or len(p)]
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            uris, picks = zip(*jobs)
+            parts = list(pool.map(load_shard, uris, repeat(mode), repeat(side), picks))
+    else:
+        parts = [load_shard(u, mode, side, p) for u, p in jobs]
+    return concat(parts, mode, side)
+
+
+def sample_members(manifest: dict, n: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded, uniform random sample of n images across every shard: {shard name: sorted positions in it}.
+    Memory O(n), whatever the corpus' size; every rank and every tune trial draws the same one."""
+    counts = np.array([s["samples"] for s in manifest["shards"]], dtype=np.int64)
+    total = int(counts.sum())
+    chosen = np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    shard_of = np.searchsorted(starts, chosen, side="right") - 1
+    return {s["name"]: chosen[shard_of == i] - starts[i] for i, s in enumerate(manifest["shards"])
+            if (shard_of == i).any()}
 
 
 def plan_shards(items: list, samples_per_shard: int, max_bytes: int) -> list[list]:
@@ -193,7 +230,7 @@ def write_items(source, items: list, uri: str) -> dict:
     """Load, validate and write one shard of a source's items. Unreadable images are skipped and listed."""
     from .sources import BadImage
 
-    samples, skipped, shapes = [], [], {}
+    samples, skipped, shapes = [], [], Counter()
     for it in items:
         try:
             d = source.load(it)
@@ -205,7 +242,29 @@ def write_items(source, items: list, uri: str) -> dict:
         if it.label is not None:
             sample["cls"] = it.label
         samples.append(sample)
-        shape = f"{d.height}x{d.width}x{d.mode}"
-        shapes[shape] = shapes.get(shape, 0) + 1
+        shapes[(d.height, d.width, d.mode)] += 1
     stats = write_shard(samples, uri) if samples else None
     return {"shard": stats, "skipped": skipped, "shapes": shapes, "labelled": sum("cls" in s for s in samples)}
+
+
+def shape_summary(shapes: Counter) -> dict:
+    """What the manifest records of the images' shapes (bounded, however many distinct sizes a corpus has):
+    the modes, the shorter side's quantiles and the most common shapes."""
+    modes, shorter = Counter(), Counter()
+    for (h, w, mode), n in shapes.items():
+        modes[mode] += n
+        shorter[min(h, w)] += n
+    sides = np.repeat(np.array(list(shorter), dtype=np.int64), list(shorter.values()))
+    q = {name: int(np.percentile(sides, p, method="nearest")) for name, p in
+         [("min", 0), ("p10", 10), ("median", 50), ("p90", 90), ("max", 100)]}
+    return {"distinct": len(shapes), "modes": dict(modes), "shorter_side": q,
+            "most_common": [[f"{h}x{w}", mode, n] for (h, w, mode), n in shapes.most_common(20)]}
+
+
+def choose_image(summary: dict) -> dict:
+    """The corpus' training input: the majority's channels (gray or colour), and a square side of the median
+    shorter side, capped at SIDE_CAP (train.image_size overrides it)."""
+    gray = sum(n for m, n in summary["modes"].items() if m in ("1", "L", "LA", "I", "I;16", "F"))
+    channels = 1 if 2 * gray >= sum(summary["modes"].values()) else 3
+    side = min(summary["shorter_side"]["median"], SIDE_CAP)
+    return {"side": side, "height": side, "width": side, "channels": channels, "policy": POLICY}

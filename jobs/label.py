@@ -1,5 +1,5 @@
-"""Label job: Ray Data maps every shard through an actor pool holding the trained model (GPU when present)
-and writes one Parquet part per shard, then `_SUCCESS.json`.
+"""Label job: Ray Data decodes every shard in CPU tasks and labels it in an actor pool holding the trained model
+(GPU when present), which writes one Parquet part per shard; then `_SUCCESS.json`.
 
 Re-running with the same arguments finishes only the shards whose part is missing (DESIGN.md §6).
 """
@@ -16,39 +16,61 @@ import torch
 from clustering import assignments, shards, storage
 from clustering.config import LabelConfig
 from clustering.engine import build_from_spec
+from clustering.inputs import device_images
 from clustering.methods import predict_all
 
 from .runtime import want_gpu
 from .train import load_checkpoint, resolve_checkpoint
 
 
-class ShardLabeler:
-    """One actor: loads the model once, then reads, decodes, labels and writes whole shards."""
+def decode_shard(batch: dict, mode: str, side: int) -> dict:
+    """A Ray Data task on a CPU: one shard -> one row with its keys and its images by the input policy."""
+    uri = str(batch["shard"][0])
+    data = shards.load_shard(uri, mode, side)
+    return {"shard": np.array([uri]), "keys": np.array(["\n".join(data.keys)]), "images": data.images[None]}
 
-    def __init__(self, checkpoint: str, manifest: dict, cfg: dict, gpu: bool):
+
+class ShardLabeler:
+    """One actor of the pool: loads the model once, then labels decoded shards and writes one part per shard."""
+
+    def __init__(self, checkpoint: str, cfg: dict, gpu: bool):
         self.cfg = LabelConfig(**cfg)
         state = load_checkpoint(checkpoint)
-        self.spec = state["spec"]
-        _, self.model = build_from_spec(self.spec)
+        _, self.model = build_from_spec(state["spec"])
         self.model.load_state_dict(state["model"])
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.cpus_per_actor)
         self.model.to(self.device).eval()
-        self.manifest = manifest
 
     def __call__(self, batch: dict) -> dict:
         rows, counts = [], []
-        mode, size = shards.image_spec(self.manifest, self.spec["side"])
-        for uri in batch["shard"]:
-            name = uri.rsplit("/", 1)[-1]
-            data = shards.load_shard(uri, mode, size)
-            x = torch.from_numpy(data.images).permute(0, 3, 1, 2).to(self.device)
+        for uri, keys, images in zip(batch["shard"], batch["keys"], batch["images"]):
+            keys = str(keys).split("\n")
+            x = device_images(np.ascontiguousarray(images), self.device)
             probs, z = predict_all(self.model, x, self.cfg.batch_size)
-            tbl = assignments.table(data.keys, name, probs.cpu().numpy(),
+            tbl = assignments.table(keys, uri.rsplit("/", 1)[-1], probs.cpu().numpy(),
                                     z.cpu().numpy() if self.cfg.write_embedding else None, self.cfg.write_probs)
             assignments.write_part(self.cfg.output, shards.shard_index(uri), tbl)
-            rows.append(len(data.keys))
+            rows.append(len(keys))
             counts.append(np.bincount(probs.argmax(1).cpu().numpy(), minlength=probs.shape[1]))
         return {"shard": batch["shard"], "rows": np.array(rows), "counts": np.stack(counts)}
+
+
+def label_shards(todo: list[str], checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool) -> None:
+    """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
+    executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
+    time in batches of label.batch_size, so the device waits on no decoding."""
+    mode, side = ("L" if spec["channels"] == 1 else "RGB"), spec["side"]  # the policy at the model's own input
+    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, concurrency=cfg.decoders,
+                        fn_kwargs={"mode": mode, "side": side})
+    ds = ds.map_batches(
+        ShardLabeler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
+        num_gpus=1 if gpu else 0, num_cpus=0 if gpu else cfg.cpus_per_actor,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu},
+    )
+    ds.materialize()
 
 
 def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
@@ -70,14 +92,7 @@ def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
     t0 = time.perf_counter()
     gpu = want_gpu(cfg.use_gpu)
     if todo:
-        ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            ShardLabeler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
-            num_gpus=1 if gpu else 0, num_cpus=1,
-            fn_constructor_kwargs={"checkpoint": checkpoint, "manifest": manifest,
-                                   "cfg": cfg.model_dump(mode="json"), "gpu": gpu},
-        )
-        ds.materialize()
+        label_shards(todo, checkpoint, state["spec"], cfg, gpu)
     seconds = time.perf_counter() - t0
     sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
     # Counts come from the parts themselves, so a resumed run reports the whole corpus.

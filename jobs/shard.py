@@ -47,15 +47,15 @@ def run_shard(cfg: ShardConfig, progress: bool = True) -> dict:
     if total == 0:
         reasons = "; ".join(skipped[:3])
         raise SourceError(f"no readable images in {cfg.source!r}: all {len(skipped)} inputs were skipped ({reasons})")
-    (h, w, mode), _ = max(((tuple(k.split("x")), n) for k, n in shapes.items()), key=lambda kv: kv[1])
+    summary = shards.shape_summary(shapes)
     labelled = sum(r["labelled"] for r in results.values())
     manifest = {
         "source": cfg.source,
         "num_samples": total,
         "shards": written,
-        "image": {"height": int(h), "width": int(w), "channels": 1 if mode == "L" else 3},
-        # Images of another size or mode are converted to this one when read (DESIGN.md §6).
-        "shapes": dict(shapes),
+        # What every image becomes when read (shards.POLICY), unless train.image_size sets the side.
+        "image": shards.choose_image(summary),
+        "shapes": summary,
         "labelled": labelled,
         "classes": getattr(source, "classes", None),
         "skipped": {"count": len(skipped), "examples": skipped[:100]},
@@ -66,13 +66,17 @@ def run_shard(cfg: ShardConfig, progress: bool = True) -> dict:
 
 
 def describe(manifest: dict, output: str) -> str:
-    img = manifest["image"]
+    img, shapes = manifest["image"], manifest["shapes"]
     lines = [
         f"wrote {manifest['num_samples']:,} samples in {len(manifest['shards'])} shards to {output} "
-        f"({img['height']}x{img['width']}x{img['channels']}; {manifest['labelled']:,} with labels)"
+        f"({manifest['labelled']:,} with labels)",
+        f"  training input {img['side']}x{img['side']} {'gray' if img['channels'] == 1 else 'RGB'} "
+        f"(train.image_size to change): {shards.POLICY}",
     ]
-    if len(manifest["shapes"]) > 1:
-        lines.append(f"  mixed image shapes {manifest['shapes']}: converted to the most common one when read")
+    if shapes["distinct"] > 1:
+        q, modes = shapes["shorter_side"], ", ".join(f"{m} {n:,}" for m, n in shapes["modes"].items())
+        lines.append(f"  {shapes['distinct']:,} image shapes: shorter side {q['min']}..{q['max']} (median {q['median']}); "
+                     f"modes {modes}")
     if manifest["skipped"]["count"]:
         lines.append(f"  skipped {manifest['skipped']['count']} unreadable inputs, e.g. {manifest['skipped']['examples'][0]}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Train job: Ray Train's TorchTrainer runs clustering.engine.fit on N workers, each on its own shards.
+"""Train job: Ray Train's TorchTrainer runs clustering.engine.fit on N workers, each on its own shards, held in
+memory or streamed (`train.input`, clustering/inputs.py).
 
 Each epoch rank 0 writes a checkpoint (model, head, optimizer, epoch, RNG) to the run's storage path;
 a restarted worker group (FailureConfig) or a re-run with the same `train.name` resumes from the latest.
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clustering import engine, shards, storage
+from clustering import engine, inputs, shards, storage
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 
@@ -43,9 +44,8 @@ def train_loop(config: dict) -> None:
     comm = Comm(rank, world, dist.all_reduce)
 
     manifest = shards.read_manifest(cfg.shards)
-    mine = shards.rank_shards(shards.shard_uris(cfg.shards, manifest), rank, world)
-    data = shards.load_shards(mine, manifest, cfg.image_size, workers=cfg.cpus_per_worker)
-    print(f"[rank {rank}/{world}] {len(data.keys):,} images from {len(mine)} shards on {device}")
+    data = inputs.open_input(cfg, manifest, comm, device, ctx.get_local_world_size(),
+                             log=lambda s: print(f"{s} on {device}", flush=True))
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -64,7 +64,7 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{epoch:06d}")
 
-    engine.fit(data.images, cfg, comm, device, resume=resume, on_epoch=report,
+    engine.fit(data, cfg, comm, device, resume=resume, on_epoch=report,
                log=lambda s: print(s, flush=True) if rank == 0 else None)
 
 

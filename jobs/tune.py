@@ -1,6 +1,7 @@
 """Tune job: Ray Tune trains one trial per combination of `tune.space` and picks the winner without labels.
 
-Each trial is one process on its own resources (a GPU where the cluster has them): it reads every shard, trains
+Each trial is one process on its own resources (a GPU where the cluster has them): it reads every shard (or the
+images of train.sample, the same for every trial; a corpus beyond memory streams, as in the train job), trains
 with `clustering.engine.fit`, and scores its clusters with a label-free score (`tune.metric`) along the run and at
 the end. With `tune.scheduler=asha`, Ray Tune's ASHA stops the trials whose score trails at set epochs. Labels, where
 the shards carry them, are scored at the end too, for the table only; they never choose. The job writes
@@ -17,7 +18,7 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from clustering import engine, metrics, shards, storage
+from clustering import engine, inputs, metrics, shards, storage
 from clustering.comm import Comm
 from clustering.config import (
     ConfigError,
@@ -35,17 +36,16 @@ RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds
 
 
 def run_trial(config: dict) -> None:
-    """Runs in a Tune trial's actor: train one config on all shards. Every `report_every` epochs once the run
+    """Runs in a Tune trial's actor: train one config on all shards (or on train.sample, the same for every trial). Every `report_every` epochs once the run
     clusters, report the label-free score that chooses (`metric`, on a copy of the model) so that a scheduler can
     stop a poor trial early; at the end, report every score, and ACC/NMI/ARI where the shards carry labels."""
     cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.cpus_per_worker)
-    manifest = shards.read_manifest(cfg.shards)
-    data = shards.load_shards(shards.shard_uris(cfg.shards, manifest), manifest, cfg.image_size,
-                              workers=cfg.cpus_per_worker)
-    x = engine.device_images(data.images, device)
-    scores = metrics.LabelFreeScores(data.images, config["score_sample"])  # its neighbour graph: built once
+    data = inputs.open_input(cfg, shards.read_manifest(cfg.shards), Comm(), device, log=lambda s: None)
+    x = data.sample  # every image held in memory, or the statistics' sample of a streamed corpus
+    images = x.permute(0, 2, 3, 1).cpu().numpy()
+    scores = metrics.LabelFreeScores(images, config["score_sample"])  # its neighbour graph: built once
     t0 = time.perf_counter()
 
     def report_along(epoch: int, state: dict) -> None:
@@ -53,15 +53,15 @@ def run_trial(config: dict) -> None:
         tune.report({"epoch": epoch, "final": False, "seconds": time.perf_counter() - t0,
                      **scores(clusters, cfg.k, names=(config["metric"],))})
 
-    model = engine.fit(data.images, cfg, Comm(), device, log=lambda s: None,
+    model = engine.fit(data, cfg, Comm(), device, log=lambda s: None,
                        on_epoch=engine.while_clustering(cfg, config["report_every"], report_along))
     clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
     final = {"epoch": engine.total_epochs(cfg), "final": True, "seconds": time.perf_counter() - t0,
              **scores(clusters, cfg.k)}
-    known = data.labels >= 0
+    labels = data.sample_labels
+    known = labels >= 0
     if known.any():  # shown beside the label-free scores; never used to choose
-        final.update({f"{name}_vs_labels": v
-                      for name, v in metrics.scores(data.labels[known], clusters[known]).items()})
+        final.update({f"{name}_vs_labels": v for name, v in metrics.scores(labels[known], clusters[known]).items()})
     tune.report(final)
 
 
