@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from . import assignments, metrics, shards, storage  # noqa: E402
 from .config import TuneConfig  # noqa: E402
@@ -35,10 +36,10 @@ def first_images(shards_uri: str, limit: int = SOURCE_IMAGES) -> tuple[np.ndarra
     """Decoded images and keys of the first shards, at least `limit` images (or all there are). Read once and
     passed to `summarize` and `montages`, which both look at them."""
     manifest = shards.read_manifest(shards_uri)
-    mode, size = shards.image_spec(manifest)
+    mode, side = shards.image_spec(manifest)
     images, keys = [], []
     for uri in shards.shard_uris(shards_uri, manifest):
-        d = shards.load_shard(uri, mode, size)
+        d = shards.load_shard(uri, mode, side)
         images.append(d.images)
         keys += d.keys
         if len(keys) >= limit:
@@ -99,6 +100,28 @@ def montages(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | 
     return grids
 
 
+def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
+    """Images of the first shard as stored (top) and as the model sees them (bottom): the input policy
+    (shards.POLICY) at the model's side, on as many different shapes as the shard has, up to `count`."""
+    manifest = shards.read_manifest(shards_uri)
+    by_shape: dict = {}
+    for s in shards.read_shard(shards.shard_uris(shards_uri, manifest)[0]):
+        meta = json.loads(s["json"]) if "json" in s else {}
+        by_shape.setdefault((meta.get("width"), meta.get("height")), s)
+    picks = list(by_shape.values())[:count]
+    fig, axes = plt.subplots(2, len(picks), figsize=(len(picks) * 1.3, 2.8), squeeze=False)
+    for i, sample in enumerate(picks):
+        data = shards.image_of(sample)
+        with Image.open(io.BytesIO(data)) as im:
+            stored = np.asarray(im.convert(mode))
+        seen = shards.decode_image(data, mode, side)
+        for ax, img in zip(axes[:, i], (stored, seen)):
+            ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img, cmap="gray")
+            ax.set_title(f"{img.shape[1]}x{img.shape[0]}", fontsize=7)
+            ax.axis("off")
+    return figure_png(fig)
+
+
 def sizes_chart(sizes: dict[int, int]) -> str:
     fig, ax = plt.subplots(figsize=(6, 2.5))
     ax.bar([str(k) for k in sizes], list(sizes.values()), color="#4477aa")
@@ -119,7 +142,9 @@ def curve_chart(history: list[dict]) -> str:
     return figure_png(fig)
 
 
-def write_html(report_dir: str, summary: dict, grids: dict[int, str], history: list[dict]) -> str:
+def write_html(report_dir: str, summary: dict, grids: dict[int, str], history: list[dict],
+               policy: str | None = None) -> str:
+    """The report page; `policy`: policy_chart's picture, shown with the policy's words."""
     img = lambda b64: f'<img src="data:image/png;base64,{b64}">'  # noqa: E731
     scores = "".join(f"<tr><th>{m.upper()}</th><td>{summary[m]:.4f}</td></tr>" for m in ("acc", "nmi", "ari") if m in summary)
     rows = "".join(
@@ -134,6 +159,7 @@ image's 10 nearest images in its own cluster; no labels used).</p>
 <table>{scores}</table>
 <h2>Cluster sizes</h2>{img(sizes_chart(summary['cluster_sizes']))}
 {'<h2>Training loss</h2>' + img(curve_chart(history)) if history else ''}
+{f'<h2>Input policy</h2><p>Every image is read the same way: {shards.POLICY}. Stored (top), as the model sees it (bottom):</p>' + img(policy) if policy else ''}
 <h2>Most confident images per cluster</h2><table><tr><th>cluster</th><th>size</th><th></th></tr>{rows}</table>
 <h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre></body></html>"""
     uri = storage.join(report_dir, "index.html")

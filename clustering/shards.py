@@ -113,7 +113,7 @@ def rank_shards(uris: list[str], rank: int, world: int) -> list[str]:
 # corpus' mode (L or RGB), its shorter side resized to `side` and its centre cropped to a square side x side.
 # Nothing is stretched, and photos of any size and aspect ratio train together.
 POLICY = "convert to the corpus' mode (L or RGB); resize the shorter side to image_size; centre-crop a square"
-SIDE_CAP = 64  # the default side is the corpus' median shorter side, at most this: training from scratch stays fast
+SIDE_CAP = 64  # the default side: the corpus' median shorter side, at most this, so training from scratch stays fast
 
 
 def decode_image(data: bytes, mode: str, side: int) -> np.ndarray:
@@ -263,8 +263,9 @@ def shape_summary(shapes: Counter) -> dict:
 
 def choose_image(summary: dict) -> dict:
     """The corpus' training input: the majority's channels (gray or colour), and a square side of the median
-    shorter side, capped at SIDE_CAP (train.image_size overrides it)."""
+    shorter side, capped at SIDE_CAP and rounded down to a multiple of 4, as the conv nets pool twice
+    (train.image_size overrides it)."""
     gray = sum(n for m, n in summary["modes"].items() if m in ("1", "L", "LA", "I", "I;16", "F"))
     channels = 1 if 2 * gray >= sum(summary["modes"].values()) else 3
-    side = min(summary["shorter_side"]["median"], SIDE_CAP)
+    side = max(4, min(summary["shorter_side"]["median"], SIDE_CAP) // 4 * 4)
     return {"side": side, "height": side, "width": side, "channels": channels, "policy": POLICY}

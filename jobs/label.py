@@ -57,13 +57,17 @@ class ShardLabeler:
         return {"shard": batch["shard"], "rows": np.array(rows), "counts": np.stack(counts)}
 
 
-def label_shards(todo: list[str], checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool) -> None:
+def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool) -> None:
     """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
     mode, side = ("L" if spec["channels"] == 1 else "RGB"), spec["side"]  # the policy at the model's own input
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, concurrency=cfg.decoders,
+    # A decode task asks for the memory of its shard, read and decoded: it schedules where that fits, and the
+    # request (which the actors do not make) keeps Ray Data from fusing the decoding into the actors.
+    biggest = max(manifest["shards"], key=lambda s: s["samples"])
+    memory = biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2
+    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
                         fn_kwargs={"mode": mode, "side": side})
     ds = ds.map_batches(
         ShardLabeler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
@@ -92,7 +96,7 @@ def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
     t0 = time.perf_counter()
     gpu = want_gpu(cfg.use_gpu)
     if todo:
-        label_shards(todo, checkpoint, state["spec"], cfg, gpu)
+        label_shards(todo, manifest, checkpoint, state["spec"], cfg, gpu)
     seconds = time.perf_counter() - t0
     sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
     # Counts come from the parts themselves, so a resumed run reports the whole corpus.

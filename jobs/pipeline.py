@@ -37,9 +37,12 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     seen = report.first_images(cfg.label.shards)  # read once: the score and the picture grids look at them
     summary = report.summarize(cfg.label.output, cfg.label.shards, seen)
     summary.update(run=trained.name, checkpoint=trained.checkpoint, seconds=round(time.perf_counter() - t0, 1))
-    history = load_checkpoint(trained.checkpoint).get("history", [])
+    state = load_checkpoint(trained.checkpoint)
+    spec, history = state["spec"], state.get("history", [])
     report_dir = storage.join(cfg.work_dir, "report")
-    html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards, seen), history)
+    policy = report.policy_chart(cfg.label.shards, "L" if spec["channels"] == 1 else "RGB", spec["side"])
+    html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards, seen), history,
+                             policy)
     summary.update(assignments=cfg.label.output, report=html, labelled_rows=info["rows"])
     print(format_summary(summary), flush=True)
     return summary
