@@ -57,13 +57,13 @@ def kill_worker_after_checkpoints(run_dir: str, done: threading.Event, killed: l
         time.sleep(0.05)
 
 
-def run(work_dir, name, kill=False):
+def run(work_dir, name, kill=False, extra=()):
     from jobs.label import run_label
     from jobs.shard import run_shard
     from jobs.train import run_train
 
     cfg = load_config(PipelineConfig, "configs/demo.yaml", BASE + [f"work_dir={work_dir}", f"train.name={name}",
-                                                                   f"label.output={work_dir}/a-{name}"])
+                                                                   f"label.output={work_dir}/a-{name}", *extra])
     if not storage.exists(f"{cfg.shard.output}/manifest.json"):
         run_shard(cfg.shard, progress=False)
     done, killed = threading.Event(), []
@@ -79,10 +79,12 @@ def run(work_dir, name, kill=False):
     return report.summarize(cfg.label.output, cfg.label.shards), trained, killed
 
 
-def test_killed_worker_resumes_from_checkpoint(two_node_cluster, tmp_path):
-    plain, _, _ = run(tmp_path, "plain")
-    resumed, trained, killed = run(tmp_path, "killed", kill=True)
+@pytest.mark.parametrize("extra", [[], ["train.input=stream", "train.loader_workers=1"]], ids=["memory", "stream"])
+def test_killed_worker_resumes_from_checkpoint(two_node_cluster, tmp_path, extra):
+    plain, _, _ = run(tmp_path, "plain", extra=extra)
+    resumed, trained, killed = run(tmp_path, "killed", kill=True, extra=extra)
     assert killed, "no training worker was found to kill"
     assert trained.metrics["resumed_from"] >= 0  # the final model came from a restored run
+    assert trained.metrics["input"] == ("stream" if extra else "memory")
     assert resumed["rows"] == 1797
     assert abs(plain["acc"] - resumed["acc"]) <= 0.02, (plain["acc"], resumed["acc"])
