@@ -48,3 +48,88 @@ def write_json(path: str, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")
+
+
+def replicated_shards(spec: str, root: str, factors: list[int], per_shard: int = 10_000) -> dict[int, str]:
+    """Shard `spec` once (root/x1), then write root/xF with F copies of every 1x shard, keys prefixed by the copy
+    (`c3/...`), so that every key stays unique. Tar members are re-written, not re-encoded. {F: shard folder}."""
+    from collections import Counter
+
+    base = f"{root}/x1"
+    if not Path(base, shards.MANIFEST).exists():
+        src = open_source(spec)
+        groups = shards.plan_shards(src.plan(), per_shard, 1 << 40)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:
+            stats = list(pool.map(lambda ig: shards.write_items(src, ig[1], f"{base}/{shards.shard_name(ig[0])}"),
+                                  enumerate(groups)))
+        shapes = Counter()
+        for s in stats:
+            shapes.update(s["shapes"])
+        summary = shards.shape_summary(shapes)
+        shards.write_manifest(base, {"shards": [s["shard"] for s in stats], "num_samples": len(src.plan()),
+                                     "image": shards.choose_image(summary), "shapes": summary,
+                                     "labelled": sum(s["labelled"] for s in stats), "content_hash": spec})
+    one = shards.read_manifest(base)
+    out = {}
+    for f in factors:
+        folder = f"{root}/x{f}"
+        out[f] = folder
+        if f == 1 or Path(folder, shards.MANIFEST).exists():
+            continue
+        written = []
+        for copy in range(f):
+            for i, s in enumerate(one["shards"]):
+                samples = [{k: v for k, v in m.items() if k != "__url__"} | {"__key__": f"c{copy}/{m['__key__']}"}
+                           for m in shards.read_shard(f"{base}/{s['name']}")]
+                written.append(shards.write_shard(samples, f"{folder}/{shards.shard_name(copy * len(one['shards']) + i)}"))
+        shards.write_manifest(folder, {**one, "shards": written, "num_samples": one["num_samples"] * f,
+                                       "content_hash": f"{spec} x{f}"})
+    return out
+
+
+class PeakRSS:
+    """Samples, every `every` seconds in a thread, the resident memory of this process and of Ray's worker
+    processes (a Ray Train worker counts with its loader processes). `peaks` after stop():
+    driver (bytes), worker (the largest worker's peak), workers (peak of their sum)."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.every, self.stop_event = every, threading.Event()
+        self.peaks = {"driver": 0, "worker": 0, "workers": 0}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        self.peaks["driver"] = max(self.peaks["driver"], me.memory_info().rss)
+        total = 0
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if not cmd.startswith("ray::") or "IDLE" in cmd:
+                    continue
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+            except psutil.Error:
+                continue
+            self.peaks["worker"] = max(self.peaks["worker"], rss)
+            total += rss
+        self.peaks["workers"] = max(self.peaks["workers"], total)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.every)
+
+    def __enter__(self) -> "PeakRSS":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+def mib(n: int) -> int:
+    return round(n / 2**20)
