@@ -30,7 +30,7 @@ class BadImage(ValueError):
     """One unreadable input: counted and skipped, reported at the end."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     key: str  # stable, unique, no dots (WebDataset splits key and extension at the first dot)
     ref: str | int  # file URI or array row
@@ -101,17 +101,20 @@ class FolderSource:
         fs, root = storage.filesystem(self.uri)
         if not fs.exists(root):
             raise SourceError(f"source {self.uri!r} does not exist: give an image folder, MNIST IDX files, a .npz or sklearn:digits")
-        found = fs.find(root, detail=True)
         root = root.rstrip("/")
-        self.files = sorted(
-            (p[len(root) + 1:], int(info.get("size") or 0))
-            for p, info in found.items()
-            if PurePosixPath(p).suffix.lower() in IMAGE_EXTS
-        )
+        self.files, listed = [], 0
+        # Folder by folder (fs.walk), keeping only (path, size) of images: memory stays ~100 bytes a file, where a
+        # listing of the whole tree at once (fs.find with details) held a dict of details for every file.
+        for folder, _, found in fs.walk(root, detail=True):
+            listed += len(found)
+            rel = folder[len(root) + 1:]
+            self.files += [(f"{rel}/{name}" if rel else name, int(info.get("size") or 0)) for name, info in found.items()
+                           if PurePosixPath(name).suffix.lower() in IMAGE_EXTS]
+        self.files.sort()
         if not self.files:
             raise SourceError(
                 f"source {self.uri!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTS))} "
-                f"among {len(found)} files): point it at a folder of images"
+                f"among {listed} files): point it at a folder of images"
             )
         parents = {str(PurePosixPath(rel).parent) for rel, _ in self.files}
         if parents != {"."}:
