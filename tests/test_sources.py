@@ -58,3 +58,16 @@ def test_npz_and_digits(tmp_path):
     assert len(src.plan()) == 4 and src.plan()[3].label == 3
     digits = open_source("sklearn:digits")
     assert len(digits.plan()) == 1797 and digits.images.max() == 255
+
+
+def test_a_folder_on_s3_lists_and_reads_like_a_local_one(s3, image_folder):
+    from clustering import storage
+    from tests.conftest import BUCKET
+
+    for p in sorted(image_folder.rglob("*")):
+        if p.is_file():
+            storage.write_bytes(f"s3://{BUCKET}/photos/{p.relative_to(image_folder)}", p.read_bytes())
+    local, remote = open_source(str(image_folder)), open_source(f"s3://{BUCKET}/photos")
+    assert [(i.key, i.label, i.nbytes) for i in remote.plan()] == [(i.key, i.label, i.nbytes) for i in local.plan()]
+    assert remote.classes == local.classes == ["cats", "dogs"]
+    assert remote.load(remote.plan()[0]).data == local.load(local.plan()[0]).data
