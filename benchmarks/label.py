@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import ray
 import torch
@@ -102,7 +103,7 @@ def main() -> None:
     print()
     print_table(rows, list(rows[0]))
     name = torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)"
-    write_json(args.out, {"data": args.data, "device": name, "method": args.method, "threads": args.threads,
+    write_json(args.out, {"data": Path(args.data).name, "device": name, "method": args.method, "threads": args.threads,
                           "actors": args.actors, "rows": rows})
 
 

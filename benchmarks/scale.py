@@ -12,6 +12,7 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import ray
 
@@ -77,7 +78,7 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    write_json(args.out, {"data": args.data, "device": device, "method": args.method, "workers": args.workers,
+    write_json(args.out, {"data": Path(args.data).name, "device": device, "method": args.method, "workers": args.workers,
                           "loaders": args.loaders, "rows": rows, **ratios})
 
 
