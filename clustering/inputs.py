@@ -84,9 +84,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, p]).permutation(len(self.uris))
             for i in order[worker::workers]:
                 uri = self.uris[i]
-                picks = None if self.members is None else self.members.get(uri.rsplit("/", 1)[-1])
-                if picks is None or len(picks):
-                    yield shards.load_shard(uri, self.mode, self.side, picks).images
+                picks = None if self.members is None else self.members[uri.rsplit("/", 1)[-1]]
+                yield shards.load_shard(uri, self.mode, self.side, picks).images
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
@@ -95,6 +94,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         pool, out = [], []
         for images in self.shard_images(worker, workers):
             for img in images:
+                img = img.copy()  # a view would keep its whole shard's array alive in the buffer
                 if len(pool) < self.buffer:
                     pool.append(img)
                     continue
@@ -141,10 +141,11 @@ def plan_rank(cfg: TrainConfig, manifest: dict, rank: int, world: int) -> RankPl
     members = shards.sample_members(manifest, cfg.sample, cfg.sample_seed) if cfg.sample else None
     sizes = ({s["name"]: s["samples"] for s in manifest["shards"]} if members is None
              else {name: len(m) for name, m in members.items()})
-    mine = {u.rsplit("/", 1)[-1] for u in uris}
+    names = {u.rsplit("/", 1)[-1] for u in uris}
+    mine = {name: n for name, n in sizes.items() if n and name in names}
+    uris = [u for u in uris if u.rsplit("/", 1)[-1] in mine]  # under train.sample, a shard may hold none
     mode, side = shards.image_spec(manifest, cfg.image_size)
-    return RankPlan(uris, members, {name: n for name, n in sizes.items() if name in mine}, sum(sizes.values()),
-                    mode, side)
+    return RankPlan(uris, members, mine, sum(sizes.values()), mode, side)
 
 
 def rank_sample(plan: RankPlan, n: int, seed: int) -> dict[str, np.ndarray]:
