@@ -23,6 +23,7 @@ batches, not the same order (the in-memory path resumes exactly).
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -80,7 +81,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch, self.buffer, self.seed = batch, buffer, seed
 
     def shard_images(self, worker: int, workers: int) -> Iterator[np.ndarray]:
-        for p in range(10**12):  # endless; the engine takes `steps` batches an epoch
+        for p in itertools.count():  # endless; the engine takes `steps` batches an epoch
             order = np.random.default_rng([self.seed, p]).permutation(len(self.uris))
             for i in order[worker::workers]:
                 uri = self.uris[i]

@@ -61,7 +61,7 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
     """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
-    mode, side = ("L" if spec["channels"] == 1 else "RGB"), spec["side"]  # the policy at the model's own input
+    mode, side = shards.image_spec(manifest, spec["side"], spec["channels"])  # the policy at the model's input
     ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
     # A decode task asks for the memory it uses: a worker process (~300 MiB with its imports, measured on MNIST)
     # and its shard twice, read and decoded. It schedules where that fits, and the request (which the actors do not

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from clustering import report, storage
+from clustering import report, shards, storage
 from clustering.config import PipelineConfig, trial_config
 
 from .label import run_label
@@ -40,7 +40,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     state = load_checkpoint(trained.checkpoint)
     spec, history = state["spec"], state.get("history", [])
     report_dir = storage.join(cfg.work_dir, "report")
-    policy = report.policy_chart(cfg.label.shards, "L" if spec["channels"] == 1 else "RGB", spec["side"])
+    policy = report.policy_chart(cfg.label.shards, *shards.image_spec(shards.read_manifest(cfg.label.shards),
+                                                                       spec["side"], spec["channels"]))
     html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards, seen), history,
                              policy)
     summary.update(assignments=cfg.label.output, report=html, labelled_rows=info["rows"])
