@@ -1,4 +1,9 @@
-"""Assignments as Parquet (DESIGN.md §3): one part per input shard, `_SUCCESS.json` written last."""
+"""Assignments as Parquet (DESIGN.md §3): one part per input shard, `_SUCCESS.json` written last.
+
+Every part names, in its Parquet metadata (key `dicl`), the model and corpus that wrote it: the checkpoint, its
+method and k, and the shards' content hash. A rerun keeps only the parts of the same model and corpus, and
+`_SUCCESS.json` is written only when every part is of the model it names.
+"""
 from __future__ import annotations
 
 import io
@@ -12,7 +17,8 @@ import pyarrow.parquet as pq
 from . import storage
 
 SUCCESS = "_SUCCESS.json"
-RUN = "_RUN.json"  # what the parts under a prefix were labelled with: resume only the same run
+META_KEY = b"dicl"
+WRITER_FIELDS = ("checkpoint", "content_hash")  # what must match for a part to count as this run's
 
 
 def part_name(shard_index: int) -> str:
@@ -35,35 +41,58 @@ def table(keys: list[str], shard: str, probs: np.ndarray, embedding: np.ndarray 
     return pa.table(cols)
 
 
-def write_part(output: str, shard_index: int, tbl: pa.Table) -> str:
+def write_part(output: str, shard_index: int, tbl: pa.Table, writer: dict) -> str:
+    """One shard's part, with `writer` (checkpoint, method, k, content_hash, ...) in its metadata."""
     buf = io.BytesIO()
-    pq.write_table(tbl, buf)
+    pq.write_table(tbl.replace_schema_metadata({META_KEY: json.dumps(writer).encode()}), buf)
     uri = storage.join(output, part_name(shard_index))
     storage.write_bytes(uri, buf.getvalue())  # atomic: a crash leaves no half-written part
     return uri
 
 
-def read(output: str, columns: list[str] | None = None) -> pd.DataFrame:
+def writer_of(metadata: dict | None) -> dict:
+    return json.loads(metadata.get(META_KEY, b"{}")) if metadata else {}
+
+
+def same_writer(a: dict, b: dict) -> bool:
+    return all(a.get(f) == b.get(f) for f in WRITER_FIELDS)
+
+
+def read(output: str, columns: list[str] | None = None, writer: dict | None = None) -> pd.DataFrame:
+    """Every part as one table. With `writer`, a part written by another model or corpus is an error."""
     parts = storage.list_files(output, ".parquet")
     if not parts:
         raise FileNotFoundError(f"no assignments (part-*.parquet) under {output}")
-    return pd.concat([pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=columns).to_pandas() for p in parts],
-                     ignore_index=True)
+    tables = []
+    for p in parts:
+        tbl = pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=columns)
+        if writer is not None and not same_writer(writer_of(tbl.schema.metadata), writer):
+            raise RuntimeError(f"{p} was written by {writer_of(tbl.schema.metadata).get('checkpoint')!r}, not by "
+                               f"{writer.get('checkpoint')!r}: another run wrote into {output}. Re-run dicl label.")
+        tables.append(tbl.to_pandas())
+    return pd.concat(tables, ignore_index=True)
+
+
+def part_writer(uri: str) -> dict:
+    """The writer a part's footer names (its metadata alone is read)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return writer_of(pq.read_schema(f).metadata)
 
 
 def write_success(output: str, info: dict) -> None:
     storage.write_bytes(storage.join(output, SUCCESS), json.dumps(info, indent=1).encode())
 
 
-def start_run(output: str, run: dict) -> list[str]:
-    """Parts already written for this same run (to skip); parts of any other run are removed first."""
-    parts = storage.list_files(output, ".parquet")
-    marker = storage.join(output, RUN)
-    previous = json.loads(storage.read_bytes(marker)) if storage.exists(marker) else None
-    if parts and previous != run:
-        print(f"label: removing {len(parts)} parts under {output} written by another model or corpus")
-        for uri in parts + [storage.join(output, SUCCESS)]:
+def start_run(output: str, writer: dict) -> list[str]:
+    """Parts already written by this same model and corpus (to skip). Parts of any other are removed, and so is
+    `_SUCCESS.json`, which is written again at the end."""
+    storage.remove(storage.join(output, SUCCESS))
+    kept, stale = [], []
+    for uri in storage.list_files(output, ".parquet"):
+        (kept if same_writer(part_writer(uri), writer) else stale).append(uri)
+    if stale:
+        print(f"label: removing {len(stale)} parts under {output} written by another model or corpus")
+        for uri in stale:
             storage.remove(uri)
-        parts = []
-    storage.write_bytes(marker, json.dumps(run, indent=1).encode())
-    return parts
+    return kept

@@ -5,15 +5,34 @@ Config is data: every knob Tune may search is a field with a default here, so a 
 from __future__ import annotations
 
 import itertools
+import re
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or field and what to do."""
+
+
+def yes_no(value: Any) -> Any:
+    """YAML reads an unquoted yes/no (or true/false) as a bool: take it as the word meant."""
+    return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+
+
+def path_name(value: str) -> str:
+    """A name that becomes one folder under a storage path: it may not climb out of it or nest."""
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
+        raise ValueError("must be a plain folder name: letters, digits, '.', '_' or '-', starting with a letter or "
+                         "digit, without '..' or '/' (it becomes a folder under the storage path)")
+    return value
+
+
+UseGpu = Annotated[Literal["auto", "yes", "no"], BeforeValidator(yes_no)]
+RunName = Annotated[str, AfterValidator(path_name)]
 
 
 class Strict(BaseModel):
@@ -32,7 +51,8 @@ class ShardConfig(Strict):
 class TrainConfig(Strict):
     shards: str = "outputs/demo/shards"
     storage_path: str = Field("outputs/demo/runs", description="where Ray Train keeps checkpoints")
-    name: str = Field("", description="run name; empty = method + time. Re-using a name resumes that run")
+    name: RunName = Field("", description="run name (a folder name); empty = method + time. Re-using a name "
+                                           "resumes that run")
     method: Literal["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"] = Field(
         "dcec", description="dcec (seed 001), vc (seed 000), nmm (seed 002), or a baseline: idec, dec, ae_kmeans, "
                             "kmeans (on pixels)")
@@ -88,7 +108,7 @@ class TrainConfig(Strict):
     target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: int = Field(1, ge=1)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: UseGpu = "auto"
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and always at the end)")
     seed: int = 0
@@ -103,7 +123,7 @@ class LabelConfig(Strict):
     cpus_per_actor: int = Field(1, ge=1, description="CPU threads of a labelling actor without a GPU")
     decoders: int | None = Field(None, ge=1, description="decoding tasks at once (one CPU and one shard each); "
                                  "empty = as many as the free CPUs allow")
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    use_gpu: UseGpu = "auto"
     write_probs: bool = True
     write_embedding: bool = False
 
@@ -213,11 +233,15 @@ def load_config(model: type[BaseModel], path: str | Path | None = None, override
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (try configs/demo.yaml)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if data is None:
+            print(f"warning: config file {str(path)!r} is empty: every setting is the default", file=sys.stderr)
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values (sections shard, "
+                              f"train, label, tune), not a {type(data).__name__}")
         source = str(path)
     data = apply_overrides(data, list(overrides))
     try:

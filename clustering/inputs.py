@@ -75,18 +75,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     (seed, p); loader process w of W takes every W-th of them, decodes each whole and mixes its images through its
     own seeded shuffle buffer."""
 
-    def __init__(self, uris: list[str], members: dict | None, mode: str, side: int, batch: int, buffer: int,
-                 seed: int):
-        self.uris, self.members, self.mode, self.side = uris, members, mode, side
+    def __init__(self, uris: list[str], members: dict | None, digests: dict[str, str], mode: str, side: int,
+                 batch: int, buffer: int, seed: int):
+        self.uris, self.members, self.digests, self.mode, self.side = uris, members, digests, mode, side
         self.batch, self.buffer, self.seed = batch, buffer, seed
 
     def shard_images(self, worker: int, workers: int) -> Iterator[np.ndarray]:
         for p in itertools.count():  # endless; the engine takes `steps` batches an epoch
             order = np.random.default_rng([self.seed, p]).permutation(len(self.uris))
             for i in order[worker::workers]:
-                uri = self.uris[i]
-                picks = None if self.members is None else self.members[uri.rsplit("/", 1)[-1]]
-                yield shards.load_shard(uri, self.mode, self.side, picks).images
+                uri, name = self.uris[i], shards.name_of(self.uris[i])
+                picks = None if self.members is None else self.members[name]
+                yield shards.load_shard(uri, self.mode, self.side, picks, self.digests[name]).images
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
@@ -124,6 +124,7 @@ class RankPlan:
     uris: list[str]
     members: dict[str, np.ndarray] | None  # {shard name: positions}; None = whole shards
     sizes: dict[str, int]  # images the rank trains on, per shard name
+    digests: dict[str, str]  # sha256 per shard name, as the manifest recorded it
     global_n: int
     mode: str
     side: int
@@ -142,11 +143,12 @@ def plan_rank(cfg: TrainConfig, manifest: dict, rank: int, world: int) -> RankPl
     members = shards.sample_members(manifest, cfg.sample, cfg.sample_seed) if cfg.sample else None
     sizes = ({s["name"]: s["samples"] for s in manifest["shards"]} if members is None
              else {name: len(m) for name, m in members.items()})
-    names = {u.rsplit("/", 1)[-1] for u in uris}
+    names = {shards.name_of(u) for u in uris}
     mine = {name: n for name, n in sizes.items() if n and name in names}
-    uris = [u for u in uris if u.rsplit("/", 1)[-1] in mine]  # under train.sample, a shard may hold none
+    uris = [u for u in uris if shards.name_of(u) in mine]  # under train.sample, a shard may hold none
     mode, side = shards.image_spec(manifest, cfg.image_size)
-    return RankPlan(uris, members, mine, sum(sizes.values()), mode, side)
+    digests = {name: sha for name, sha in shards.digests(manifest).items() if name in mine}
+    return RankPlan(uris, members, mine, digests, sum(sizes.values()), mode, side)
 
 
 def rank_sample(plan: RankPlan, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -173,8 +175,8 @@ class StreamInput:
         if self.stream is None or self.key != (seed, batch):  # a new run (or start): a new stream from this epoch
             self.close()
             seed_now = epoch_seed(seed, epoch, rank)
-            data = ShardStream(self.plan.uris, self.plan.members, self.plan.mode, self.plan.side, batch, self.buffer,
-                               seed_now)
+            plan = self.plan
+            data = ShardStream(plan.uris, plan.members, plan.digests, plan.mode, plan.side, batch, self.buffer, seed_now)
             loader = torch.utils.data.DataLoader(
                 data, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
                 prefetch_factor=4 if self.workers else None, generator=torch.Generator().manual_seed(seed_now),

@@ -23,9 +23,9 @@ SCORE_SAMPLE = TuneConfig().score_sample  # of those, the images the label-free 
 
 def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
     """Ground-truth labels by key, read from the shards' .cls members (scoring only)."""
-    keys, labels = [], []
+    keys, labels, sha = [], [], shards.digests(manifest)
     for uri in shards.shard_uris(shards_uri, manifest):
-        for s in shards.read_shard(uri):
+        for s in shards.read_shard(uri, sha[shards.name_of(uri)]):
             if "cls" in s:
                 keys.append(s["__key__"])
                 labels.append(int(s["cls"]))
@@ -37,9 +37,9 @@ def first_images(shards_uri: str, limit: int = SOURCE_IMAGES) -> tuple[np.ndarra
     passed to `summarize` and `montages`, which both look at them."""
     manifest = shards.read_manifest(shards_uri)
     mode, side = shards.image_spec(manifest)
-    images, keys = [], []
+    images, keys, sha = [], [], shards.digests(manifest)
     for uri in shards.shard_uris(shards_uri, manifest):
-        d = shards.load_shard(uri, mode, side)
+        d = shards.load_shard(uri, mode, side, sha256=sha[shards.name_of(uri)])
         images.append(d.images)
         keys += d.keys
         if len(keys) >= limit:
@@ -105,7 +105,8 @@ def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
     (shards.POLICY) at the model's side, on as many different shapes as the shard has, up to `count`."""
     manifest = shards.read_manifest(shards_uri)
     by_shape: dict = {}
-    for s in shards.read_shard(shards.shard_uris(shards_uri, manifest)[0]):
+    first = manifest["shards"][0]
+    for s in shards.read_shard(storage.join(shards_uri, first["name"]), first["sha256"]):
         meta = json.loads(s["json"]) if "json" in s else {}
         by_shape.setdefault((meta.get("width"), meta.get("height")), s)
     picks = list(by_shape.values())[:count]

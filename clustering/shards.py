@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,25 +29,46 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def is_shard_name(name: str) -> bool:
+    return re.fullmatch(r"shard-\d{6,}\.tar", name) is not None
+
+
 def shard_index(uri: str) -> int:
     return int(uri.rsplit("shard-", 1)[1].split(".")[0])
 
 
+def name_of(uri: str) -> str:
+    """A shard's file name (the manifest's `name`) from its URI."""
+    return uri.rsplit("/", 1)[-1]
+
+
+class StaleShard(storage.StorageError):
+    """A shard whose bytes differ from what its manifest recorded: an interrupted or concurrent shard job."""
+
+
 def write_shard(samples: list[dict], uri: str) -> dict:
-    """Write samples (dicts with __key__, png|jpg, optional cls, json) as one tar; returns its stats."""
+    """Write samples (dicts with __key__, png|jpg, optional cls, json) as one tar; returns its stats.
+    Byte-reproducible: members sorted by key, fixed mtime, owner and mode, so the same images give the same shard
+    (and the same content_hash, which lets a re-run resume labelling)."""
     buf = io.BytesIO()
-    with wds.TarWriter(buf) as sink:
+    with wds.TarWriter(buf, mtime=0) as sink:
         for s in sorted(samples, key=lambda s: s["__key__"]):  # sorted keys: readers group by key
             sink.write(s)
     data = buf.getvalue()
     storage.write_bytes(uri, data)
-    return {"name": uri.rsplit("/", 1)[-1], "samples": len(samples), "bytes": len(data),
+    return {"name": name_of(uri), "samples": len(samples), "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def read_shard(uri: str) -> list[dict]:
-    """All samples of one shard as dicts: __key__, image bytes under 'png' or 'jpg', 'cls', 'json'."""
+def read_shard(uri: str, sha256: str | None = None) -> list[dict]:
+    """All samples of one shard as dicts: __key__, image bytes under 'png' or 'jpg', 'cls', 'json'. With `sha256`
+    (the manifest's), a shard whose bytes differ is refused rather than read as the corpus."""
     data = storage.read_bytes(uri)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StaleShard(f"{uri} is not the shard {MANIFEST} describes (its sha256 differs): the shards changed after "
+                         "the manifest was written, by an interrupted or concurrent shard job. Re-run dicl shard.")
+
+
     files = plain_tar_members(data)
     if files is None:  # PAX/GNU extended headers: let webdataset's reader handle them
         files = tar_file_iterator(io.BytesIO(data))
@@ -55,7 +77,7 @@ def read_shard(uri: str) -> list[dict]:
 
 def plain_tar_members(data: bytes) -> list[dict] | None:
     """Fast tar reader for in-memory shards: about 10x faster than tarfile on 30,000 tiny members.
-    Handles ustar members, PAX extended headers (TarWriter writes one per member) and GNU long
+    Handles ustar members, PAX extended headers (tarfile writes one for a non-ASCII or long name) and GNU long
     names; returns None at anything else, and the caller falls back to webdataset's reader."""
     files, pos, end, long_name = [], 0, len(data), None
     while pos + 512 <= end:
@@ -102,6 +124,11 @@ def read_manifest(base: str) -> dict:
 
 def shard_uris(base: str, manifest: dict) -> list[str]:
     return [storage.join(base, s["name"]) for s in manifest["shards"]]
+
+
+def digests(manifest: dict) -> dict[str, str]:
+    """{shard name: sha256} as the shard job recorded them; readers check every shard against it."""
+    return {s["name"]: s["sha256"] for s in manifest["shards"]}
 
 
 def rank_shards(uris: list[str], rank: int, world: int) -> list[str]:
@@ -168,12 +195,13 @@ def image_spec(manifest: dict, side: int | None = None, channels: int | None = N
     return ("L" if c == 1 else "RGB"), int(side or corpus_side(manifest))
 
 
-def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None) -> Decoded:
-    """One shard decoded; `members`: only the samples at these positions (a sample drawn across the corpus)."""
-    samples = read_shard(uri)
+def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None, sha256: str | None = None) -> Decoded:
+    """One shard decoded (checked against `sha256`); `members`: only the samples at these positions (a sample
+    drawn across the corpus)."""
+    samples = read_shard(uri, sha256)
     if members is not None:
         samples = [samples[i] for i in members]
-    return decode_samples(samples, mode, side, uri.rsplit("/", 1)[-1])
+    return decode_samples(samples, mode, side, name_of(uri))
 
 
 def concat(parts: list[Decoded], mode: str, side: int) -> Decoded:
@@ -188,15 +216,16 @@ def load_shards(uris: list[str], manifest: dict, side: int | None = None, worker
     """Read and decode whole shards (or the `members` of each, by shard name) into one uint8 array.
     With workers > 1, shards decode in parallel processes (forkserver: safe beside threads and CUDA)."""
     mode, side = image_spec(manifest, side, channels)
-    picks = [None if members is None else members.get(u.rsplit("/", 1)[-1], np.zeros(0, np.int64)) for u in uris]
-    jobs = [(u, p) for u, p in zip(uris, picks) if p is None or len(p)]
+    sha = digests(manifest)
+    picks = [None if members is None else members.get(name_of(u), np.zeros(0, np.int64)) for u in uris]
+    jobs = [(u, p, sha[name_of(u)]) for u, p in zip(uris, picks) if p is None or len(p)]
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            uris, picks = zip(*jobs)
-            parts = list(pool.map(load_shard, uris, repeat(mode), repeat(side), picks))
+            uris, picks, shas = zip(*jobs)
+            parts = list(pool.map(load_shard, uris, repeat(mode), repeat(side), picks, shas))
     else:
-        parts = [load_shard(u, mode, side, p) for u, p in jobs]
+        parts = [load_shard(u, mode, side, p, h) for u, p, h in jobs]
     return concat(parts, mode, side)
 
 
@@ -227,7 +256,8 @@ def plan_shards(items: list, samples_per_shard: int, max_bytes: int) -> list[lis
 
 
 def write_items(source, items: list, uri: str) -> dict:
-    """Load, validate and write one shard of a source's items. Unreadable images are skipped and listed."""
+    """Load, validate and write one shard of a source's items. An input that cannot be read or decoded, for any
+    reason, is skipped and listed: one bad file (or one key storage cannot serve) never stops the job."""
     from .sources import BadImage
 
     samples, skipped, shapes = [], [], Counter()
@@ -236,6 +266,9 @@ def write_items(source, items: list, uri: str) -> dict:
             d = source.load(it)
         except BadImage as e:
             skipped.append(str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - a failed read is this input's fault, counted like a bad image
+            skipped.append(f"{source.describe(it)}: could not be read ({type(e).__name__}: {e})")
             continue
         sample = {"__key__": it.key, d.ext: d.data,
                   "json": {"source": source.describe(it), "width": d.width, "height": d.height}}
@@ -265,7 +298,9 @@ def choose_image(summary: dict) -> dict:
     """The corpus' training input: the majority's channels (gray or colour), and a square side of the median
     shorter side, capped at SIDE_CAP and rounded down to a multiple of 4, as the conv nets pool twice
     (train.image_size overrides it)."""
-    gray = sum(n for m, n in summary["modes"].items() if m in ("1", "L", "LA", "I", "I;16", "F"))
+    from .sources import GRAY_MODES
+
+    gray = sum(n for m, n in summary["modes"].items() if m in GRAY_MODES)
     channels = 1 if 2 * gray >= sum(summary["modes"].values()) else 3
     side = max(4, min(summary["shorter_side"]["median"], SIDE_CAP) // 4 * 4)
     return {"side": side, "height": side, "width": side, "channels": channels, "policy": POLICY}

@@ -30,6 +30,36 @@ class BadImage(ValueError):
     """One unreadable input: counted and skipped, reported at the end."""
 
 
+# Shards hold 8-bit L or RGB images only; every other PIL mode is converted once, when sharding, by this rule.
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MODE_RULE = ("16-bit gray: its full range onto 0..255; 32-bit int or float gray: its own min..max onto 0..255 "
+             "(a float image within 0..1: x255); transparency: composited onto white; palette, CMYK, YCbCr: RGB")
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit L or RGB, by MODE_RULE."""
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535 and hi > 255):
+            a = a / 257.0
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif lo < 0 or hi > 255:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("L" if im.mode in ("LA", "La") else "RGB")
+    return im.convert("L" if im.mode in GRAY_MODES else "RGB")
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     key: str  # stable, unique, no dots (WebDataset splits key and extension at the first dot)
@@ -91,11 +121,16 @@ class ArraySource:
 
 @dataclass
 class FolderSource:
-    """A folder tree of image files; a file's parent folder name (below the root) becomes its label."""
+    """A folder tree of image files; a file's parent folder name (below the root) becomes its label.
+
+    Hidden names (a leading dot: .git, .DS_Store, ._x.jpg) are not read, and are counted in `hidden`. Symlinked
+    files are read; symlinked folders are not followed, so a link loop cannot make the listing endless."""
 
     uri: str
     files: list[tuple[str, int]] = field(default_factory=list)  # (relative path, size)
     classes: list[str] | None = None
+    hidden: list[str] = field(default_factory=list)  # relative names of hidden files and folders left out
+    unlisted: list[str] = field(default_factory=list)  # what the listing saw but cannot read: counted as skipped
 
     def __post_init__(self):
         fs, root = storage.filesystem(self.uri)
@@ -105,9 +140,18 @@ class FolderSource:
         self.files, listed = [], 0
         # Folder by folder (fs.walk), keeping only (path, size) of images: memory stays ~100 bytes a file, where a
         # listing of the whole tree at once (fs.find with details) held a dict of details for every file.
-        for folder, _, found in fs.walk(root, detail=True):
-            listed += len(found)
+        for folder, dirs, found in fs.walk(root, detail=True):  # top-down: deleting from dirs prunes the walk
             rel = folder[len(root) + 1:]
+            if "" in found or "" in dirs:  # an S3 key with '//' lists as an empty name here and cannot be read
+                self.unlisted.append(f"{self.uri.rstrip('/')}/{rel}/ holds a key with an empty path segment ('//'), "
+                                     "which a folder listing cannot reach: rename it")
+                found.pop("", None)
+                dirs.pop("", None)
+            for name in [d for d in dirs if d.startswith(".")] + [f for f in found if f.startswith(".")]:
+                self.hidden.append(f"{rel}/{name}" if rel else name)
+                dirs.pop(name, None)
+                found.pop(name, None)
+            listed += len(found)
             self.files += [(f"{rel}/{name}" if rel else name, int(info.get("size") or 0)) for name, info in found.items()
                            if PurePosixPath(name).suffix.lower() in IMAGE_EXTS]
         self.files.sort()
@@ -134,16 +178,19 @@ class FolderSource:
         return items
 
     def load(self, item: Item) -> Decoded:
+        """The file's bytes as they are when it is an 8-bit L or RGB JPEG/PNG; any other format or mode is
+        converted (to_8bit) and re-encoded losslessly as PNG. `mode` is the file's own, for the manifest."""
         raw = storage.read_bytes(item.ref)
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 im.load()  # decodes fully: catches truncated files, not just bad headers
                 w, h, mode = im.width, im.height, im.mode
                 ext = ORIGINAL_EXTS.get(PurePosixPath(item.ref).suffix.lower())
-                if ext is None or (ext == "jpg" and im.format != "JPEG") or (ext == "png" and im.format != "PNG"):
-                    # Not JPEG/PNG (or a mislabelled extension): re-encode losslessly.
-                    raw, ext = png_bytes(np.asarray(im.convert("RGB" if mode not in ("L", "RGB") else mode))), "png"
-                    mode = "RGB" if mode not in ("L", "RGB") else mode
+                kept = (ext == "jpg" and im.format == "JPEG") or (ext == "png" and im.format == "PNG")
+                if not kept or mode not in ("L", "RGB"):
+                    raw, ext = png_bytes(np.asarray(to_8bit(im))), "png"
+        except Image.DecompressionBombError as e:
+            raise BadImage(f"{item.ref}: too large to decode safely ({e})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise BadImage(f"{item.ref}: not a readable image ({type(e).__name__}: {e})") from None
         return Decoded(raw, ext, w, h, mode)

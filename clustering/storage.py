@@ -31,6 +31,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol in ("s3", "s3a"):
         uri = "s3://" + uri.split("://", 1)[1]
+        if not uri[5:].split("/", 1)[0]:
+            raise StorageError(f"{uri!r} names no bucket: write s3://BUCKET or s3://BUCKET/prefix")
         # A fresh instance per call: fsspec's instance cache would keep a stale endpoint across tests.
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
         return fs, fs._strip_protocol(uri)
@@ -83,6 +85,29 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def create(uri: str, data: bytes) -> bool:
+    """Write `data` only if `uri` does not exist yet; False if it does. Atomic against a concurrent create: O_EXCL
+    on a filesystem, a conditional PUT (If-None-Match) on S3 (an S3-compatible store that ignores the condition
+    makes this a plain write)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        fs.pipe_file(path, data, IfNoneMatch="*")
+    except FileExistsError:  # s3fs's translation of 412 Precondition Failed
+        return False
+    return True
 
 
 def _children(uri: str, kind: str) -> list[str]:

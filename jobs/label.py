@@ -13,28 +13,29 @@ import numpy as np
 import ray
 import torch
 
-from clustering import assignments, shards, storage
+from clustering import assignments, lease, shards, storage
 from clustering.config import LabelConfig
 from clustering.engine import build_from_spec
 from clustering.inputs import device_images
 from clustering.methods import predict_all
 
-from .runtime import want_gpu
+from .runtime import check_resources, want_gpu
 from .train import load_checkpoint, resolve_checkpoint
 
 
 def decode_shard(batch: dict, mode: str, side: int) -> dict:
-    """A Ray Data task on a CPU: one shard -> one row with its keys and its images by the input policy."""
+    """A Ray Data task on a CPU: one shard (checked against its manifest sha256) -> one row with its keys and its
+    images by the input policy."""
     uri = str(batch["shard"][0])
-    data = shards.load_shard(uri, mode, side)
+    data = shards.load_shard(uri, mode, side, sha256=str(batch["sha256"][0]))
     return {"shard": np.array([uri]), "keys": np.array(["\n".join(data.keys)]), "images": data.images[None]}
 
 
 class ShardLabeler:
     """One actor of the pool: loads the model once, then labels decoded shards and writes one part per shard."""
 
-    def __init__(self, checkpoint: str, cfg: dict, gpu: bool):
-        self.cfg = LabelConfig(**cfg)
+    def __init__(self, checkpoint: str, cfg: dict, gpu: bool, writer: dict):
+        self.cfg, self.writer = LabelConfig(**cfg), writer
         state = load_checkpoint(checkpoint)
         _, self.model = build_from_spec(state["spec"])
         self.model.load_state_dict(state["model"])
@@ -49,20 +50,22 @@ class ShardLabeler:
             keys = str(keys).split("\n")
             x = device_images(np.ascontiguousarray(images), self.device)
             probs, z = predict_all(self.model, x, self.cfg.batch_size)
-            tbl = assignments.table(keys, uri.rsplit("/", 1)[-1], probs.cpu().numpy(),
+            tbl = assignments.table(keys, shards.name_of(uri), probs.cpu().numpy(),
                                     z.cpu().numpy() if self.cfg.write_embedding else None, self.cfg.write_probs)
-            assignments.write_part(self.cfg.output, shards.shard_index(uri), tbl)
+            assignments.write_part(self.cfg.output, shards.shard_index(uri), tbl, self.writer)
             rows.append(len(keys))
             counts.append(np.bincount(probs.argmax(1).cpu().numpy(), minlength=probs.shape[1]))
         return {"shard": batch["shard"], "rows": np.array(rows), "counts": np.stack(counts)}
 
 
-def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool) -> None:
+def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool,
+                 writer: dict) -> None:
     """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
     mode, side = shards.image_spec(manifest, spec["side"], spec["channels"])  # the policy at the model's input
-    ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
+    sha = shards.digests(manifest)
+    ds = ray.data.from_items([{"shard": u, "sha256": sha[shards.name_of(u)]} for u in todo], override_num_blocks=len(todo))
     # A decode task asks for the memory it uses: a worker process (~300 MiB with its imports, measured on MNIST)
     # and its shard twice, read and decoded. It schedules where that fits, and the request (which the actors do not
     # make) keeps Ray Data from fusing the decoding into the actors.
@@ -73,12 +76,15 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
     ds = ds.map_batches(
         ShardLabeler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
         num_gpus=1 if gpu else 0, num_cpus=0 if gpu else cfg.cpus_per_actor,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu,
+                               "writer": writer},
     )
     ds.materialize()
 
 
 def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
+    """Label every shard with a finished checkpoint into cfg.output, holding its lock (a second label job into it
+    is refused); returns what `_SUCCESS.json` holds."""
     cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "output": storage.absolute(cfg.output)})
     checkpoint = resolve_checkpoint(storage.absolute(checkpoint or cfg.checkpoint))
     state = load_checkpoint(checkpoint)
@@ -87,32 +93,66 @@ def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
                          "their cluster head only at the end (k-means, NMM's normalisers). Label the run's last "
                          "checkpoint, or finish the run first (dicl train with the same train.name resumes it)")
     manifest = shards.read_manifest(cfg.shards)
-    uris = shards.shard_uris(cfg.shards, manifest)
     storage.check_writable(cfg.output)
-    run = {"checkpoint": checkpoint, "shards": cfg.shards, "content_hash": manifest["content_hash"]}
-    done = {p.rsplit("/", 1)[-1] for p in assignments.start_run(cfg.output, run)}
+    with lease.hold(cfg.output, "dicl label"):
+        return label_corpus(cfg, checkpoint, state, manifest)
+
+
+def input_warnings(spec: dict, manifest: dict) -> list[str]:
+    """What the summary should say when the corpus is not what the model was trained on."""
+    side, channels = shards.corpus_side(manifest), manifest["image"]["channels"]
+    if (spec["side"], spec["channels"]) == (side, channels):
+        return []
+    kind = {1: "gray", 3: "RGB"}
+    return [f"the model was trained at {spec['side']}x{spec['side']} {kind[spec['channels']]}, and this corpus' images "
+            f"are {side}x{side} {kind[channels]} by its policy: they were decoded to the model's input "
+            f"({shards.POLICY}). Its clusters may not carry over; train on this corpus to be sure."]
+
+
+def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict) -> dict:
+    spec = state["spec"]
+    writer = {"checkpoint": checkpoint, "content_hash": manifest["content_hash"], "method": spec["method"],
+              "k": spec["config"]["k"], "run": spec["config"].get("name"), "label_run": uuid.uuid4().hex}
+    uris = shards.shard_uris(cfg.shards, manifest)
+    done = {shards.name_of(p) for p in assignments.start_run(cfg.output, writer)}
     todo = [u for u in uris if assignments.part_name(shards.shard_index(u)) not in done]
     if len(todo) < len(uris):
         print(f"label: {len(uris) - len(todo)} of {len(uris)} shards already labelled at {cfg.output}; doing the rest")
+    warnings = input_warnings(spec, manifest)
     t0 = time.perf_counter()
     gpu = want_gpu(cfg.use_gpu)
     if todo:
-        label_shards(todo, manifest, checkpoint, state["spec"], cfg, gpu)
+        check_resources(f"label ({cfg.actors} actors)", {"GPU": 1} if gpu else {"CPU": cfg.cpus_per_actor},
+                        min(cfg.actors, len(todo)))
+        label_shards(todo, manifest, checkpoint, spec, cfg, gpu, writer)
     seconds = time.perf_counter() - t0
     sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
-    # Counts come from the parts themselves, so a resumed run reports the whole corpus.
-    table = assignments.read(cfg.output, columns=["key", "cluster"])
+    # Counts come from the parts themselves, so a resumed run reports the whole corpus; every part must be ours.
+    table = assignments.read(cfg.output, columns=["key", "cluster"], writer=writer)
     if table["key"].duplicated().any():
         raise RuntimeError(f"{cfg.output}: some keys appear more than once; clear the folder and re-run")
+    if len(table) != manifest["num_samples"]:
+        raise RuntimeError(f"{cfg.output} holds {len(table):,} labelled images where {cfg.shards} has "
+                           f"{manifest['num_samples']:,}: not writing {assignments.SUCCESS}. Re-run dicl label.")
+    counts = {int(k): int(v) for k, v in sorted(Counter(table["cluster"]).items())}
+    if len(counts) < writer["k"]:
+        warnings.append(f"only {len(counts)} of the model's {writer['k']} clusters hold an image: the rest are empty "
+                        "(a smaller train.k may fit this corpus better)")
+    for w in warnings:
+        print(f"warning: {w}", flush=True)
     info = {
-        "run_id": uuid.uuid4().hex,
+        "run_id": writer["label_run"],
         "checkpoint": checkpoint,
+        "method": writer["method"],
+        "k": writer["k"],
         "shards": cfg.shards,
+        "content_hash": manifest["content_hash"],
         "rows": int(len(table)),
         "expected_rows": manifest["num_samples"],
-        "counts": {int(k): int(v) for k, v in sorted(Counter(table["cluster"]).items())},
+        "counts": counts,
+        "warnings": warnings,
         "seconds": seconds,
-        "images_per_second": sum(sizes[u.rsplit("/", 1)[-1]] for u in todo) / seconds if todo else None,
+        "images_per_second": sum(sizes[shards.name_of(u)] for u in todo) / seconds if todo else None,
     }
     assignments.write_success(cfg.output, info)
     return info

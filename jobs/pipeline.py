@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from clustering import report, shards, storage
+from clustering import lease, report, shards, storage
 from clustering.config import PipelineConfig, trial_config
 
 from .label import run_label
@@ -14,6 +14,13 @@ from .tune import format_table, run_tune
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
+    """Every stage, holding work_dir's lock: a second pipeline into the same work_dir is refused."""
+    storage.check_writable(cfg.work_dir)
+    with lease.hold(cfg.work_dir, "dicl pipeline"):
+        return stages(cfg, progress)
+
+
+def stages(cfg: PipelineConfig, progress: bool) -> dict:
     t0 = time.perf_counter()
     steps = 5 if cfg.tune.space else 4
     print(f"[1/{steps}] shard {cfg.shard.source} -> {cfg.shard.output}", flush=True)
@@ -44,7 +51,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
                                                                        spec["side"], spec["channels"]))
     html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards, seen), history,
                              policy)
-    summary.update(assignments=cfg.label.output, report=html, labelled_rows=info["rows"])
+    summary.update(assignments=cfg.label.output, report=html, labelled_rows=info["rows"], warnings=info["warnings"])
     print(format_summary(summary), flush=True)
     return summary
 
@@ -62,4 +69,5 @@ def format_summary(s: dict) -> str:
     if "acc" in s:
         lines.append(f"  vs labels        ACC {s['acc']:.4f}  NMI {s['nmi']:.4f}  ARI {s['ari']:.4f}  ({s['scored_rows']:,} labelled images)")
     lines += [f"  assignments      {s['assignments']}", f"  report           {s['report']}", f"  checkpoint       {s['checkpoint']}"]
+    lines += [f"  warning          {w}" for w in s.get("warnings", [])]
     return "\n".join(lines)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -9,15 +12,64 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from clustering import storage
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start Ray in this process."""
+class ResourceError(RuntimeError):
+    """A resource request the cluster cannot meet; the message says what was asked and what there is."""
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """Join the cluster named by `address` or RAY_ADDRESS (as under `ray job submit`), else start a private Ray in
+    this process: never some other cluster that happens to run on this machine."""
     if ray.is_initialized():
         return
+    if address:
+        os.environ["RAY_ADDRESS"] = address  # one signal of a joined cluster, which check_resources reads too
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # The dashboard serves the state API that Ray Train's controller polls; without it, it warns in a loop.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True)
+
+
+def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: float | None = None) -> None:
+    """Fail fast, naming the request, when `count` bundles (e.g. {"CPU": 2, "GPU": 1} per worker) can never be placed
+    on the cluster's nodes. A joined cluster may grow (an autoscaler, as in ray_cluster.yaml): there it waits up to
+    DICL_RESOURCE_WAIT_S seconds (default 600) for the nodes; a private local Ray cannot grow, so it fails at once."""
+    if wait_s is None:
+        wait_s = float(os.environ.get("DICL_RESOURCE_WAIT_S", 600)) if os.environ.get("RAY_ADDRESS") else 0.0
+    deadline, told = time.monotonic() + wait_s, False
+    need = {k: v for k, v in bundle.items() if v > 0}
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = sum(min((int(node.get(k, 0) // v) for k, v in need.items()), default=count) for node in nodes)
+        if fits >= count:
+            return
+        have = ", ".join(f"{k} {sum(n.get(k, 0) for n in nodes):g}" for k in need) or "nothing"
+        asked = " + ".join(f"{v:g} {k}" for k, v in need.items())
+        if time.monotonic() >= deadline:
+            waited = f" after waiting {wait_s:.0f}s for more nodes" if wait_s else ""
+            raise ResourceError(
+                f"{what} asks for {count} x ({asked}) and the cluster's {len(nodes)} node(s) can place {fits}{waited} "
+                f"(they have {have} in all). Ask for less (fewer workers, fewer CPUs each, use_gpu=no), or add nodes.")
+        if not told:
+            print(f"{what}: waiting up to {wait_s:.0f}s for nodes with {count} x ({asked}); the cluster has {have}",
+                  flush=True)
+            told = True
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
+@contextmanager
+def credentials_out_of_runtime_envs() -> Iterator[None]:
+    """Ray Tune copies AWS_* credentials from the driver's environment into every trial's runtime_env, and Ray writes
+    runtime envs in clear text to its session logs. Trials do not need the copy: their workers inherit the node's
+    environment (a private Ray started by this process) or the node's credential chain (an instance profile on a
+    cluster, as ray_cluster.yaml sets up). So Tune's copy is switched off while it runs."""
+    from ray.tune.execution import class_cache
+
+    saved = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in saved if not name.startswith("AWS_")}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = saved
 
 
 def want_gpu(setting: str) -> bool:

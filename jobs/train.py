@@ -19,11 +19,11 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clustering import engine, inputs, shards, storage
+from clustering import engine, inputs, lease, shards, storage
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 
-from .runtime import remote_uri, train_storage, want_gpu
+from .runtime import check_resources, remote_uri, train_storage, want_gpu
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -31,7 +31,15 @@ CHECKPOINT_FILE = "model.pt"
 def load_checkpoint(uri: str) -> dict:
     """A checkpoint folder/URI -> its state dict; tensors and plain data only (weights_only=True)."""
     data = storage.read_bytes(storage.join(uri, CHECKPOINT_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and weights-only errors all mean the same to the user
+        raise ValueError(f"{storage.join(uri, CHECKPOINT_FILE)} is not a checkpoint written by dicl train "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "spec" not in state or "model" not in state:
+        raise ValueError(f"{storage.join(uri, CHECKPOINT_FILE)} is not a checkpoint written by dicl train "
+                         "(it lacks the model and its spec)")
+    return state
 
 
 def train_loop(config: dict) -> None:
@@ -76,20 +84,38 @@ class TrainResult:
     seconds: float
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
-    cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "storage_path": storage.absolute(cfg.storage_path)})
-    manifest = shards.read_manifest(cfg.shards)  # fails early, naming the folder, when shards are missing
+def check_run(cfg: TrainConfig, manifest: dict) -> None:
+    """What makes a run impossible, refused on the driver before any worker starts (a worker's error would be
+    retried max_failures times): too few shards for the workers, too few images for k, bad restarts."""
     if len(manifest["shards"]) < cfg.num_workers:
         raise ValueError(
             f"{len(manifest['shards'])} shards for {cfg.num_workers} workers: every worker needs a shard. "
             "Lower train.num_workers or re-shard with a smaller shard.samples_per_shard."
         )
-    engine.check_restarts(cfg)  # here, not in every worker
+    n = min(cfg.sample or manifest["num_samples"], manifest["num_samples"])
+    if cfg.k > n:
+        raise ValueError(f"train.k={cfg.k} is more than the {n:,} images training would see: a clustering needs "
+                         "more images than clusters. Lower train.k" + (" or raise train.sample" if cfg.sample else ""))
+    engine.check_restarts(cfg)
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "storage_path": storage.absolute(cfg.storage_path)})
+    manifest = shards.read_manifest(cfg.shards)  # fails early, naming the folder, when shards are missing
+    check_run(cfg, manifest)
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"name": name})
     storage.check_writable(cfg.storage_path)
-    path, filesystem = train_storage(cfg.storage_path)
     gpu = want_gpu(cfg.use_gpu)
+    check_resources(f"train ({cfg.num_workers} workers)", {"CPU": cfg.cpus_per_worker, "GPU": int(gpu)},
+                    cfg.num_workers)
+    with lease.hold(storage.join(cfg.storage_path, name), f"dicl train {name}"):  # one run per name at a time
+        return fit_on_ray(cfg, gpu)
+
+
+def fit_on_ray(cfg: TrainConfig, gpu: bool) -> TrainResult:
+    name = cfg.name
+    path, filesystem = train_storage(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"train": cfg.model_dump(mode="json")},

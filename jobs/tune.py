@@ -18,7 +18,7 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from clustering import engine, inputs, metrics, shards, storage
+from clustering import engine, inputs, lease, metrics, shards, storage
 from clustering.comm import Comm
 from clustering.config import (
     ConfigError,
@@ -30,7 +30,8 @@ from clustering.config import (
 )
 from clustering.methods import predict_all
 
-from .runtime import train_storage, want_gpu
+from .runtime import check_resources, credentials_out_of_runtime_envs, train_storage, want_gpu
+from .train import check_run
 
 RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds")  # kept in trials.json
 
@@ -87,14 +88,23 @@ def run_tune(cfg: PipelineConfig) -> dict:
         raise ConfigError("tune.space is empty: name train keys and values to try, e.g. "
                           "'tune.space={k: [8, 10, 12]}'")
     base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
-    shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
+    manifest = shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
     space = validated_space(base, cfg.tune.space)
     trials = [trial_config(base, values) for values in grid_values(space)]
-    for trial in trials:  # every trial valid before any starts
-        engine.check_restarts(trial)
+    for values, trial in zip(grid_values(space), trials):  # every trial valid before any starts
+        try:
+            check_run(trial, manifest)
+        except ValueError as e:
+            raise ConfigError(f"tune.space: the trial {values} cannot run: {e}") from None
     storage.check_writable(cfg.tune.output)
-    path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
     gpu = want_gpu(cfg.train.use_gpu)
+    check_resources("tune (a trial)", {"CPU": cfg.train.cpus_per_worker, "GPU": int(gpu)}, 1)
+    with lease.hold(cfg.tune.output, "dicl tune"):
+        return search(cfg, base, space, trials, gpu)
+
+
+def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list], trials: list[TrainConfig], gpu: bool) -> dict:
+    path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
     trainable = tune.with_resources(run_trial, {"cpu": cfg.train.cpus_per_worker, "gpu": 1 if gpu else 0})
     tuner = tune.Tuner(
         trainable,
@@ -108,7 +118,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
                                   storage_filesystem=filesystem, verbose=1),
     )
-    results = tuner.fit()
+    with credentials_out_of_runtime_envs():
+        results = tuner.fit()
     rows = []
     for result in results:
         m = result.metrics or {}

@@ -25,15 +25,25 @@ def s3():
         yield endpoint
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3):
-    """A local Ray with 2 CPUs per test module, started after the S3 env is set so its workers inherit it."""
+@pytest.fixture(scope="session")
+def ray_session(s3):
+    """Shuts down, at the end of the session, the local Ray that tests share (started after the S3 env is set, so
+    its workers inherit it)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """A local Ray with 2 CPUs, started once and shared by the modules that use it (a module that needs another
+    cluster shuts it down, and the next test here starts it again)."""
+    if not ray_session.is_initialized():
+        ray_session.init(num_cpus=2, log_to_driver=False)
+    return ray_session
 
 
 @pytest.fixture

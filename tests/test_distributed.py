@@ -1,27 +1,43 @@
-"""Data-parallel training through Ray Train: 1 and 2 workers agree; unequal shards never hang."""
+"""Data-parallel training through Ray Train on two Ray nodes (ray.cluster_utils.Cluster, 1 CPU each): 1 and 2
+workers agree, unequal shards never hang, and a killed worker group resumes from its checkpoint, in memory and
+streaming. One uninterrupted 1-worker run serves as the reference of every comparison."""
 import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
+from sklearn.cluster import KMeans
 
-from clustering import report
+from clustering import metrics, report, storage
 from clustering.config import PipelineConfig, load_config
+from clustering.sources import digits_source
 
 BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.pretrain_epochs=60", "train.augment=false",
-        "train.batch_size=256", "train.cpus_per_worker=1", "train.checkpoint_every=10", "train.seed=0"]
-
-
-def train_and_score(work_dir, *overrides):
-    from jobs.label import run_label
-    from jobs.train import run_train
-
-    cfg = load_config(PipelineConfig, "configs/demo.yaml", BASE + [f"work_dir={work_dir}", *overrides])
-    trained = run_train(cfg.train)
-    run_label(cfg.label, checkpoint=trained.checkpoint)
-    return report.summarize(cfg.label.output, cfg.label.shards), trained
+        "train.batch_size=256", "train.cpus_per_worker=1", "train.checkpoint_every=5", "train.max_failures=2",
+        "train.seed=0"]
 
 
 @pytest.fixture(scope="module")
-def digit_shards(ray_local, tmp_path_factory):
+def two_node_cluster(s3):
+    """Two Ray nodes on this machine, shut down at the end."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digit_shards(two_node_cluster, tmp_path_factory):
     from jobs.shard import run_shard
 
     root = tmp_path_factory.mktemp("dist")
@@ -29,23 +45,102 @@ def digit_shards(ray_local, tmp_path_factory):
     return root
 
 
-def test_one_and_two_workers_reach_the_same_quality(digit_shards):
-    one, _ = train_and_score(digit_shards, "train.num_workers=1", "train.name=one", f"label.output={digit_shards}/a1")
-    two, trained = train_and_score(digit_shards, "train.num_workers=2", "train.name=two", f"label.output={digit_shards}/a2")
-    assert one["rows"] == two["rows"] == 1797
-    assert abs(one["acc"] - two["acc"]) <= 0.02, (one["acc"], two["acc"])
+def train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_workers_after_checkpoints(run_dir: str, done: threading.Event, killed: list) -> None:
+    # Wait for a third checkpoint folder: a worker uploads one only after its previous report was queued,
+    # and reports queue one at a time, so by then Ray Train has registered at least the first.
+    # Only this run's workers: one of an earlier run may still be exiting.
+    earlier = set(train_worker_pids())
+    deadline = time.time() + 120
+    while time.time() < deadline and not done.is_set():
+        if sum("checkpoint_" in d for d in storage.list_dirs(run_dir)) >= 3:
+            for pid in set(train_worker_pids()) - earlier:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
+def train_and_score(work_dir, name, *overrides, kill=False):
+    """Train (killing the workers mid-run if asked), label every image, and summarise the assignments."""
+    from jobs.label import run_label
+    from jobs.train import run_train
+
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", BASE + [
+        f"work_dir={work_dir}", f"train.name={name}", f"label.output={work_dir}/a-{name}", *overrides])
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_workers_after_checkpoints,
+                              args=(f"{storage.absolute(cfg.train.storage_path)}/{name}", done, killed))
+    if kill:
+        killer.start()
+    trained = run_train(cfg.train)
+    done.set()
+    if kill:
+        killer.join()
+        assert killed, "no training worker was found to kill"
+    run_label(cfg.label, checkpoint=trained.checkpoint)
+    return report.summarize(cfg.label.output, cfg.label.shards), trained
+
+
+@pytest.fixture(scope="module")
+def reference(digit_shards):
+    """One worker, in memory, uninterrupted."""
+    return train_and_score(digit_shards, "one", "train.num_workers=1")[0]
+
+
+def test_two_workers_on_two_nodes_reach_the_quality_of_one(digit_shards, reference):
+    two, trained = train_and_score(digit_shards, "two", "train.num_workers=2")
+    assert reference["rows"] == two["rows"] == 1797
+    assert abs(reference["acc"] - two["acc"]) <= 0.02, (reference["acc"], two["acc"])
     assert trained.metrics["local_samples"] < 1797  # each worker really held only its share
 
 
-def test_very_unequal_shards_finish_with_equal_steps(ray_local, tmp_path):
+def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_is_as_good(digit_shards, reference):
+    resumed, trained = train_and_score(digit_shards, "killed", "train.num_workers=1", kill=True)
+    assert trained.metrics["resumed_from"] >= 0  # the final model came from a restored run
+    assert trained.metrics["input"] == "memory" and resumed["rows"] == 1797
+    assert abs(reference["acc"] - resumed["acc"]) <= 0.02, (reference["acc"], resumed["acc"])
+
+
+def test_a_streamed_corpus_over_the_memory_budget_steps_alike_on_two_workers_and_survives_a_kill(digit_shards):
+    from jobs.train import load_checkpoint
+
+    # Each worker's decoded digits (~58 KB) exceed a 20 KB budget: `auto` streams them. NMM, as the demo trains it.
+    summary, trained = train_and_score(
+        digit_shards, "stream", "train.method=nmm", "train.joint_epochs=40", "train.num_workers=2",
+        "train.memory_budget_gb=0.00002", "train.loader_workers=1", kill=True)
+    assert trained.metrics["resumed_from"] >= 0
+    history = load_checkpoint(trained.checkpoint)["history"]
+    assert [m["input"] for m in history] == ["stream"] * 40
+    steps = math.ceil(1797 / 256)
+    assert all(m["steps_min"] == m["steps_max"] == steps for m in history)  # every rank, every epoch
+    assert all(m["local_samples"] < 1797 for m in history)  # each worker streamed only its share
+
+    digits = digits_source()
+    pixels = KMeans(10, n_init=10, random_state=0).fit_predict(digits.images.reshape(len(digits.images), -1))
+    pixel_acc = metrics.cluster_acc(digits.labels, pixels)
+    assert summary["rows"] == 1797 and summary["acc"] > pixel_acc + 0.05, (summary["acc"], pixel_acc)
+
+
+def test_very_unequal_shards_finish_with_equal_steps(two_node_cluster, tmp_path):
     from jobs.shard import run_shard
 
-    cfg = load_config(PipelineConfig, "configs/demo.yaml",
-                      BASE + [f"work_dir={tmp_path}", "shard.samples_per_shard=1600", "train.pretrain_epochs=3"])
-    manifest = run_shard(cfg.shard, progress=False)
+    uneven = ["shard.samples_per_shard=1600", "train.pretrain_epochs=3"]
+    manifest = run_shard(load_config(PipelineConfig, "configs/demo.yaml", BASE + [f"work_dir={tmp_path}", *uneven]).shard,
+                         progress=False)
     assert [s["samples"] for s in manifest["shards"]] == [1600, 197]
-    summary, trained = train_and_score(tmp_path, "shard.samples_per_shard=1600", "train.pretrain_epochs=3",
-                                       "train.num_workers=2", "train.name=uneven")
+    summary, trained = train_and_score(tmp_path, "uneven", *uneven, "train.num_workers=2")
     steps = math.ceil(1797 / 256)
     assert trained.metrics["steps_min"] == trained.metrics["steps_max"] == steps
     assert summary["rows"] == 1797

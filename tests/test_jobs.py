@@ -1,4 +1,4 @@
-"""shard -> train -> label through a real local Ray, on local folders and on S3 (moto on 127.0.0.1)."""
+"""shard -> train -> label through a real local Ray on local folders (on S3: test_tune's pipeline)."""
 import json
 
 import pytest
@@ -6,7 +6,6 @@ import pytest
 from clustering import assignments, metrics, report, shards, storage
 from clustering.config import PipelineConfig, load_config
 from jobs.cli import main
-from tests.conftest import BUCKET
 
 SMALL = ["shard.samples_per_shard=500", "train.pretrain_epochs=4", "train.joint_epochs=2",
          "train.cpus_per_worker=1", "train.name=t", "train.checkpoint_every=1"]
@@ -64,14 +63,6 @@ def test_pipeline_on_local_folders(ray_local, tmp_path):
     run_label(cfg.label, checkpoint=trained.checkpoint)
     assert all(storage.read_bytes(p) == b for p, b in kept.items())
     check_assignments(cfg)
-
-
-def test_pipeline_on_s3(ray_local, s3):
-    cfg, manifest, trained, info = run_all(f"s3://{BUCKET}/e2e")
-    assert trained.checkpoint.startswith(f"s3://{BUCKET}/e2e/runs/t/checkpoint_")
-    assert len(storage.list_files(f"s3://{BUCKET}/e2e/shards", ".tar")) == 4
-    table = check_assignments(cfg)
-    assert table["shard"].nunique() == 4
 
 
 def cli(capsys, *args) -> tuple[int, str]:

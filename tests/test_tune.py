@@ -1,4 +1,5 @@
-"""The tune job through a real local Ray Tune: one trial per combination, the winner chosen without labels."""
+"""The tune job through a real local Ray Tune: one trial per combination, the winner chosen without labels; and the
+whole pipeline on S3 (moto on 127.0.0.1)."""
 import json
 
 import pytest
@@ -80,5 +81,9 @@ def test_pipeline_tunes_then_trains_the_winner_on_s3(ray_local, s3, capsys):
     assert code == 0 and "[2/5] tune k" in out and "[5/5] report" in out
     best = yaml.safe_load(storage.read_bytes(f"{work}/tune/best.yaml"))["train"]
     assert storage.list_dirs(f"{work}/runs")  # Tune's trial state went to the same object store
+    assert len(storage.list_files(f"{work}/shards", ".tar")) == 4
+    assert any(f"s3://{BUCKET}/tuned/runs/" in line and "/checkpoint_" in line for line in out.splitlines())
     table = assignments.read(f"{work}/assignments")
-    assert len(table) == 1797 and table["cluster"].max() < best["k"] and len(table["probs"].iloc[0]) == best["k"]
+    assert len(table) == 1797 and table["key"].is_unique and table["shard"].nunique() == 4
+    assert table["cluster"].max() < best["k"] and len(table["probs"].iloc[0]) == best["k"]
+    assert storage.exists(f"{work}/assignments/{assignments.SUCCESS}")
