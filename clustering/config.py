@@ -158,6 +158,12 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _wire_paths(self) -> "PipelineConfig":
         # Paths a user did not set follow work_dir, so one override moves the whole run.
+        from .storage import StorageError, check_uri
+
+        try:
+            check_uri(self.work_dir)
+        except StorageError as e:
+            raise ValueError(f"work_dir: {e}") from None
         root = self.work_dir.rstrip("/")
         if "output" not in self.shard.model_fields_set:
             self.shard.__dict__["output"] = f"{root}/shards"

@@ -7,6 +7,7 @@ AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, AWS_REGION.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from typing import Any
 
@@ -26,13 +27,21 @@ def s3_options() -> dict[str, Any]:
     return opts
 
 
+def check_uri(uri: str) -> str:
+    """A URI with a bucket, and no local path that is a mistyped URI (`s3:/x`, `s3:` would make a folder `s3:`)."""
+    if is_remote(uri) and not uri.split("://", 1)[1].strip("/"):
+        raise StorageError(f"{uri!r} names no bucket: write s3://BUCKET or s3://BUCKET/prefix")
+    if re.match(r"^(s3a?|gs|gcs|az|abfs|hdfs):(/?[^/]|/?$)", uri):
+        raise StorageError(f"{uri!r} looks like a URI with too few slashes: write s3://BUCKET/prefix")
+    return uri
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path, file:// or s3:// URI."""
+    check_uri(uri)
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol in ("s3", "s3a"):
         uri = "s3://" + uri.split("://", 1)[1]
-        if not uri[5:].split("/", 1)[0]:
-            raise StorageError(f"{uri!r} names no bucket: write s3://BUCKET or s3://BUCKET/prefix")
         # A fresh instance per call: fsspec's instance cache would keep a stale endpoint across tests.
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
         return fs, fs._strip_protocol(uri)
@@ -41,6 +50,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
+    check_uri(base)
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 

@@ -64,6 +64,7 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
     mode, side = shards.image_spec(manifest, spec["side"], spec["channels"])  # the policy at the model's input
+    ray.data.DataContext.get_current().raise_original_map_exception = True  # a StaleShard, not "UDF failed"
     sha = shards.digests(manifest)
     ds = ray.data.from_items([{"shard": u, "sha256": sha[shards.name_of(u)]} for u in todo], override_num_blocks=len(todo))
     # A decode task asks for the memory it uses: a worker process (~300 MiB with its imports, measured on MNIST)

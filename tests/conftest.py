@@ -16,6 +16,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 SHARED_DATA = Path(os.environ.get("DICL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def log_dir(tmp_path_factory):
+    """The CLI's log files (tracebacks) go to a temporary folder, not the checkout's outputs/."""
+    os.environ["DICL_LOG_DIR"] = str(tmp_path_factory.mktemp("logs"))
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 endpoint on loopback; the environment points at it for the whole session (Ray included)."""

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from clustering import assignments, metrics, report, shards, storage
+from clustering import assignments, lease, metrics, report, shards, storage
 from clustering.config import PipelineConfig, load_config
 from jobs.cli import main
 
@@ -32,7 +32,7 @@ def check_assignments(cfg, k=10):
     return table
 
 
-def test_pipeline_on_local_folders(ray_local, tmp_path):
+def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
     cfg, manifest, trained, info = run_all(str(tmp_path))
     assert manifest["num_samples"] == 1797 and len(manifest["shards"]) == 4 and manifest["labelled"] == 1797
     assert trained.checkpoint.rsplit("/", 1)[-1].startswith("checkpoint_")
@@ -63,6 +63,32 @@ def test_pipeline_on_local_folders(ray_local, tmp_path):
     run_label(cfg.label, checkpoint=trained.checkpoint)
     assert all(storage.read_bytes(p) == b for p, b in kept.items())
     check_assignments(cfg)
+    assert assignments.part_writer(parts[0])["checkpoint"] == trained.checkpoint  # each part names its model
+
+    # Sharding again gives the same bytes, so labelling again finds every part done and keeps it.
+    from jobs.shard import run_shard
+
+    assert run_shard(cfg.shard, progress=False)["content_hash"] == manifest["content_hash"]
+    before = {p: storage.read_bytes(p) for p in storage.list_files(cfg.label.output, ".parquet")}
+    assert run_label(cfg.label, checkpoint=trained.checkpoint)["images_per_second"] is None  # nothing left to do
+    assert {p: storage.read_bytes(p) for p in storage.list_files(cfg.label.output, ".parquet")} == before
+
+    # While another run holds the output, a label job into it is refused, naming that run.
+    with lease.hold(cfg.label.output, "a concurrent dicl label"):
+        with pytest.raises(lease.Busy, match="in use by another run \\(a concurrent dicl label"):
+            run_label(cfg.label, checkpoint=trained.checkpoint)
+    capsys.readouterr()
+    code, err = cli(capsys, "label", f"label.shards={cfg.label.shards}", f"label.output={tmp_path}/gpu",
+                    f"label.checkpoint={trained.checkpoint}", "label.use_gpu=yes")  # no GPU here: refused at once
+    assert code == 2 and "asks for 1 x (1 GPU)" in err
+
+    # A shard rewritten after its manifest (an interrupted or concurrent shard job) is refused where it is read.
+    first = shards.shard_uris(cfg.label.shards, manifest)[0]
+    shards.write_shard(shards.read_shard(first)[:3], first)
+    code, err = cli(capsys, "label", f"label.shards={cfg.label.shards}", f"label.output={tmp_path}/stale",
+                    f"label.checkpoint={trained.checkpoint}")
+    assert code == 2 and "shard-000000.tar is not the shard manifest.json describes" in err, err
+    assert not storage.exists(f"{tmp_path}/stale/{assignments.SUCCESS}")
 
 
 def cli(capsys, *args) -> tuple[int, str]:
@@ -88,6 +114,25 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
     cli(capsys, "shard", f"work_dir={tmp_path}/demo")
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.restarts=2", "train.restart_epochs=100")
     assert code == 2 and "train.restart_epochs=100 must be fewer than the run's 100 epochs" in err
+    code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.k=5000")
+    assert code == 2 and "train.k=5000 is more than the 1,797 images" in err
+    code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.cpus_per_worker=8")
+    assert code == 2 and "asks for 1 x (8 CPU)" in err and "can place 0" in err  # at once, not a wait
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.pt").write_bytes(b"not a checkpoint")
+    code, err = cli(capsys, "label", f"work_dir={tmp_path}/demo", f"label.checkpoint={tmp_path}/ckpt")
+    assert code == 2 and "is not a checkpoint written by dicl train" in err
+    code, err = cli(capsys, "shard", "work_dir=s3://")
+    assert code == 2 and "names no bucket" in err
+
+    # A failure inside a worker (here a loss gone to infinity) ends as one line naming the cause; exit 1, and the
+    # traceback in the log file it names.
+    code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.lr=1e30", "train.max_failures=0",
+                    "train.pretrain_epochs=1", "train.joint_epochs=2", "train.name=nan")
+    lines = err.strip().splitlines()
+    assert code == 1 and lines[0].startswith("error: NonFiniteLoss:") and len(lines) == 2, err
+    log = lines[1].split("full traceback in ", 1)[1].split(";")[0]
+    assert "Traceback" in open(log).read()
 
 
 def test_unreadable_images_are_counted_not_fatal(ray_local, image_folder, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The tune job through a real local Ray Tune: one trial per combination, the winner chosen without labels; and the
 whole pipeline on S3 (moto on 127.0.0.1)."""
 import json
+import os
 
 import pytest
 import yaml
@@ -12,13 +13,34 @@ from jobs.cli import main
 SMALL = ["shard.samples_per_shard=500", "train.joint_epochs=3", "train.cpus_per_worker=1"]
 
 
-def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_local, tmp_path, capsys):
+CANARY = "dicl-canary-secret-7f3a9c"
+
+
+def files_holding(root: str, text: str) -> list[str]:
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(os.path.join(folder, name))
+            except OSError:
+                continue
+    return found
+
+
+def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_local, tmp_path, capsys, monkeypatch):
     from jobs.shard import run_shard
     from jobs.tune import run_tune
 
     cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}", "tune.space={k: [2, 6]}"])
     run_shard(cfg.shard, progress=False)
+    # A recognisable credential in the driver's environment (the local S3 server accepts any): Ray Tune would copy it
+    # into each trial's runtime env, which Ray logs in clear text. It must appear in no output and no Ray log.
+    monkeypatch.setenv("AWS_SESSION_TOKEN", CANARY)
     summary = run_tune(cfg)
+    session = ray_local._private.worker._global_node.get_session_dir_path()
+    assert not files_holding(session, CANARY) and not files_holding(str(tmp_path), CANARY)
 
     trials = summary["trials"]
     assert sorted(t["values"]["k"] for t in trials) == [2, 6]
