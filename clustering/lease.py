@@ -65,10 +65,13 @@ def hold(folder: str, what: str) -> Iterator[str]:
 
     def beat() -> None:
         while not stop.wait(BEAT_S):
-            holder = read_holder(uri)
-            if holder is None or holder.get("id") != me["id"]:
-                return  # taken over (we were thought gone): nothing of ours to refresh
-            storage.write_bytes(uri, json.dumps({**me, "beat": time.time()}).encode())
+            try:
+                holder = read_holder(uri)
+                if holder is None or holder.get("id") != me["id"]:
+                    return  # taken over (we were thought gone): nothing of ours to refresh
+                storage.write_bytes(uri, json.dumps({**me, "beat": time.time()}).encode())
+            except Exception:  # noqa: BLE001 - storage unreachable for now: try again at the next beat
+                continue
 
     refresher = threading.Thread(target=beat, name="lease-beat", daemon=True)
     refresher.start()
@@ -77,6 +80,9 @@ def hold(folder: str, what: str) -> Iterator[str]:
     finally:
         stop.set()
         refresher.join()
-        holder = read_holder(uri)
-        if holder is not None and holder.get("id") == me["id"]:
-            storage.remove(uri)
+        try:
+            holder = read_holder(uri)
+            if holder is not None and holder.get("id") == me["id"]:
+                storage.remove(uri)
+        except Exception:  # noqa: BLE001 - storage gone: keep the run's own error; a rerun takes the lock over
+            pass

@@ -33,7 +33,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="print the full traceback of an error")
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options anywhere, as in `dicl train --no-progress train.k=12`
 
 
 def package_version() -> str:

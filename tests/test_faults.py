@@ -1,0 +1,213 @@
+"""Faults of the driver and of storage, through the real CLI in its own process (and its own private Ray, beside the
+test session's: another Ray cluster on the machine must not matter). SIGKILL of the driver during training, SIGINT
+during labelling, and the S3 endpoint gone in the middle of labelling; each is followed by a rerun of the same
+command. After every rerun the output holds every key exactly once, and its parts were written by the model that
+`_SUCCESS.json` names (checked by labelling a sample again in this process)."""
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from clustering import assignments, shards, storage
+from clustering.engine import build_from_spec
+from clustering.methods import predict_all
+from tests.conftest import BUCKET
+
+DIGITS = ["configs/demo.yaml", "shard.samples_per_shard=200", "train.cpus_per_worker=1", "train.joint_epochs=12",
+          "train.checkpoint_every=1", "train.name=k", "label.decoders=1", "--num-cpus", "2", "--no-progress"]
+
+
+def start(*args: str, env: dict | None = None, log=None) -> subprocess.Popen:
+    """`dicl ARGS` in a new process group (its private Ray's processes join it, so one killpg stops them all)."""
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], start_new_session=True, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def stop_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        stop_group(proc)  # whatever of its Ray is left
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the fault could be injected"
+        assert time.time() < deadline, "timed out waiting for the moment to inject the fault"
+        time.sleep(0.05)
+
+
+def check_output(output: str, shards_uri: str, sample: int = 64) -> dict:
+    """Every key once, every part by the model _SUCCESS.json names, and that model gives these clusters again."""
+    from jobs.train import load_checkpoint
+
+    success = json.loads(storage.read_bytes(storage.join(output, assignments.SUCCESS)))
+    manifest = shards.read_manifest(shards_uri)
+    table = assignments.read(output, writer={"checkpoint": success["checkpoint"],
+                                             "content_hash": manifest["content_hash"]})
+    assert len(table) == manifest["num_samples"] == success["rows"] and table["key"].is_unique
+    state = load_checkpoint(success["checkpoint"])
+    _, model = build_from_spec(state["spec"])
+    model.load_state_dict(state["model"])
+    mode, side = shards.image_spec(manifest, state["spec"]["side"], state["spec"]["channels"])
+    data = shards.load_shard(shards.shard_uris(shards_uri, manifest)[-1], mode, side)
+    x = torch.from_numpy(data.images[:sample]).permute(0, 3, 1, 2).contiguous()
+    again = predict_all(model.eval(), x)[0].argmax(1).numpy()
+    written = table.set_index("key").loc[data.keys[:sample], "cluster"].to_numpy()
+    assert np.array_equal(again, written)
+    return success
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 in front of the S3 server: stop() drops every connection, as an endpoint that
+    dies would, while the server behind keeps its data."""
+
+    def __init__(self, target_port: int, port: int = 0):
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.port = self.server.getsockname()[1]
+        self.stopped = threading.Event()
+        self.sockets: list[socket.socket] = [self.server]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.server, selectors.EVENT_READ)
+        peers: dict = {}
+        while not self.stopped.is_set():
+            for key, _ in sel.select(timeout=0.1):
+                sock = key.fileobj
+                if sock is self.server:
+                    client, _ = self.server.accept()
+                    upstream = socket.create_connection(self.target)
+                    peers[client], peers[upstream] = upstream, client
+                    self.sockets += [client, upstream]
+                    sel.register(client, selectors.EVENT_READ)
+                    sel.register(upstream, selectors.EVENT_READ)
+                    continue
+                if sock.fileno() < 0:
+                    continue  # closed earlier in this same round, with its peer
+                try:
+                    data = sock.recv(65536)
+                    if data:
+                        peers[sock].sendall(data)
+                        continue
+                except OSError:
+                    pass
+                for s in (sock, peers.pop(sock)):  # one side is done: close the pair
+                    if s.fileno() >= 0:
+                        sel.unregister(s)
+                        s.close()
+                    peers.pop(s, None)
+        sel.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+        for s in self.sockets:
+            s.close()
+
+
+def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_then_reruns_finish(ray_local, s3, tmp_path):
+    """On S3 through a proxy: train is SIGKILLed (the driver and its private Ray, started beside the test session's),
+    and rerun; label gets Ctrl-C, and rerun; label loses the endpoint mid-write, and is rerun through a new one. The
+    reruns join the test session's Ray (RAY_ADDRESS), as under `ray job submit`."""
+    from clustering.config import PipelineConfig, load_config
+    from jobs.shard import run_shard
+    from jobs.train import load_checkpoint
+
+    work = f"s3://{BUCKET}/fault"
+    run_shard(load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={work}", *DIGITS[1:2]]).shard, progress=False)
+    server_port = int(s3.rsplit(":", 1)[1])
+    proxy = TcpProxy(server_port)
+    private = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "2",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+    private.pop("RAY_ADDRESS", None)
+    joined = {**private, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    run_dir, output = f"{work}/runs/k", f"{work}/assignments"
+    label = ["label", *DIGITS, f"work_dir={work}", f"label.checkpoint={run_dir}"]
+
+    def log(name):
+        return open(tmp_path / f"{name}.log", "wb")
+
+    def text(name):
+        return (tmp_path / f"{name}.log").read_text()
+    try:
+        with log("train1") as f:
+            proc = start("train", *DIGITS, f"work_dir={work}", env=private, log=f)
+            wait_for(lambda: sum("checkpoint_" in d for d in storage.list_dirs(run_dir)) >= 3, proc)
+            stop_group(proc)  # SIGKILL of the driver and of its Ray
+        with log("train2") as f:
+            assert finish(start("train", *DIGITS, f"work_dir={work}", env=joined, log=f)) == 0, text("train2")
+        final = max(d for d in storage.list_dirs(run_dir) if "checkpoint_" in d)
+        history = load_checkpoint(final)["history"]
+        assert history[-1]["resumed_from"] >= 2  # resumed, and no epoch lost or repeated
+        assert [m["epoch"] for m in history] == list(range(12)), [m["epoch"] for m in history]
+
+        with log("label1") as f:
+            proc = start(*label, env=joined, log=f)
+            wait_for(lambda: len(storage.list_files(output, ".parquet")) >= 1, proc)
+            os.kill(proc.pid, signal.SIGINT)  # Ctrl-C, to the driver
+            assert finish(proc, 120) == 130, text("label1")
+        assert "re-run the same command to resume" in text("label1")
+        assert not storage.exists(f"{output}/{assignments.SUCCESS}")
+
+        with log("label2") as f:
+            proc = start(*label, env=joined, log=f)
+            done = len(storage.list_files(output, ".parquet"))
+            wait_for(lambda: len(storage.list_files(output, ".parquet")) > done, proc)
+            proxy.stop()  # the endpoint is gone mid-write
+            assert finish(proc, 240) == 1, text("label2")  # the network failed, not the input
+        assert "error: EndpointConnectionError" in text("label2")
+        assert not storage.exists(f"{output}/{assignments.SUCCESS}")
+
+        proxy = TcpProxy(server_port)  # the rerun, through a new endpoint to the same data
+        joined["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"
+        with log("label3") as f:
+            assert finish(start(*label, env=joined, log=f)) == 0, text("label3")
+        assert "shards already labelled" in text("label3")
+    finally:
+        proxy.stop()
+    assert check_output(output, f"{work}/shards")["checkpoint"] == final
+
+
+@pytest.mark.parametrize("where", ["source", "output"])
+def test_missing_credentials_and_a_missing_bucket_are_input_errors(s3, tmp_path, where, image_folder, capsys):
+    from jobs.cli import main
+
+    for p in sorted(image_folder.rglob("*.png")):
+        storage.write_bytes(f"s3://{BUCKET}/creds/{p.name}", p.read_bytes())
+    source, output = (f"s3://{BUCKET}/creds", str(tmp_path / "out")) if where == "source" else \
+        (str(image_folder), f"s3://{BUCKET}/creds-out")
+    saved = {k: os.environ.pop(k, None) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    try:
+        code = main(["shard", f"shard.source={source}", f"shard.output={output}", "--no-progress"])
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        os.environ.pop("AWS_SHARED_CREDENTIALS_FILE")
+    err = capsys.readouterr().err
+    assert code == 2 and "credentials" in err.lower(), err
+    code = main(["shard", f"shard.source={image_folder}", "shard.output=s3://no-such-bucket-dicl/x", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-such-bucket-dicl" in err, err
