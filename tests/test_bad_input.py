@@ -194,3 +194,24 @@ def test_parts_of_another_model_are_removed_on_resume_and_refused_at_the_end(tmp
     kept = assignments.start_run(out, ours)
     assert [shards.name_of(p) for p in kept] == ["part-000000.parquet"]
     assert assignments.read(out, writer=ours)["key"].tolist() == ["a", "b"]
+
+
+def test_a_key_with_a_double_slash_on_s3_is_a_counted_skip(s3, image_folder):
+    from tests.conftest import BUCKET
+
+    png = next(image_folder.rglob("*.png")).read_bytes()
+    storage.write_bytes(f"s3://{BUCKET}/slashes/ok.png", png)
+    fs, _ = storage.filesystem(f"s3://{BUCKET}")
+    fs.pipe_file(f"{BUCKET}/slashes/a//odd.png", png)  # storage.join would collapse the '//'
+    src = open_source(f"s3://{BUCKET}/slashes")
+    assert [i.key for i in src.plan()] == ["ok"]
+    assert len(src.unlisted) == 1 and "'//'" in src.unlisted[0]  # the shard job lists it among the skipped
+
+
+def test_a_model_of_another_side_or_channels_labels_with_a_warning():
+    from jobs.label import input_warnings
+
+    manifest = {"image": {"side": 32, "channels": 3}}
+    assert input_warnings({"side": 32, "channels": 3}, manifest) == []
+    [warning] = input_warnings({"side": 8, "channels": 1}, manifest)
+    assert "trained at 8x8 gray" in warning and "32x32 RGB" in warning

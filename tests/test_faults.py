@@ -21,6 +21,7 @@ from clustering import assignments, shards, storage
 from clustering.engine import build_from_spec
 from clustering.methods import predict_all
 from tests.conftest import BUCKET
+from tests.test_tune import CANARY, files_holding
 
 DIGITS = ["configs/demo.yaml", "shard.samples_per_shard=200", "train.cpus_per_worker=1", "train.joint_epochs=12",
           "train.checkpoint_every=1", "train.name=k", "label.decoders=1", "--num-cpus", "2", "--no-progress"]
@@ -140,7 +141,7 @@ def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_
     server_port = int(s3.rsplit(":", 1)[1])
     proxy = TcpProxy(server_port)
     private = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_MAX_ATTEMPTS": "2",
-               "AWS_EC2_METADATA_DISABLED": "true"}
+               "AWS_EC2_METADATA_DISABLED": "true", "AWS_SESSION_TOKEN": CANARY}  # a credential to look for
     private.pop("RAY_ADDRESS", None)
     joined = {**private, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     run_dir, output = f"{work}/runs/k", f"{work}/assignments"
@@ -188,6 +189,12 @@ def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_
     finally:
         proxy.stop()
     assert check_output(output, f"{work}/shards")["checkpoint"] == final
+
+    # The planted credential is in no output, checkpoint, log of these runs, or log of the Ray they joined.
+    fs, root = storage.filesystem(work)
+    assert not [p for p in fs.find(root) if CANARY.encode() in fs.cat_file(p)]
+    session = ray_local._private.worker._global_node.get_session_dir_path()
+    assert not files_holding(str(tmp_path), CANARY) and not files_holding(session, CANARY)
 
 
 @pytest.mark.parametrize("where", ["source", "output"])
