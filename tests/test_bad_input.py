@@ -208,8 +208,11 @@ def test_a_key_with_a_double_slash_on_s3_is_a_counted_skip(s3, image_folder):
     assert len(src.unlisted) == 1 and "'//'" in src.unlisted[0]  # the shard job lists it among the skipped
 
 
-def test_a_model_of_another_side_or_channels_labels_with_a_warning():
-    from jobs.label import input_warnings
+def test_a_model_of_another_side_or_channels_or_with_empty_clusters_labels_with_a_warning():
+    from jobs.label import cluster_warnings, input_warnings
+
+    assert cluster_warnings({0: 5, 1: 3}, 2) == []
+    assert "only 26 of the model's 100 clusters hold an image" in cluster_warnings(dict.fromkeys(range(26), 1), 100)[0]
 
     manifest = {"image": {"side": 32, "channels": 3}}
     assert input_warnings({"side": 32, "channels": 3}, manifest) == []

@@ -145,8 +145,13 @@ def test_unreadable_images_are_counted_not_fatal(ray_local, image_folder, tmp_pa
     assert "corrupt.jpg" in manifest["skipped"]["examples"][0]
     assert "skipped 1 unreadable" in capsys.readouterr().out
 
+    # A shard job that fails part-way into a folder of shards leaves no manifest that could describe a mix of old
+    # and new shards: readers then say the shards are missing.
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.png").write_bytes(b"nope")
-    code, err = cli(capsys, "shard", f"shard.source={only_bad}", f"shard.output={tmp_path}/o2")
+    code, err = cli(capsys, "shard", f"shard.source={only_bad}", f"shard.output={out}")
     assert code == 2 and "no readable images" in err and "x.png" in err
+    assert not (out / shards.MANIFEST).exists()
+    code, err = cli(capsys, "train", f"train.shards={out}", f"train.storage_path={tmp_path}/runs")
+    assert code == 2 and "manifest.json is missing" in err
