@@ -107,6 +107,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg = cfg.model_copy(update={"name": name})
     storage.check_writable(cfg.storage_path)
     gpu = want_gpu(cfg.use_gpu)
+    # Ray Train's print patch logs each worker print and, where Ray redirected stdout, prints it too: every epoch
+    # line came out twice. Without it, a line is printed once (Ray Train propagates this variable to its workers).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     check_resources(f"train ({cfg.num_workers} workers)", {"CPU": cfg.cpus_per_worker, "GPU": int(gpu)},
                     cfg.num_workers)
     with lease.hold(storage.join(cfg.storage_path, name), f"dicl train {name}"):  # one run per name at a time
