@@ -66,8 +66,8 @@ def read(output: str, columns: list[str] | None = None, writer: dict | None = No
     tables = []
     for p in parts:
         tbl = pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=columns)
-        if writer is not None and not same_writer(writer_of(tbl.schema.metadata), writer):
-            raise RuntimeError(f"{p} was written by {writer_of(tbl.schema.metadata).get('checkpoint')!r}, not by "
+        if writer is not None and not same_writer(found := writer_of(tbl.schema.metadata), writer):
+            raise RuntimeError(f"{p} was written by {found.get('checkpoint')!r}, not by "
                                f"{writer.get('checkpoint')!r}: another run wrote into {output}. Re-run dicl label.")
         tables.append(tbl.to_pandas())
     return pd.concat(tables, ignore_index=True)

@@ -48,7 +48,9 @@ def read_holder(uri: str) -> dict | None:
 
 @contextmanager
 def hold(folder: str, what: str) -> Iterator[str]:
-    """Hold `folder`'s lock for the duration of the block; yields this holder's id."""
+    """Hold `folder`'s lock for the duration of the block; yields this holder's id. A folder that cannot be written
+    (a wrong bucket, missing credentials) fails first, naming it (storage.check_writable)."""
+    storage.check_writable(folder)
     uri = storage.join(folder, LOCK)
     me = {"id": uuid.uuid4().hex, "what": what, "host": socket.gethostname(), "pid": os.getpid(),
           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "beat": time.time()}

@@ -67,8 +67,6 @@ def read_shard(uri: str, sha256: str | None = None) -> list[dict]:
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise StaleShard(f"{uri} is not the shard {MANIFEST} describes (its sha256 differs): the shards changed after "
                          "the manifest was written, by an interrupted or concurrent shard job. Re-run dicl shard.")
-
-
     files = plain_tar_members(data)
     if files is None:  # PAX/GNU extended headers: let webdataset's reader handle them
         files = tar_file_iterator(io.BytesIO(data))

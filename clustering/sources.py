@@ -280,9 +280,7 @@ def open_source(spec: str):
     try:
         found = fs.exists(path)
     except Exception as e:  # noqa: BLE001 - botocore's and the OS's errors differ; the user needs the cause
-        raise SourceError(f"cannot read source {spec!r}: {type(e).__name__}: {e}. For s3://, check the bucket and "
-                          "the credentials in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-                          "AWS_PROFILE) and AWS_ENDPOINT_URL for non-AWS endpoints.") from None
+        raise SourceError(f"cannot read source {spec!r}: {type(e).__name__}: {e}. {storage.CREDENTIALS_HINT}") from None
     if not found:
         raise SourceError(
             f"source {spec!r} does not exist: give an image folder, MNIST IDX files, a .npz or sklearn:digits"

@@ -15,6 +15,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+CREDENTIALS_HINT = ("For s3://, check the bucket name, the credentials in the environment "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), and AWS_ENDPOINT_URL for non-AWS endpoints.")
+
+
 class StorageError(OSError):
     """A storage location that cannot be used; the message names it and says what to check."""
 
@@ -154,7 +158,4 @@ def check_writable(uri: str) -> None:
         fs.rm_file(path)
     except Exception as e:  # botocore and OS errors differ; the user needs the location and the cause
         raise StorageError(
-            f"cannot write to {uri}: {type(e).__name__}: {e}. Check the path or bucket name, and for s3:// "
-            "the credentials in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
-            "and AWS_ENDPOINT_URL for non-AWS endpoints."
-        ) from None
+            f"cannot write to {uri}: {type(e).__name__}: {e}. Check the path. {CREDENTIALS_HINT}") from None

@@ -68,8 +68,8 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
     sha = shards.digests(manifest)
     ds = ray.data.from_items([{"shard": u, "sha256": sha[shards.name_of(u)]} for u in todo], override_num_blocks=len(todo))
     # A decode task asks for the memory it uses, with Ray Data's 25% headroom: a worker process (~290 MiB with its
-    # imports, measured on the digits and MNIST) and its shard twice, read and decoded. It schedules where that fits, and the request (which the actors do not
-    # make) keeps Ray Data from fusing the decoding into the actors.
+    # imports, measured on the digits and MNIST) and its shard twice, read and decoded. It schedules where that
+    # fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into the actors.
     biggest = max(manifest["shards"], key=lambda s: s["samples"])
     memory = 370 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2)
     ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
@@ -94,7 +94,6 @@ def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
                          "their cluster head only at the end (k-means, NMM's normalisers). Label the run's last "
                          "checkpoint, or finish the run first (dicl train with the same train.name resumes it)")
     manifest = shards.read_manifest(cfg.shards)
-    storage.check_writable(cfg.output)
     with lease.hold(cfg.output, "dicl label"):
         return label_corpus(cfg, checkpoint, state, manifest)
 

@@ -15,7 +15,6 @@ from .tune import format_table, run_tune
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
     """Every stage, holding work_dir's lock: a second pipeline into the same work_dir is refused."""
-    storage.check_writable(cfg.work_dir)
     with lease.hold(cfg.work_dir, "dicl pipeline"):
         return stages(cfg, progress)
 

@@ -105,7 +105,6 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     check_run(cfg, manifest)
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"name": name})
-    storage.check_writable(cfg.storage_path)
     gpu = want_gpu(cfg.use_gpu)
     # Ray Train's print patch logs each worker print and, where Ray redirected stdout, prints it too: every epoch
     # line came out twice. Without it, a line is printed once (Ray Train propagates this variable to its workers).

@@ -96,7 +96,6 @@ def run_tune(cfg: PipelineConfig) -> dict:
             check_run(trial, manifest)
         except ValueError as e:
             raise ConfigError(f"tune.space: the trial {values} cannot run: {e}") from None
-    storage.check_writable(cfg.tune.output)
     gpu = want_gpu(cfg.train.use_gpu)
     check_resources("tune (a trial)", {"CPU": cfg.train.cpus_per_worker, "GPU": int(gpu)}, 1)
     with lease.hold(cfg.tune.output, "dicl tune"):
