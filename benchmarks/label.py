@@ -28,7 +28,7 @@ from clustering.methods import predict_all
 
 
 def write_checkpoint(folder: str, cfg: TrainConfig, channels: int, side: int) -> str:
-    from jobs.train import CHECKPOINT_FILE
+    from clustering.checkpoints import CHECKPOINT_FILE
 
     os.makedirs(folder, exist_ok=True)
     run = engine.new_run(cfg, channels, side, torch.device("cpu"))
@@ -38,7 +38,7 @@ def write_checkpoint(folder: str, cfg: TrainConfig, channels: int, side: int) ->
 
 def model_only(checkpoint: str, images: torch.Tensor, copies: int, batch: int, device: torch.device) -> float:
     """Images/s of predict_all over `copies` passes of the decoded images: the model and nothing else."""
-    from jobs.train import load_checkpoint
+    from clustering.checkpoints import load as load_checkpoint
 
     state = load_checkpoint(checkpoint)
     _, model = engine.build_from_spec(state["spec"])

@@ -1,1 +1,11 @@
-"""Deep image clustering: pure PyTorch / numpy blocks. Never imports Ray (DESIGN.md §2)."""
+"""Deep image clustering: pure PyTorch / numpy blocks. Never imports Ray (DESIGN.md §2). The Python API is
+`DeepClusterer` (clustering/estimator.py)."""
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import clustering.config` (the CLI's first step) does not import torch.
+    if name == "DeepClusterer":
+        from .estimator import DeepClusterer
+
+        return DeepClusterer
+    raise AttributeError(name)

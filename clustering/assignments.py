@@ -26,10 +26,12 @@ def part_name(shard_index: int) -> str:
 
 
 def table(keys: list[str], shard: str, probs: np.ndarray, embedding: np.ndarray | None = None,
-          with_probs: bool = True) -> pa.Table:
-    """probs: (N, K) posteriors; cluster = argmax, confidence = max (the max posterior)."""
+          with_probs: bool = True, sources: list[str] | None = None) -> pa.Table:
+    """probs: (N, K) posteriors; cluster = argmax, confidence = max (the max posterior); source: the original file
+    URI (or array row) of each image, to join the labels back to the inputs."""
     cols = {
         "key": pa.array(keys, pa.string()),
+        "source": pa.array(sources if sources is not None else [""] * len(keys), pa.string()),
         "shard": pa.array([shard] * len(keys), pa.string()),
         "cluster": pa.array(probs.argmax(1).astype(np.int32)),
         "confidence": pa.array(probs.max(1).astype(np.float32)),

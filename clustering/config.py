@@ -43,13 +43,14 @@ class Strict(BaseModel):
 class ShardConfig(Strict):
     source: str = Field("sklearn:digits", description="image folder, MNIST IDX folder/file, .npz, or sklearn:digits")
     output: str = Field("outputs/demo/shards", description="folder or s3:// prefix for the shards")
-    samples_per_shard: int = Field(10_000, ge=1)
-    max_shard_bytes: int = Field(256 * 2**20, ge=1024)
+    samples_per_shard: int = Field(10_000, ge=1, description="most images in one shard (a shard is also the unit of "
+                                   "parallel writing, of a worker's share and of one Parquet part)")
+    max_shard_bytes: int = Field(256 * 2**20, ge=1024, description="most encoded bytes in one shard")
     limit: int | None = Field(None, ge=1, description="take only the first N samples (for quick runs)")
 
 
 class TrainConfig(Strict):
-    shards: str = "outputs/demo/shards"
+    shards: str = Field("outputs/demo/shards", description="the shard job's output (follows work_dir)")
     storage_path: str = Field("outputs/demo/runs", description="where Ray Train keeps checkpoints")
     name: RunName = Field("", description="run name (a folder name); empty = method + time. Re-using a name "
                                            "resumes that run")
@@ -75,15 +76,16 @@ class TrainConfig(Strict):
                                        "cpus_per_worker - 1 (at least 1); 0 = decode in the training process")
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
         "conv", description="conv (DCEC's conv AE / a conv net), mlp (DEC's), resnet18 (CIFAR stem; nmm only)")
-    code_dim: int = Field(16, ge=2)
+    code_dim: int = Field(16, ge=2, description="size of the embedding the cluster head reads")
     conv_widths: tuple[int, int] = Field((32, 64), description="conv net (nmm, vc's encoder): channels of its two conv blocks")
     ae_widths: tuple[int, ...] = Field((32, 64, 128), min_length=1,
                                        description="conv autoencoder (dcec, idec, dec, ae_kmeans, vc's decoder): stride-2 conv channels")
-    mlp_widths: tuple[int, ...] = (500, 500, 2000)
-    pretrain_epochs: int = Field(60, ge=0)
-    joint_epochs: int = Field(40, ge=0)
+    mlp_widths: tuple[int, ...] = Field((500, 500, 2000), description="mlp encoder (dec): hidden layer widths")
+    pretrain_epochs: int = Field(60, ge=0, description="epochs of the first stage: autoencoder pretraining (dcec, "
+                                 "idec, dec, ae_kmeans), the VAE alone (vc); nmm has none")
+    joint_epochs: int = Field(40, ge=0, description="epochs of the clustering stage (nmm: EM epochs)")
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="Adam's learning rate")
     augment: bool = Field(True, description="dcec/idec/dec/ae_kmeans: train on random views (affine + noise; crops, "
                                             "jitter for RGB), as DEC-DA")
     rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
@@ -106,26 +108,38 @@ class TrainConfig(Strict):
     pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
                                                              "uniform, which favours even clusters (docs/RESULTS.md)")
     target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: int = Field(1, ge=1)
-    use_gpu: UseGpu = "auto"
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel; each needs a shard)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker asks for (its threads, and loader processes)")
+    use_gpu: UseGpu = Field("auto", description="auto: a GPU per worker when the cluster has GPUs; yes; no")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and always at the end)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the weights and batches (every worker starts alike)")
 
 
 class LabelConfig(Strict):
-    shards: str = "outputs/demo/shards"
-    checkpoint: str = Field("", description="checkpoint folder/URI; empty = the train job's latest")
-    output: str = "outputs/demo/assignments"
+    shards: str = Field("outputs/demo/shards", description="the shards to label (follows work_dir)")
+    checkpoint: str = Field("", description="a checkpoint or run folder/URI; empty = the latest finished run under "
+                                           "train.storage_path (work_dir/runs)")
+    output: str = Field("outputs/demo/assignments", description="folder or s3:// prefix of the Parquet parts")
     batch_size: int = Field(4096, ge=1, description="images per forward pass of a labelling actor")
     actors: int = Field(1, ge=1, description="size of the labelling actor pool (one GPU each, where there are GPUs)")
     cpus_per_actor: int = Field(1, ge=1, description="CPU threads of a labelling actor without a GPU")
     decoders: int | None = Field(None, ge=1, description="decoding tasks at once (one CPU and one shard each); "
                                  "empty = as many as the free CPUs allow")
-    use_gpu: UseGpu = "auto"
-    write_probs: bool = True
-    write_embedding: bool = False
+    use_gpu: UseGpu = Field("auto", description="auto: one GPU per actor when the cluster has GPUs; yes; no")
+    write_probs: bool = Field(True, description="write each image's posteriors over the k clusters (column probs)")
+    write_embedding: bool = Field(False, description="write each image's embedding (column embedding)")
+
+
+class PredictConfig(Strict):
+    output: str = Field("outputs/demo/predictions", description="folder or s3:// prefix for the Parquet parts "
+                        "of `dicl predict` (the label job's columns)")
+    images_per_part: int = Field(10_000, ge=1, description="images per Parquet part (a WebDataset tar: one part each)")
+    batch_size: int = Field(1024, ge=1, description="images per forward pass")
+    readers: int = Field(8, ge=1, description="threads reading and decoding images (storage latency hides behind them)")
+    device: str = Field("auto", description="auto (cuda where there is one), cpu, cuda or cuda:N")
+    write_probs: bool = Field(True, description="write each image's posteriors over the k clusters (column probs)")
+    write_embedding: bool = Field(False, description="write each image's embedding (column embedding)")
 
 
 class TuneConfig(Strict):
@@ -153,6 +167,7 @@ class PipelineConfig(Strict):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
@@ -172,6 +187,7 @@ class PipelineConfig(Strict):
             (self.train, "storage_path", f"{root}/runs"),
             (self.label, "shards", self.shard.output),
             (self.label, "output", f"{root}/assignments"),
+            (self.predict, "output", f"{root}/predictions"),
             (self.tune, "output", f"{root}/tune"),
         ]:
             if field not in section.model_fields_set:

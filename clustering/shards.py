@@ -21,6 +21,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import storage
+from .sources import GRAY_MODES, BadImage, to_8bit
 
 MANIFEST = "manifest.json"
 
@@ -146,14 +147,20 @@ def decode_image(data: bytes, mode: str, side: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         if im.format == "JPEG":
             im.draft(mode, (side, side))  # decode at 1/2..1/8 scale while that still covers side: far faster for photos
-        if im.mode != mode:
-            im = im.convert(mode)
-        w, h = im.size
-        if (w, h) != (side, side):
-            s = min(w, h)  # the centred square of the shorter side, resized in one step (antialiased)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            im = im.resize((side, side), Image.BILINEAR, box=box, reducing_gap=3.0)
-        arr = np.asarray(im, dtype=np.uint8)
+        return apply_policy(im, mode, side)
+
+
+def apply_policy(im: Image.Image, mode: str, side: int) -> np.ndarray:
+    """A PIL image of any mode and size -> uint8 (side, side, C) by the input policy."""
+    im = to_8bit(im)
+    if im.mode != mode:
+        im = im.convert(mode)
+    w, h = im.size
+    if (w, h) != (side, side):
+        s = min(w, h)  # the centred square of the shorter side, resized in one step (antialiased)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        im = im.resize((side, side), Image.BILINEAR, box=box, reducing_gap=3.0)
+    arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -163,6 +170,7 @@ class Decoded:
     keys: list[str]
     labels: np.ndarray  # (N,) int64, -1 where unknown
     shards: list[str]  # shard name per sample
+    sources: list[str]  # the original file or array row of each sample ("" where a shard does not record it)
 
 
 def image_of(sample: dict) -> bytes:
@@ -172,13 +180,23 @@ def image_of(sample: dict) -> bytes:
     raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')} has no png/jpg member")
 
 
+def source_of(sample: dict) -> str:
+    """The input a sample came from, as the shard job recorded it in KEY.json ("" for shards written elsewhere)."""
+    meta = sample.get("json")
+    try:
+        return str(json.loads(meta).get("source", "")) if meta else ""
+    except (ValueError, AttributeError):
+        return ""
+
+
 def decode_samples(samples: list[dict], mode: str, side: int, shard: str) -> Decoded:
     # One thread: for small images Python's per-image overhead dominates, and threads only contend for the GIL.
     arrays = [decode_image(image_of(s), mode, side) for s in samples]
     c = 1 if mode == "L" else 3
     images = np.stack(arrays) if arrays else np.zeros((0, side, side, c), np.uint8)
     labels = np.array([int(s["cls"]) if "cls" in s else -1 for s in samples], dtype=np.int64)
-    return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples))
+    return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples),
+                   [source_of(s) for s in samples])
 
 
 def corpus_side(manifest: dict) -> int:
@@ -204,9 +222,10 @@ def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None
 
 def concat(parts: list[Decoded], mode: str, side: int) -> Decoded:
     if not parts:
-        return Decoded(np.zeros((0, side, side, 1 if mode == "L" else 3), np.uint8), [], np.zeros(0, np.int64), [])
+        return Decoded(np.zeros((0, side, side, 1 if mode == "L" else 3), np.uint8), [], np.zeros(0, np.int64), [], [])
     return Decoded(np.concatenate([p.images for p in parts]), [k for p in parts for k in p.keys],
-                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards])
+                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards],
+                   [s for p in parts for s in p.sources])
 
 
 def load_shards(uris: list[str], manifest: dict, side: int | None = None, workers: int = 1,
@@ -256,8 +275,6 @@ def plan_shards(items: list, samples_per_shard: int, max_bytes: int) -> list[lis
 def write_items(source, items: list, uri: str) -> dict:
     """Load, validate and write one shard of a source's items. An input that cannot be read or decoded, for any
     reason, is skipped and listed: one bad file (or one key storage cannot serve) never stops the job."""
-    from .sources import BadImage
-
     samples, skipped, shapes = [], [], Counter()
     for it in items:
         try:
@@ -296,8 +313,6 @@ def choose_image(summary: dict) -> dict:
     """The corpus' training input: the majority's channels (gray or colour), and a square side of the median
     shorter side, capped at SIDE_CAP and rounded down to a multiple of 4, as the conv nets pool twice
     (train.image_size overrides it)."""
-    from .sources import GRAY_MODES
-
     gray = sum(n for m, n in summary["modes"].items() if m in GRAY_MODES)
     channels = 1 if 2 * gray >= sum(summary["modes"].values()) else 3
     side = max(4, min(summary["shorter_side"]["median"], SIDE_CAP) // 4 * 4)

@@ -166,34 +166,64 @@ class FolderSource:
 
     def plan(self) -> list[Item]:
         index = {c: i for i, c in enumerate(self.classes or [])}
-        items, seen = [], set()
-        for rel, size in self.files:
+        items = []
+        for (rel, size), key in zip(self.files, unique_keys([rel for rel, _ in self.files])):
             path = PurePosixPath(rel)
-            key = sanitize_key(str(path.with_suffix("")))
-            if key in seen:  # a.jpg beside a.png, or two names that sanitize alike
-                key = f"{key}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
-            seen.add(key)
             label = index[path.parent.name] if self.classes and str(path.parent) != "." else None
             items.append(Item(key, storage.join(self.uri, rel), size, label))
         return items
 
     def load(self, item: Item) -> Decoded:
-        """The file's bytes as they are when it is an 8-bit L or RGB JPEG/PNG; any other format or mode is
-        converted (to_8bit) and re-encoded losslessly as PNG. `mode` is the file's own, for the manifest."""
-        raw = storage.read_bytes(item.ref)
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                im.load()  # decodes fully: catches truncated files, not just bad headers
-                w, h, mode = im.width, im.height, im.mode
-                ext = ORIGINAL_EXTS.get(PurePosixPath(item.ref).suffix.lower())
-                kept = (ext == "jpg" and im.format == "JPEG") or (ext == "png" and im.format == "PNG")
-                if not kept or mode not in ("L", "RGB"):
-                    raw, ext = png_bytes(np.asarray(to_8bit(im))), "png"
-        except Image.DecompressionBombError as e:
-            raise BadImage(f"{item.ref}: too large to decode safely ({e})") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise BadImage(f"{item.ref}: not a readable image ({type(e).__name__}: {e})") from None
-        return Decoded(raw, ext, w, h, mode)
+        return load_file(str(item.ref))
+
+    def describe(self, item: Item) -> str:
+        return str(item.ref)
+
+
+def load_file(uri: str) -> Decoded:
+    """An image file's bytes as they are when it is an 8-bit L or RGB JPEG/PNG; any other format or mode is
+    converted (to_8bit) and re-encoded losslessly as PNG. `mode` is the file's own, for the manifest."""
+    raw = storage.read_bytes(uri)
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()  # decodes fully: catches truncated files, not just bad headers
+            w, h, mode = im.width, im.height, im.mode
+            ext = ORIGINAL_EXTS.get(PurePosixPath(uri).suffix.lower())
+            kept = (ext == "jpg" and im.format == "JPEG") or (ext == "png" and im.format == "PNG")
+            if not kept or mode not in ("L", "RGB"):
+                raw, ext = png_bytes(np.asarray(to_8bit(im))), "png"
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{uri}: too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"{uri}: not a readable image ({type(e).__name__}: {e})") from None
+    return Decoded(raw, ext, w, h, mode)
+
+
+def unique_keys(paths: list[str]) -> list[str]:
+    """Stable keys for relative paths: the path without its extension, sanitised (WebDataset splits a key from its
+    extension at the first dot); a clash (a.jpg beside a.png) gets a short hash of the path."""
+    keys, seen = [], set()
+    for rel in paths:
+        key = sanitize_key(str(PurePosixPath(rel).with_suffix("")))
+        if key in seen:
+            key = f"{key}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+@dataclass
+class FileListSource:
+    """Image files named one by one (paths or URIs); keys are their names without the extension."""
+
+    uris: list[str]
+
+    def plan(self) -> list[Item]:
+        names = [PurePosixPath(u.split("://", 1)[-1]).name for u in self.uris]
+        return [Item(key, uri, 0) for key, uri in zip(unique_keys(names), self.uris)]
+
+    def load(self, item: Item) -> Decoded:
+        return load_file(str(item.ref))
 
     def describe(self, item: Item) -> str:
         return str(item.ref)

@@ -74,6 +74,14 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def modified(uri: str) -> float:
+    """When an object was last written (seconds since the epoch): a local file's mtime, an S3 object's LastModified."""
+    fs, path = filesystem(uri)
+    info = fs.info(path)
+    when = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or 0
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:

@@ -1,10 +1,14 @@
-"""dicl: the command line. Every command reads one YAML (sections shard/train/label/tune) plus key=value overrides.
+"""dicl: the command line. Every command reads one YAML (sections shard/train/label/predict/tune) plus
+key=value overrides.
 
   dicl pipeline configs/demo.yaml                 shard -> [tune ->] train -> label -> report
   dicl shard configs/mnist.yaml shard.source=DIR  one stage alone
   dicl train configs/demo.yaml train.k=12 train.num_workers=2
   dicl tune configs/demo.yaml "tune.space={k: [8, 10, 12]}"   one trial per value; picked without labels
-  dicl label configs/demo.yaml label.checkpoint=RUN_OR_CHECKPOINT_DIR
+  dicl label configs/demo.yaml                    label every shard (label.checkpoint empty: the latest run)
+  dicl predict RUN_OR_CHECKPOINT photos/ a.jpg s3://bucket/tars/   new images, in this process (no Ray)
+  dicl config [configs/demo.yaml] [key=value]     every key: its value, default and meaning
+  dicl COMMAND --help                             what a command does, and its keys
 
 exit codes: 0 done; 1 a failure of ours (the traceback is in the log file named); 2 the input cannot work (a config,
 a source, storage, credentials, a checkpoint, a resource request: the message says which); 130 interrupted.
@@ -18,22 +22,73 @@ import sys
 import time
 import traceback
 
-COMMANDS = ("pipeline", "shard", "tune", "train", "label")
+# command -> (what it does, the config sections it reads)
+COMMANDS = {
+    "pipeline": ("shard -> tune (when tune.space is set) -> train -> label -> report, all under work_dir",
+                 ("shard", "tune", "train", "label")),
+    "shard": ("write WebDataset shards and manifest.json from an image folder, MNIST IDX, .npz or sklearn:digits",
+              ("shard",)),
+    "tune": ("train one trial per point of tune.space and pick the best without labels (trials.json, best.yaml)",
+             ("tune", "train")),
+    "train": ("train a deep clustering model with Ray Train on train.num_workers workers; prints its checkpoint",
+              ("train",)),
+    "label": ("label every shard with a finished run (Ray Data), one Parquet part per shard, then _SUCCESS.json",
+              ("label",)),
+    "predict": ("label new images with a run or checkpoint, in this process: files, folders, s3:// prefixes or "
+                "WebDataset tars (no manifest needed); the label job's Parquet columns", ("predict",)),
+    "config": ("print every config key with its value, default and meaning (after the YAML and overrides)",
+               ("shard", "train", "label", "predict", "tune")),
+}
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dicl", description="Deep image clustering at cluster scale.",
-                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=COMMANDS)
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help="a YAML config and dotted overrides, e.g. train.k=12 work_dir=s3://bucket/run1")
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="join this Ray cluster (as RAY_ADDRESS does); without either, "
                                                    "a private Ray starts in this process")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the private Ray (ignored on a cluster)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (there are none when stderr is "
+                                                               "not a terminal)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the full traceback of an error")
-    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    return p.parse_intermixed_args(argv)  # options anywhere, as in `dicl train --no-progress train.k=12`
+    p.add_argument("--version", action="version", version=f"dicl {package_version()}")
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    what, sections = COMMANDS[command]
+    usage = "RUN_OR_CHECKPOINT INPUT [INPUT ...] " if command == "predict" else ""
+    p = argparse.ArgumentParser(prog=f"dicl {command}", description=what,
+                                usage=f"%(prog)s {usage}[CONFIG.yaml] [key=value ...] [options]",
+                                epilog=keys_help(sections, brief=command != "config"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="ARG", help="a YAML config and dotted overrides, e.g. train.k=12 "
+                                                          "work_dir=s3://bucket/run1" +
+                   ("; first the run or checkpoint, then the inputs" if command == "predict" else ""))
+    options(p)
+    return p
+
+
+def keys_help(sections: tuple[str, ...], brief: bool = True) -> str:
+    from clustering.config import PipelineConfig
+
+    from .config_help import describe_keys
+
+    return "config keys (dicl config prints them with their values):\n" + describe_keys(PipelineConfig(), sections,
+                                                                                     brief=brief)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command not in COMMANDS:
+        top = argparse.ArgumentParser(prog="dicl", description="Deep image clustering at cluster scale.",
+                                      usage="dicl COMMAND [CONFIG.yaml] [key=value ...] [options]",
+                                      epilog=__doc__.split("\n", 3)[3], formatter_class=argparse.RawDescriptionHelpFormatter)
+        top.add_argument("command", choices=list(COMMANDS))
+        options(top)
+        top.parse_args(argv)  # --help, --version, or an error naming the commands
+        top.error(f"choose a command: {', '.join(COMMANDS)}")
+    rest = list(argv)
+    rest.remove(command)
+    ns = command_parser(command).parse_intermixed_args(rest)  # options anywhere: `dicl train --no-progress k=12`
+    ns.command = command
+    return ns
 
 
 def package_version() -> str:
@@ -45,29 +100,68 @@ def package_version() -> str:
         return "unknown"
 
 
-def run(ns: argparse.Namespace) -> None:
-    from clustering.config import PipelineConfig, load_config
+def show_progress(ns: argparse.Namespace) -> bool:
+    """Bars on a terminal (stderr), unless --no-progress; a log (as under `ray job submit`) gets the lines alone."""
+    return not ns.no_progress and sys.stderr.isatty()
 
-    path = ns.args[0] if ns.args and ns.args[0].endswith((".yaml", ".yml")) else None
-    overrides = ns.args[1:] if path else ns.args
+
+def split_args(args: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """(the YAML config, the key=value overrides, the rest: predict's run and inputs)."""
+    config = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
+    overrides = [a for a in args if a != config and "=" in a and a.split("=", 1)[0].replace(".", "").replace("_", "").isalnum()]
+    rest = [a for a in args if a != config and a not in overrides]
+    return config, overrides, rest
+
+
+def run(ns: argparse.Namespace) -> None:
+    from clustering.config import ConfigError, PipelineConfig, load_config
+
+    path, overrides, rest = split_args(ns.args)
+    if rest and ns.command != "predict":
+        raise ConfigError(f"{rest[0]!r} is neither a YAML config nor a key=value override (e.g. train.k=12)")
     cfg = load_config(PipelineConfig, path, overrides)
+    if ns.command == "config":
+        from .config_help import describe_keys
+
+        print(describe_keys(cfg, COMMANDS["config"][1], brief=False))
+        return
+    if ns.command == "predict":
+        from clustering.estimator import DeepClusterer
+        from clustering.predict import describe, run_predict
+
+        if len(rest) < 2:
+            raise ConfigError("dicl predict needs a run or checkpoint folder, then one or more inputs "
+                              "(files, folders, s3:// prefixes or WebDataset tars)")
+        model = DeepClusterer.load(rest[0], device=cfg.predict.device)
+        print(describe(run_predict(model, rest[1:], cfg.predict, progress=show_progress(ns)), cfg.predict.output))
+        return
 
     from . import runtime
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    runtime.init_ray(ns.num_cpus, ns.address)
+    runtime.init_ray(ns.num_cpus, ns.address, quiet_into=None if ns.verbose else ns.log)
+    run_on_ray(ns, cfg)
+    from .progress import session_logs
+
+    where = ([f"log: {ns.log}"] if os.path.exists(ns.log) else []) + [f"Ray's logs: {d}" for d in [session_logs()] if d]
+    if where:
+        print("; ".join(where), file=sys.stderr)
+
+
+def run_on_ray(ns: argparse.Namespace, cfg) -> None:
+    progress = show_progress(ns)
     if ns.command == "pipeline":
         from .pipeline import run_pipeline
 
-        run_pipeline(cfg, progress=not ns.no_progress)
+        run_pipeline(cfg, progress=progress)
     elif ns.command == "shard":
         from .shard import describe, run_shard
 
-        print(describe(run_shard(cfg.shard, progress=not ns.no_progress), cfg.shard.output))
+        print(describe(run_shard(cfg.shard, progress=progress), cfg.shard.output))
     elif ns.command == "train":
         from .train import run_train
 
-        r = run_train(cfg.train)
+        r = run_train(cfg.train, progress=progress)
         print(f"run {r.name} finished in {r.seconds:.0f}s\ncheckpoint {r.checkpoint}")
     elif ns.command == "tune":
         from .tune import format_table, run_tune
@@ -76,7 +170,7 @@ def run(ns: argparse.Namespace) -> None:
     elif ns.command == "label":
         from .label import run_label
 
-        print(json.dumps(run_label(cfg.label), indent=1))
+        print(json.dumps(run_label(cfg.label, runs=cfg.train.storage_path, progress=progress), indent=1))
 
 
 def user_errors() -> tuple[type, ...]:
@@ -104,18 +198,23 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def log_error(command: str, e: BaseException) -> str:
-    """The full traceback, into a log file (DICL_LOG_DIR, default outputs/logs); returns its path."""
+def log_path(command: str) -> str:
+    """This command's log file (DICL_LOG_DIR, default outputs/logs): Ray's driver logs, and the traceback of an
+    error. Created when first written."""
     folder = os.environ.get("DICL_LOG_DIR", os.path.join("outputs", "logs"))
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"dicl-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
-    with open(path, "w") as f:
+    return os.path.join(folder, f"dicl-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+def log_error(path: str, e: BaseException) -> str:
+    with open(path, "a") as f:
         f.write("".join(traceback.format_exception(e)))
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse(sys.argv[1:] if argv is None else argv)
+    ns.log = log_path(ns.command)
     try:
         run(ns)
     except KeyboardInterrupt:
@@ -127,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, KeyboardInterrupt):
             return 130
         code = 2 if isinstance(cause, user_errors()) else 1
-        log = log_error(ns.command, e)
+        log = log_error(ns.log, e)
         if ns.verbose:
             traceback.print_exception(e)
         message = str(cause).strip() or type(cause).__name__

@@ -5,6 +5,7 @@ Re-running with the same arguments finishes only the shards whose part is missin
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
@@ -12,15 +13,14 @@ from collections import Counter
 import numpy as np
 import ray
 import torch
+from tqdm import tqdm
 
 from clustering import assignments, lease, shards, storage
+from clustering import checkpoints
 from clustering.config import LabelConfig
-from clustering.engine import build_from_spec
-from clustering.inputs import device_images
-from clustering.methods import predict_all
+from clustering.estimator import DeepClusterer
 
 from .runtime import check_resources, want_gpu
-from .train import load_checkpoint, resolve_checkpoint
 
 
 def decode_shard(batch: dict, mode: str, side: int) -> dict:
@@ -28,7 +28,8 @@ def decode_shard(batch: dict, mode: str, side: int) -> dict:
     images by the input policy."""
     uri = str(batch["shard"][0])
     data = shards.load_shard(uri, mode, side, sha256=str(batch["sha256"][0]))
-    return {"shard": np.array([uri]), "keys": np.array(["\n".join(data.keys)]), "images": data.images[None]}
+    return {"shard": np.array([uri]), "keys": np.array([json.dumps(data.keys)]),
+            "sources": np.array([json.dumps(data.sources)]), "images": data.images[None]}
 
 
 class ShardLabeler:
@@ -36,30 +37,26 @@ class ShardLabeler:
 
     def __init__(self, checkpoint: str, cfg: dict, gpu: bool, writer: dict):
         self.cfg, self.writer = LabelConfig(**cfg), writer
-        state = load_checkpoint(checkpoint)
-        _, self.model = build_from_spec(state["spec"])
-        self.model.load_state_dict(state["model"])
-        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
             torch.set_num_threads(self.cfg.cpus_per_actor)
-        self.model.to(self.device).eval()
+        self.model = DeepClusterer.load(checkpoint, device=device)
 
     def __call__(self, batch: dict) -> dict:
         rows, counts = [], []
-        for uri, keys, images in zip(batch["shard"], batch["keys"], batch["images"]):
-            keys = str(keys).split("\n")
-            x = device_images(np.ascontiguousarray(images), self.device)
-            probs, z = predict_all(self.model, x, self.cfg.batch_size)
-            tbl = assignments.table(keys, shards.name_of(uri), probs.cpu().numpy(),
-                                    z.cpu().numpy() if self.cfg.write_embedding else None, self.cfg.write_probs)
+        for uri, keys, sources, images in zip(batch["shard"], batch["keys"], batch["sources"], batch["images"]):
+            keys = json.loads(str(keys))
+            probs, z = self.model.posteriors(np.ascontiguousarray(images), self.cfg.batch_size)
+            tbl = assignments.table(keys, shards.name_of(uri), probs, z if self.cfg.write_embedding else None,
+                                    self.cfg.write_probs, sources=json.loads(str(sources)))
             assignments.write_part(self.cfg.output, shards.shard_index(uri), tbl, self.writer)
             rows.append(len(keys))
-            counts.append(np.bincount(probs.argmax(1).cpu().numpy(), minlength=probs.shape[1]))
+            counts.append(np.bincount(probs.argmax(1), minlength=probs.shape[1]))
         return {"shard": batch["shard"], "rows": np.array(rows), "counts": np.stack(counts)}
 
 
 def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool,
-                 writer: dict) -> None:
+                 writer: dict, progress: bool = False) -> None:
     """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
@@ -80,22 +77,27 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
         fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu,
                                "writer": writer},
     )
-    ds.materialize()
+    sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
+    with tqdm(total=sum(sizes[shards.name_of(u)] for u in todo), desc="label", unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for done in ds.iter_batches(batch_size=None):  # one block a shard, as the actors finish them
+            bar.update(int(np.sum(done["rows"])))
 
 
-def run_label(cfg: LabelConfig, checkpoint: str | None = None) -> dict:
+def run_label(cfg: LabelConfig, checkpoint: str | None = None, runs: str | None = None, progress: bool = False) -> dict:
     """Label every shard with a finished checkpoint into cfg.output, holding its lock (a second label job into it
-    is refused); returns what `_SUCCESS.json` holds."""
+    is refused); returns what `_SUCCESS.json` holds. The checkpoint is `checkpoint`, else label.checkpoint (a run or
+    checkpoint folder), else the latest finished run under `runs` (train.storage_path)."""
     cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "output": storage.absolute(cfg.output)})
-    checkpoint = resolve_checkpoint(storage.absolute(checkpoint or cfg.checkpoint))
-    state = load_checkpoint(checkpoint)
-    if not state.get("finished"):
-        raise ValueError(f"{checkpoint} is from epoch {state['epoch'] + 1} of a run that did not finish; some methods fit "
-                         "their cluster head only at the end (k-means, NMM's normalisers). Label the run's last "
-                         "checkpoint, or finish the run first (dicl train with the same train.name resumes it)")
+    if checkpoint or cfg.checkpoint or not runs:
+        checkpoint = checkpoints.resolve(storage.absolute(checkpoint or cfg.checkpoint))
+    else:
+        checkpoint = checkpoints.latest_finished(storage.absolute(runs))
+        print(f"label: label.checkpoint is empty: labelling with the latest finished run's checkpoint {checkpoint}")
+    state = checkpoints.load_finished(checkpoint)
     manifest = shards.read_manifest(cfg.shards)
     with lease.hold(cfg.output, "dicl label"):
-        return label_corpus(cfg, checkpoint, state, manifest)
+        return label_corpus(cfg, checkpoint, state, manifest, progress)
 
 
 def input_warnings(spec: dict, manifest: dict) -> list[str]:
@@ -117,10 +119,11 @@ def cluster_warnings(counts: dict[int, int], k: int) -> list[str]:
             "may fit this corpus better)"]
 
 
-def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict) -> dict:
+def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict, progress: bool = False) -> dict:
     spec = state["spec"]
     writer = {"checkpoint": checkpoint, "content_hash": manifest["content_hash"], "method": spec["method"],
-              "k": spec["config"]["k"], "run": spec["config"].get("name"), "label_run": uuid.uuid4().hex}
+              "k": spec["config"]["k"], "image_size": spec["side"], "channels": spec["channels"],
+              "run": spec["config"].get("name"), "label_run": uuid.uuid4().hex}
     uris = shards.shard_uris(cfg.shards, manifest)
     done = {shards.name_of(p) for p in assignments.start_run(cfg.output, writer)}
     todo = [u for u in uris if assignments.part_name(shards.shard_index(u)) not in done]
@@ -132,7 +135,7 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict)
     if todo:
         check_resources(f"label ({cfg.actors} actors)", {"GPU": 1} if gpu else {"CPU": cfg.cpus_per_actor},
                         min(cfg.actors, len(todo)))
-        label_shards(todo, manifest, checkpoint, spec, cfg, gpu, writer)
+        label_shards(todo, manifest, checkpoint, spec, cfg, gpu, writer, progress)
     seconds = time.perf_counter() - t0
     sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
     # Counts come from the parts themselves, so a resumed run reports the whole corpus; every part must be ours.

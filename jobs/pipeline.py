@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from clustering import lease, report, shards, storage
+from clustering import checkpoints, lease, report, shards, storage
 from clustering.config import PipelineConfig, trial_config
 
 from .label import run_label
 from .shard import describe, run_shard
-from .train import load_checkpoint, run_train
+from .train import run_train
 from .tune import format_table, run_tune
 
 
@@ -33,17 +33,17 @@ def stages(cfg: PipelineConfig, progress: bool) -> dict:
         cfg = cfg.model_copy(update={"train": trial_config(cfg.train, tuned["best"])})
 
     print(f"[{steps - 2}/{steps}] train {cfg.train.method} (k={cfg.train.k}) on {cfg.train.num_workers} worker(s)", flush=True)
-    trained = run_train(cfg.train)
+    trained = run_train(cfg.train, progress=progress)
     print(f"trained in {trained.seconds:.0f}s; checkpoint {trained.checkpoint}", flush=True)
 
     print(f"[{steps - 1}/{steps}] label -> {cfg.label.output}", flush=True)
-    info = run_label(cfg.label, checkpoint=trained.checkpoint)
+    info = run_label(cfg.label, checkpoint=trained.checkpoint, progress=progress)
 
     print(f"[{steps}/{steps}] report", flush=True)
     seen = report.first_images(cfg.label.shards)  # read once: the score and the picture grids look at them
     summary = report.summarize(cfg.label.output, cfg.label.shards, seen)
     summary.update(run=trained.name, checkpoint=trained.checkpoint, seconds=round(time.perf_counter() - t0, 1))
-    state = load_checkpoint(trained.checkpoint)
+    state = checkpoints.load(trained.checkpoint)
     spec, history = state["spec"], state.get("history", [])
     report_dir = storage.join(cfg.work_dir, "report")
     policy = report.policy_chart(cfg.label.shards, *shards.image_spec(shards.read_manifest(cfg.label.shards),

@@ -1,6 +1,7 @@
 """What every job needs from Ray: a connection, a device choice, and storage Ray Train can write to."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -11,22 +12,34 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from clustering import storage
 
+from .progress import ray_logs_to_file
+
 
 class ResourceError(RuntimeError):
     """A resource request the cluster cannot meet; the message says what was asked and what there is."""
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into: str | None = None) -> None:
     """Join the cluster named by `address` or RAY_ADDRESS (as under `ray job submit`), else start a private Ray in
-    this process: never some other cluster that happens to run on this machine."""
+    this process: never some other cluster that happens to run on this machine.
+    quiet_into: a log file: Ray's own output stays off the terminal (workers' output in Ray's session logs, the
+    driver's Ray loggers into this file, no Ray Data progress bars); our jobs print what matters."""
     if ray.is_initialized():
         return
     if address:
         os.environ["RAY_ADDRESS"] = address  # one signal of a joined cluster, which check_resources reads too
+    if quiet_into:
+        ray_logs_to_file(quiet_into)
+    kwargs = {"log_to_driver": not quiet_into, "logging_level": logging.WARNING if quiet_into else logging.INFO}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    if quiet_into:
+        from ray.data import DataContext  # Ray Data sets up its loggers when first imported: before they move
+
+        ray_logs_to_file(quiet_into)
+        DataContext.get_current().enable_progress_bars = False
 
 
 def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: float | None = None) -> None:

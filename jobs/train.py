@@ -6,7 +6,6 @@ a restarted worker group (FailureConfig) or a re-run with the same `train.name` 
 """
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import time
@@ -20,27 +19,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clustering import engine, inputs, lease, shards, storage
+from clustering.checkpoints import CHECKPOINT_FILE
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 
+from .progress import poster, training_lines
 from .runtime import check_resources, remote_uri, train_storage, want_gpu
-
-CHECKPOINT_FILE = "model.pt"
-
-
-def load_checkpoint(uri: str) -> dict:
-    """A checkpoint folder/URI -> its state dict; tensors and plain data only (weights_only=True)."""
-    data = storage.read_bytes(storage.join(uri, CHECKPOINT_FILE))
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle, zip and weights-only errors all mean the same to the user
-        raise ValueError(f"{storage.join(uri, CHECKPOINT_FILE)} is not a checkpoint written by dicl train "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or "spec" not in state or "model" not in state:
-        raise ValueError(f"{storage.join(uri, CHECKPOINT_FILE)} is not a checkpoint written by dicl train "
-                         "(it lacks the model and its spec)")
-    return state
-
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
@@ -51,9 +35,9 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     comm = Comm(rank, world, dist.all_reduce)
 
+    say = poster(config.get("board"))  # lines go to the driver, which prints them once
     manifest = shards.read_manifest(cfg.shards)
-    data = inputs.open_input(cfg, manifest, comm, device, ctx.get_local_world_size(),
-                             log=lambda s: print(f"{s} on {device}", flush=True))
+    data = inputs.open_input(cfg, manifest, comm, device, ctx.get_local_world_size(), log=lambda s: say(f"{s} on {device}"))
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -72,8 +56,7 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{epoch:06d}")
 
-    engine.fit(data, cfg, comm, device, resume=resume, on_epoch=report,
-               log=lambda s: print(s, flush=True) if rank == 0 else None)
+    engine.fit(data, cfg, comm, device, resume=resume, on_epoch=report, log=say if rank == 0 else lambda s: None)
 
 
 @dataclass
@@ -99,28 +82,32 @@ def check_run(cfg: TrainConfig, manifest: dict) -> None:
     engine.check_restarts(cfg)
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
+def run_train(cfg: TrainConfig, progress: bool = False) -> TrainResult:
+    """Train on Ray Train, holding the run's lock; the workers' lines print here, with a bar of epochs when
+    `progress`."""
     cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "storage_path": storage.absolute(cfg.storage_path)})
     manifest = shards.read_manifest(cfg.shards)  # fails early, naming the folder, when shards are missing
     check_run(cfg, manifest)
     name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"name": name})
     gpu = want_gpu(cfg.use_gpu)
-    # Ray Train's print patch logs each worker print and, where Ray redirected stdout, prints it too: every epoch
-    # line came out twice. Without it, a line is printed once (Ray Train propagates this variable to its workers).
+    # Ray Train's print patch logs each worker print and, where Ray redirected stdout, prints it too. Our lines
+    # come through the Board; without the patch, a worker's own prints stay in its log (Ray Train propagates this
+    # variable to its workers).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     check_resources(f"train ({cfg.num_workers} workers)", {"CPU": cfg.cpus_per_worker, "GPU": int(gpu)},
                     cfg.num_workers)
     with lease.hold(storage.join(cfg.storage_path, name), f"dicl train {name}"):  # one run per name at a time
-        return fit_on_ray(cfg, gpu)
+        with training_lines(engine.total_epochs(cfg), progress, desc=f"train {name}") as board:
+            return fit_on_ray(cfg, gpu, board)
 
 
-def fit_on_ray(cfg: TrainConfig, gpu: bool) -> TrainResult:
+def fit_on_ray(cfg: TrainConfig, gpu: bool, board=None) -> TrainResult:
     name = cfg.name
     path, filesystem = train_storage(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"train": cfg.model_dump(mode="json")},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "board": board},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(
@@ -135,15 +122,3 @@ def fit_on_ray(cfg: TrainConfig, gpu: bool) -> TrainResult:
         raise RuntimeError(f"training run {name} ended without a checkpoint (see the log above)")
     return TrainResult(remote_uri(cfg.storage_path, result.checkpoint.path), dict(result.metrics or {}), name,
                        time.perf_counter() - t0)
-
-
-def resolve_checkpoint(uri: str) -> str:
-    """A checkpoint folder, or a run folder (its newest checkpoint), as printed by the train job."""
-    if not uri:
-        raise ValueError("label.checkpoint is empty: give the checkpoint or run folder printed by the train job")
-    if storage.exists(storage.join(uri, CHECKPOINT_FILE)):
-        return uri
-    ckpts = [c for c in storage.list_dirs(uri) if c.rsplit("/", 1)[-1].startswith("checkpoint_")]
-    if not ckpts:
-        raise FileNotFoundError(f"{uri} holds no {CHECKPOINT_FILE} and no checkpoint_* folder: run the train job first")
-    return max(ckpts)

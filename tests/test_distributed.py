@@ -114,7 +114,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_is_as_good(di
 
 
 def test_a_streamed_corpus_over_the_memory_budget_steps_alike_on_two_workers_and_survives_a_kill(digit_shards):
-    from jobs.train import load_checkpoint
+    from clustering.checkpoints import load as load_checkpoint
 
     # Each worker's decoded digits (~58 KB) exceed a 20 KB budget: `auto` streams them. NMM, as the demo trains it.
     summary, trained = train_and_score(

@@ -58,7 +58,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def check_output(output: str, shards_uri: str, sample: int = 64) -> dict:
     """Every key once, every part by the model _SUCCESS.json names, and that model gives these clusters again."""
-    from jobs.train import load_checkpoint
+    from clustering.checkpoints import load as load_checkpoint
 
     success = json.loads(storage.read_bytes(storage.join(output, assignments.SUCCESS)))
     manifest = shards.read_manifest(shards_uri)
@@ -134,7 +134,7 @@ def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_
     reruns join the test session's Ray (RAY_ADDRESS), as under `ray job submit`."""
     from clustering.config import PipelineConfig, load_config
     from jobs.shard import run_shard
-    from jobs.train import load_checkpoint
+    from clustering.checkpoints import load as load_checkpoint
 
     work = f"s3://{BUCKET}/fault"
     run_shard(load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={work}", *DIGITS[1:2]]).shard, progress=False)

@@ -27,7 +27,8 @@ def check_assignments(cfg, k=10):
     table = assignments.read(cfg.label.output)
     assert len(table) == 1797 and table["key"].is_unique
     assert table["cluster"].between(0, k - 1).all()
-    assert set(table.columns) >= {"key", "shard", "cluster", "confidence", "probs"}
+    assert set(table.columns) >= {"key", "source", "shard", "cluster", "confidence", "probs"}
+    assert table["source"].str.fullmatch(r"sklearn:digits#\d+").all()  # the array row each image came from
     assert storage.exists(storage.join(cfg.label.output, assignments.SUCCESS))
     return table
 
@@ -80,7 +81,12 @@ def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
     capsys.readouterr()
     code, err = cli(capsys, "label", f"label.shards={cfg.label.shards}", f"label.output={tmp_path}/gpu",
                     f"label.checkpoint={trained.checkpoint}", "label.use_gpu=yes")  # no GPU here: refused at once
-    assert code == 2 and "asks for 1 x (1 GPU)" in err
+    assert code == 2 and "asks for 1 x (1 GPU)" in err, err
+
+    # label.checkpoint empty: the latest finished run under work_dir/runs labels.
+    code = main(["label", f"work_dir={tmp_path}", f"label.output={tmp_path}/latest"])
+    assert code == 0 and "labelling with the latest finished run's checkpoint" in capsys.readouterr().out
+    assert assignments.part_writer(f"{tmp_path}/latest/part-000000.parquet")["checkpoint"] == trained.checkpoint
 
     # A shard rewritten after its manifest (an interrupted or concurrent shard job) is refused where it is read.
     first = shards.shard_uris(cfg.label.shards, manifest)[0]
@@ -121,7 +127,7 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "model.pt").write_bytes(b"not a checkpoint")
     code, err = cli(capsys, "label", f"work_dir={tmp_path}/demo", f"label.checkpoint={tmp_path}/ckpt")
-    assert code == 2 and "is not a checkpoint written by dicl train" in err
+    assert code == 2 and "is not a checkpoint written by dicl" in err
     code, err = cli(capsys, "shard", "work_dir=s3://")
     assert code == 2 and "names no bucket" in err
 

@@ -42,7 +42,7 @@ def test_photos_of_any_size_run_the_pipeline_and_a_sample_trains_while_all_are_l
 
     table = assignments.read(f"{work}/assignments")
     assert sorted(table["key"]) == sorted(it.key for it in open_source(str(folder)).plan())  # each exactly once
-    from jobs.train import load_checkpoint
+    from clustering.checkpoints import load as load_checkpoint
 
     state = load_checkpoint(str(max((work / "runs" / "p").glob("checkpoint_0*"))))
     assert state["spec"]["side"] == side

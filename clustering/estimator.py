@@ -1,0 +1,179 @@
+"""The Python API, in scikit-learn's manner: one process, no Ray.
+
+    from clustering import DeepClusterer
+    est = DeepClusterer("nmm", k=10, pretrain_epochs=0, joint_epochs=30).fit(images)   # uint8 (N, H, W[, C])
+    est.labels_, est.predict(new_images), est.predict_proba(paths), est.transform(pil_images)
+    est.save("runs/mine");  DeepClusterer.load("outputs/demo/runs/nmm-20261203-101500")  # a run or checkpoint
+
+Images are an array (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or floats in 0..1; or a list of file paths or
+s3:// URIs, encoded bytes, or PIL images. All go through the shards' input policy (shards.POLICY) to the model's
+mode and side, which `fit` chooses from the images as the shard job does (or `image_size=`).
+Training is `engine.fit`, the loop every Ray Train worker runs; a saved model is the train job's checkpoint, so
+`dicl label` and `dicl predict` take it, and `load` takes the train job's runs.
+"""
+from __future__ import annotations
+
+import io
+from collections import Counter
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from . import checkpoints, engine, shards, storage
+from .config import ConfigError, TrainConfig, describe
+from .inputs import device_images
+from .methods import predict_all
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_pil(item: Any) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    data = item if isinstance(item, (bytes, bytearray)) else storage.read_bytes(str(item))
+    return Image.open(io.BytesIO(data))
+
+
+def _as_uint8_array(images: np.ndarray) -> np.ndarray:
+    """An array of images as uint8 (N, H, W, C)."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3, 4):
+        x = x.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1, 3 or 4; got {x.shape}")
+    if x.dtype != np.uint8:
+        x = np.clip(np.round(x * 255.0 if x.size and x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
+    return x
+
+
+def shapes_of(images: Any) -> Counter:
+    """(height, width, mode) counts of the images, as the shard job records them (headers only for files)."""
+    if isinstance(images, np.ndarray):
+        x = _as_uint8_array(images)
+        return Counter({(x.shape[1], x.shape[2], {1: "L", 3: "RGB", 4: "RGBA"}[x.shape[3]]): len(x)})
+    shapes = Counter()
+    for item in images:
+        with _as_pil(item) as im:
+            shapes[(im.height, im.width, im.mode)] += 1
+    return shapes
+
+
+def to_images(images: Any, mode: str, side: int) -> np.ndarray:
+    """Images of any accepted kind -> uint8 (N, side, side, C) by the input policy."""
+    if isinstance(images, np.ndarray):
+        x = _as_uint8_array(images)
+        if x.shape[1:] == (side, side, 1 if mode == "L" else 3):
+            return x
+        return np.stack([shards.apply_policy(Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a), mode, side)
+                         for a in x])
+    out = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            out.append(shards.apply_policy(item, mode, side))
+        else:
+            data = bytes(item) if isinstance(item, (bytes, bytearray)) else storage.read_bytes(str(item))
+            out.append(shards.decode_image(data, mode, side))
+    if not out:
+        raise ValueError("no images given")
+    return np.stack(out)
+
+
+class DeepClusterer:
+    """A deep clustering model: `method` and `k`, and any other train setting (clustering/config.py's TrainConfig)
+    as a keyword, e.g. DeepClusterer("dcec", k=10, pretrain_epochs=20, joint_epochs=20, seed=1).
+
+    Fitted attributes: labels_ (clusters of the fitted images), config_ (the TrainConfig), model_ (the torch
+    module), image_size_ and channels_ (the model's input), history_ (one dict per epoch)."""
+
+    def __init__(self, method: str = "nmm", k: int = 10, *, device: str = "auto", verbose: bool = False,
+                 **settings: Any):
+        self.method, self.k, self.device, self.verbose, self.settings = method, k, device, verbose, settings
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {"method": self.method, "k": self.k, "device": self.device, "verbose": self.verbose, **self.settings}
+
+    def _config(self, image_size: int) -> TrainConfig:
+        try:
+            return TrainConfig(**{**self.settings, "method": self.method, "k": self.k, "image_size": image_size})
+        except ValidationError as e:
+            raise ConfigError(describe(e, "DeepClusterer settings")) from None
+
+    def fit(self, images: Any, y: Any = None, log: Callable[[str], None] | None = None) -> "DeepClusterer":
+        """Train from scratch on the images (y is ignored: clustering uses no labels)."""
+        chosen = shards.choose_image(shards.shape_summary(shapes_of(images)))
+        side = self.settings.get("image_size") or chosen["side"]
+        cfg = self._config(side)
+        mode = "L" if chosen["channels"] == 1 else "RGB"
+        x = to_images(images, mode, side)
+        if cfg.k > len(x):
+            raise ValueError(f"k={cfg.k} is more than the {len(x)} images: a clustering needs more images than clusters")
+        final: dict = {}
+
+        def keep(epoch: int, metrics: dict, state_fn) -> None:
+            if metrics["stage"] == "final":
+                final.update(state_fn())
+
+        device = resolve_device(self.device)
+        say = log or (print if self.verbose else (lambda s: None))
+        model = engine.fit(x, cfg, device=device, on_epoch=keep, log=say)
+        self._set_fitted(final, model, device)
+        self.labels_ = self.predict(x)
+        return self
+
+    def fit_predict(self, images: Any, y: Any = None) -> np.ndarray:
+        return self.fit(images).labels_
+
+    def _set_fitted(self, state: dict, model: torch.nn.Module, device: torch.device) -> None:
+        self.state_, self.model_, self.device_ = state, model.to(device).eval(), device
+        spec = state["spec"]
+        self.config_ = TrainConfig(**spec["config"])
+        self.method, self.k = spec["method"], self.config_.k
+        self.image_size_, self.channels_ = spec["side"], spec["channels"]
+        self.history_ = list(state.get("history", []))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise RuntimeError("this DeepClusterer is not fitted: call fit(images) or DeepClusterer.load(path) first")
+
+    def posteriors(self, images: Any, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster posteriors (N, k), embeddings (N, D)) in one forward pass."""
+        self._check_fitted()
+        x = to_images(images, "L" if self.channels_ == 1 else "RGB", self.image_size_)
+        probs, z = predict_all(self.model_, device_images(x, self.device_), batch_size)
+        return probs.float().cpu().numpy(), z.float().cpu().numpy()
+
+    def predict_proba(self, images: Any) -> np.ndarray:
+        return self.posteriors(images)[0]
+
+    def predict(self, images: Any) -> np.ndarray:
+        return self.predict_proba(images).argmax(1)
+
+    def transform(self, images: Any) -> np.ndarray:
+        """The images' embeddings: the codes the cluster head reads."""
+        return self.posteriors(images)[1]
+
+    def save(self, folder: str) -> str:
+        """Write the model as the train job's checkpoint (folder/model.pt); returns the folder."""
+        self._check_fitted()
+        return checkpoints.save(self.state_, folder)
+
+    @classmethod
+    def load(cls, uri: str, device: str = "auto") -> "DeepClusterer":
+        """A fitted model from a checkpoint folder or a run folder (its newest checkpoint), local or s3://."""
+        path = checkpoints.resolve(storage.absolute(uri))
+        state = checkpoints.load_finished(path)
+        _, model = engine.build_from_spec(state["spec"])
+        model.load_state_dict(state["model"])
+        est = cls(state["spec"]["method"], state["spec"]["config"]["k"], device=device)
+        est._set_fitted(state, model, resolve_device(device))
+        est.checkpoint_ = path
+        return est
