@@ -1,6 +1,7 @@
 """Data-parallel training through Ray Train on two Ray nodes (ray.cluster_utils.Cluster, 1 CPU each): 1 and 2
-workers agree, unequal shards never hang, and a killed worker group resumes from its checkpoint, in memory and
-streaming. One uninterrupted 1-worker run serves as the reference of every comparison."""
+workers agree, unequal shards never hang, and a killed worker group resumes from its checkpoint (streaming; that a
+resumed run ends where an uninterrupted one does is test_engine's). One uninterrupted 1-worker run serves as the
+reference."""
 import math
 import os
 import signal
@@ -72,7 +73,7 @@ def kill_workers_after_checkpoints(run_dir: str, done: threading.Event, killed: 
         time.sleep(0.05)
 
 
-def train_and_score(work_dir, name, *overrides, kill=False):
+def train_and_score(work_dir, name, *overrides, kill=False, label=True):
     """Train (killing the workers mid-run if asked), label every image, and summarise the assignments."""
     from jobs.label import run_label
     from jobs.train import run_train
@@ -89,6 +90,8 @@ def train_and_score(work_dir, name, *overrides, kill=False):
     if kill:
         killer.join()
         assert killed, "no training worker was found to kill"
+    if not label:
+        return None, trained
     run_label(cfg.label, checkpoint=trained.checkpoint)
     return report.summarize(cfg.label.output, cfg.label.shards), trained
 
@@ -104,13 +107,6 @@ def test_two_workers_on_two_nodes_reach_the_quality_of_one(digit_shards, referen
     assert reference["rows"] == two["rows"] == 1797
     assert abs(reference["acc"] - two["acc"]) <= 0.02, (reference["acc"], two["acc"])
     assert trained.metrics["local_samples"] < 1797  # each worker really held only its share
-
-
-def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_is_as_good(digit_shards, reference):
-    resumed, trained = train_and_score(digit_shards, "killed", "train.num_workers=1", kill=True)
-    assert trained.metrics["resumed_from"] >= 0  # the final model came from a restored run
-    assert trained.metrics["input"] == "memory" and resumed["rows"] == 1797
-    assert abs(reference["acc"] - resumed["acc"]) <= 0.02, (reference["acc"], resumed["acc"])
 
 
 def test_a_streamed_corpus_over_the_memory_budget_steps_alike_on_two_workers_and_survives_a_kill(digit_shards):
@@ -140,7 +136,6 @@ def test_very_unequal_shards_finish_with_equal_steps(two_node_cluster, tmp_path)
     manifest = run_shard(load_config(PipelineConfig, "configs/demo.yaml", BASE + [f"work_dir={tmp_path}", *uneven]).shard,
                          progress=False)
     assert [s["samples"] for s in manifest["shards"]] == [1600, 197]
-    summary, trained = train_and_score(tmp_path, "uneven", *uneven, "train.num_workers=2")
+    _, trained = train_and_score(tmp_path, "uneven", *uneven, "train.num_workers=2", label=False)
     steps = math.ceil(1797 / 256)
     assert trained.metrics["steps_min"] == trained.metrics["steps_max"] == steps
-    assert summary["rows"] == 1797

@@ -1,5 +1,6 @@
 """The shard job on the shared real data sets (skipped, with the reason, where the folder is absent)."""
 import tarfile
+from collections import Counter
 
 from clustering.config import ShardConfig
 from tests.conftest import need_shared
@@ -15,13 +16,20 @@ def test_mnist_idx_gives_70000_labelled_samples(ray_local, tmp_path):
     assert len(m["shards"]) == 7
 
 
-def test_cifar_jpeg_folders_give_60000_samples_labelled_by_folder(ray_local, tmp_path):
-    from jobs.shard import run_shard
+def test_cifar_jpeg_folders_list_60000_images_labelled_by_folder(tmp_path):
+    """The listing and the labels of all 60,000 files; a spread 3,000 of them are sharded (sharding at scale is the
+    shard job's, tested on the digits and MNIST)."""
+    from clustering import shards
+    from clustering.sources import FolderSource
 
     archive = need_shared("cifar10-jpg.tar.gz")
     with tarfile.open(archive) as t:
         t.extractall(tmp_path / "cifar", filter="data")
-    m = run_shard(ShardConfig(source=str(tmp_path / "cifar"), output=str(tmp_path / "shards")), progress=False)
-    assert m["num_samples"] == 60_000 and m["labelled"] == 60_000
-    assert len(m["classes"]) == 10 and "airplane" in m["classes"]
-    assert {k: m["image"][k] for k in ("side", "channels")} == {"side": 32, "channels": 3}
+    source = FolderSource(str(tmp_path / "cifar"))
+    items = source.plan()
+    assert len(items) == 60_000 and len(source.classes) == 10 and "airplane" in source.classes
+    assert Counter(it.label for it in items) == {c: 6_000 for c in range(10)}
+    out = shards.write_items(source, items[::20], str(tmp_path / "shard-000000.tar"))
+    assert out["shard"]["samples"] == out["labelled"] == 3_000 and not out["skipped"]
+    image = shards.choose_image(shards.shape_summary(out["shapes"]))
+    assert {k: image[k] for k in ("side", "channels")} == {"side": 32, "channels": 3}
