@@ -1,10 +1,13 @@
-"""The look at a result: cluster sizes, scores where labels exist, a picture grid per cluster, curves; HTML."""
+"""The look at a result, as one HTML page: sizes and scores, per cluster its most and least confident images with
+their keys, an embedding plot, clusters against labels where they exist, the tune trials, the loss curve."""
 from __future__ import annotations
 
 import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import matplotlib
 
@@ -79,25 +82,73 @@ def figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def montages(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | None = None,
-             per_cluster: int = 16) -> dict[int, str]:
-    """The most confident images of each cluster, among the first shards' (`seen`), as one PNG grid per cluster
-    (base64)."""
+def thumbnail(img: np.ndarray) -> str:
+    """One image as a base64 PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class ClusterView:
+    size: int
+    most: list[tuple[str, float, str]]  # (key, confidence, thumbnail): the most confident images
+    least: list[tuple[str, float, str]]  # the least confident: the cluster's borderline images
+    composition: dict[int, int] = field(default_factory=dict)  # label -> images, where labels exist
+
+
+def cluster_views(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | None = None,
+                  most: int = 12, least: int = 6) -> dict[int, ClusterView]:
+    """Per cluster: its size (over the corpus) and its most and least confident images among the first shards'
+    (`seen`), with their keys."""
     table = assignments.read(output, columns=["key", "cluster", "confidence"]).set_index("key")
     images, keys = seen or first_images(shards_uri)
+    sizes = table["cluster"].value_counts()
     sub = table.loc[table.index.intersection(keys)]
     pos = {k: i for i, k in enumerate(keys)}
-    grids = {}
-    for cluster, rows in sub.groupby("cluster"):
-        best = rows.sort_values("confidence", ascending=False).index[:per_cluster]
-        fig, axes = plt.subplots(1, per_cluster, figsize=(per_cluster * 0.6, 0.7))
-        for ax, key in zip(np.atleast_1d(axes), list(best) + [None] * per_cluster):
-            ax.axis("off")
-            if key is not None:
-                img = images[pos[key]]
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray")
-        grids[int(cluster)] = figure_png(fig)
-    return grids
+    views = {}
+    for cluster, size in sizes.sort_index().items():
+        rows = sub[sub["cluster"] == cluster].sort_values("confidence", ascending=False)
+        pick = lambda idx: [(k, float(rows.at[k, "confidence"]), thumbnail(images[pos[k]])) for k in idx]  # noqa: E731
+        top = list(rows.index[:most])
+        rest = [k for k in rows.index[::-1][:least] if k not in top]
+        views[int(cluster)] = ClusterView(int(size), pick(top), pick(rest[::-1]))
+    return views
+
+
+def add_composition(views: dict[int, ClusterView], output: str, shards_uri: str) -> pd.DataFrame | None:
+    """Where the shards carry labels: each cluster's images by label (also kept in views), as a confusion matrix
+    (clusters x labels)."""
+    manifest = shards.read_manifest(shards_uri)
+    if not manifest.get("labelled"):
+        return None
+    table = assignments.read(output, columns=["key", "cluster"]).set_index("key")
+    joined = table.join(labels_of(shards_uri, manifest).rename("label"), how="inner")
+    matrix = pd.crosstab(joined["cluster"], joined["label"])
+    classes = manifest.get("classes")
+    if classes:
+        matrix.columns = [classes[c] if 0 <= c < len(classes) else str(c) for c in matrix.columns]
+    for cluster, row in matrix.iterrows():
+        if int(cluster) in views:
+            views[int(cluster)].composition = {str(label): int(n) for label, n in row.items() if n}
+    return matrix
+
+
+def embedding_chart(codes: np.ndarray, clusters: np.ndarray) -> str:
+    """The images' embeddings on their first two principal components, coloured by cluster."""
+    from sklearn.decomposition import PCA
+
+    xy = PCA(2, random_state=0).fit_transform(codes) if codes.shape[1] > 2 else codes
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cmap = plt.get_cmap("tab20" if clusters.max() >= 10 else "tab10")
+    for c in np.unique(clusters):
+        m = clusters == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(int(c) % cmap.N), label=str(c), alpha=0.7)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    if len(np.unique(clusters)) <= 20:
+        ax.legend(markerscale=3, fontsize=7, ncol=2, title="cluster", loc="best")
+    return figure_png(fig)
 
 
 def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
@@ -143,27 +194,108 @@ def curve_chart(history: list[dict]) -> str:
     return figure_png(fig)
 
 
-def write_html(report_dir: str, summary: dict, grids: dict[int, str], history: list[dict],
-               policy: str | None = None) -> str:
-    """The report page; `policy`: policy_chart's picture, shown with the policy's words."""
-    img = lambda b64: f'<img src="data:image/png;base64,{b64}">'  # noqa: E731
-    scores = "".join(f"<tr><th>{m.upper()}</th><td>{summary[m]:.4f}</td></tr>" for m in ("acc", "nmi", "ari") if m in summary)
-    rows = "".join(
-        f"<tr><td>{c}</td><td>{summary['cluster_sizes'].get(c, 0):,}</td><td>{img(g)}</td></tr>" for c, g in sorted(grids.items())
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Clustering report</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;text-align:left}} img{{max-width:100%}}</style></head>
-<body><h1>Clustering report</h1>
-<p>{summary['rows']:,} images in {len(summary['cluster_sizes'])} clusters; mean confidence {summary['mean_confidence']:.3f};
-modularity on the images' nearest-neighbour graph {summary['modularity']:.3f} (0: no better than chance, 1: every
-image's 10 nearest images in its own cluster; no labels used).</p>
-<table>{scores}</table>
-<h2>Cluster sizes</h2>{img(sizes_chart(summary['cluster_sizes']))}
-{'<h2>Training loss</h2>' + img(curve_chart(history)) if history else ''}
-{f'<h2>Input policy</h2><p>Every image is read the same way: {shards.POLICY}. Stored (top), as the model sees it (bottom):</p>' + img(policy) if policy else ''}
-<h2>Most confident images per cluster</h2><table><tr><th>cluster</th><th>size</th><th></th></tr>{rows}</table>
-<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre></body></html>"""
+@dataclass
+class Report:
+    """What the page shows; `render` makes it HTML."""
+    summary: dict
+    clusters: dict[int, ClusterView]
+    run: dict  # method, k, run name, image_size: what was trained
+    history: list[dict] = field(default_factory=list)
+    policy: str | None = None  # policy_chart's PNG
+    embedding: str | None = None  # embedding_chart's PNG
+    confusion: pd.DataFrame | None = None
+    trials: dict | None = None  # the tune job's trials.json
+
+
+def shown(uri: str, work_dir: str) -> str:
+    """A location as the page shows it: relative to work_dir, a URI as it is, never an absolute local path."""
+    root = storage.absolute(work_dir).rstrip("/") + "/"
+    uri = storage.absolute(uri)
+    if uri.startswith(root):
+        return uri[len(root):]
+    return uri if storage.is_remote(uri) else PurePosixPath(uri).name
+
+
+def figures(items: list[tuple[str, float, str]]) -> str:
+    return "".join(f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(key)}" title="{html.escape(key)}'
+                   f' ({conf:.2f})"><figcaption>{html.escape(key)}<br>{conf:.2f}</figcaption></figure>'
+                   for key, conf, b64 in items)
+
+
+def confusion_html(matrix: pd.DataFrame) -> str:
+    top = max(1, int(matrix.to_numpy().max()))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in matrix.columns)
+    body = "".join(
+        f"<tr><th>{cluster}</th>" + "".join(
+            f'<td style="background:rgba(68,119,170,{n / top:.2f})">{n}</td>' for n in row) + "</tr>"
+        for cluster, row in matrix.iterrows())
+    return f'<table class="confusion"><tr><th>cluster \\ label</th>{head}</tr>{body}</table>'
+
+
+def trials_html(trials: dict) -> str:
+    metric = trials["metric"]
+    keys = sorted({k for t in trials["trials"] for k in t["values"]})
+    scores = [m for m in ("modularity", "silhouette", "evenness", "clusters_used", "acc_vs_labels")
+              if any(m in t for t in trials["trials"])]
+    head = "".join(f"<th>{k}</th>" for k in keys + scores) + "<th>status</th>"
+    rows = []
+    for i, t in enumerate(trials["trials"]):
+        status = ("error: " + t["error"]) if "error" in t else (f"stopped at epoch {t['stopped_at_epoch']}"
+                                                                if "stopped_at_epoch" in t else "finished")
+        cells = [html.escape(str(t["values"].get(k, ""))) for k in keys]
+        cells += [f"{t[m]:.3f}" if isinstance(t.get(m), float) else str(t.get(m, "")) for m in scores]
+        mark = ' class="best"' if i == 0 and "error" not in t else ""
+        rows.append(f"<tr{mark}>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{html.escape(status)}</td></tr>")
+    return (f"<p>Chosen by {metric} (no labels); best first. ACC is shown where labels exist, never used to "
+            f"choose.</p><table>{'<tr>' + head + '</tr>'}{''.join(rows)}</table>")
+
+
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px} td,th{padding:3px 8px;text-align:left}
+img{image-rendering:pixelated} .grid{display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start}
+figure{margin:0;width:64px;text-align:center} figure img{width:56px;height:56px}
+figcaption{font-size:9px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;color:#444}
+.cluster{border-top:1px solid #ccc;padding:8px 0} .least{margin-left:24px;border-left:3px solid #cc6677;padding-left:8px}
+.confusion td{text-align:right;min-width:2.5em} tr.best td{font-weight:bold}"""
+
+
+def render(r: Report) -> str:
+    s, img = r.summary, (lambda b64, alt: f'<img src="data:image/png;base64,{b64}" alt="{alt}">')
+    scores = " ".join(f"{m.upper()} {s[m]:.4f}" for m in ("acc", "nmi", "ari") if m in s)
+    sections = []
+    for c, v in sorted(r.clusters.items()):
+        comp = ", ".join(f"{html.escape(label)} {n}" for label, n in sorted(v.composition.items(), key=lambda x: -x[1])[:4])
+        sections.append(
+            f'<section class="cluster" id="cluster-{c}" data-cluster="{c}"><h3>Cluster {c}: {v.size:,} images</h3>'
+            + (f"<p>by label: {comp}</p>" if comp else "")
+            + f'<div class="grid most">{figures(v.most)}</div>'
+            + (f'<p>least confident:</p><div class="grid least">{figures(v.least)}</div>' if v.least else "")
+            + "</section>")
+    run = r.run
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Clustering report: {html.escape(str(run.get('run')))}</title>
+<style>{STYLE}</style></head><body><h1>Clustering report</h1>
+<p><b>{s['rows']:,}</b> images in <b>{len(r.clusters)}</b> clusters by <b>{html.escape(str(run.get('method')))}</b>
+(k={run.get('k')}, run {html.escape(str(run.get('run')))}, images at {run.get('image_size')}x{run.get('image_size')}).
+Mean confidence {s['mean_confidence']:.3f}. Modularity on the images' nearest-neighbour graph {s['modularity']:.3f}
+(0: no better than chance, 1: every image's 10 nearest images in its own cluster; no labels used).
+{'Against the labels: ' + scores + '.' if scores else ''}</p>
+<p>Assignments: <code>{html.escape(run.get('assignments', ''))}</code>; checkpoint:
+<code>{html.escape(run.get('checkpoint', ''))}</code>.</p>
+<h2>Cluster sizes</h2>{img(sizes_chart(s['cluster_sizes']), 'cluster sizes')}
+{'<h2>Embedding</h2><p>Embeddings of the shown images on their first two principal components.</p>' + img(r.embedding, 'embedding') if r.embedding else ''}
+{'<h2>Clusters against the labels</h2>' + confusion_html(r.confusion) if r.confusion is not None else ''}
+{'<h2>Tune trials</h2>' + trials_html(r.trials) if r.trials else ''}
+{'<h2>Training loss</h2>' + img(curve_chart(r.history), 'loss') if r.history else ''}
+{f'<h2>Input policy</h2><p>Every image is read the same way: {shards.POLICY}. Stored (top), as the model sees it (bottom):</p>' + img(r.policy, 'policy') if r.policy else ''}
+<h2>Clusters</h2><p>Per cluster: its most confident images, then its least confident (the borderline), each with its
+key and confidence.</p>
+{''.join(sections)}
+</body></html>"""
+    return page
+
+
+def write(report_dir: str, r: Report) -> str:
+    """index.html and summary.json (the figures, for machines) under report_dir; returns the page's URI."""
     uri = storage.join(report_dir, "index.html")
-    storage.write_bytes(uri, page.encode())
-    storage.write_bytes(storage.join(report_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+    storage.write_bytes(uri, render(r).encode())
+    storage.write_bytes(storage.join(report_dir, "summary.json"), json.dumps(r.summary, indent=1).encode())
     return uri

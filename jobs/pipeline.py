@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from clustering import checkpoints, lease, report, shards, storage
+from clustering import lease, report, shards, storage
 from clustering.config import PipelineConfig, trial_config
+from clustering.estimator import DeepClusterer
 
 from .label import run_label
 from .shard import describe, run_shard
@@ -40,19 +41,29 @@ def stages(cfg: PipelineConfig, progress: bool) -> dict:
     info = run_label(cfg.label, checkpoint=trained.checkpoint, progress=progress)
 
     print(f"[{steps}/{steps}] report", flush=True)
-    seen = report.first_images(cfg.label.shards)  # read once: the score and the picture grids look at them
-    summary = report.summarize(cfg.label.output, cfg.label.shards, seen)
-    summary.update(run=trained.name, checkpoint=trained.checkpoint, seconds=round(time.perf_counter() - t0, 1))
-    state = checkpoints.load(trained.checkpoint)
-    spec, history = state["spec"], state.get("history", [])
-    report_dir = storage.join(cfg.work_dir, "report")
-    policy = report.policy_chart(cfg.label.shards, *shards.image_spec(shards.read_manifest(cfg.label.shards),
-                                                                       spec["side"], spec["channels"]))
-    html = report.write_html(report_dir, summary, report.montages(cfg.label.output, cfg.label.shards, seen), history,
-                             policy)
-    summary.update(assignments=cfg.label.output, report=html, labelled_rows=info["rows"], warnings=info["warnings"])
+    summary, html = write_report(cfg, trained, tuned if cfg.tune.space else None)
+    summary.update(run=trained.name, checkpoint=trained.checkpoint, seconds=round(time.perf_counter() - t0, 1),
+                   assignments=cfg.label.output, report=html, labelled_rows=info["rows"], warnings=info["warnings"])
     print(format_summary(summary), flush=True)
     return summary
+
+
+def write_report(cfg: PipelineConfig, trained, trials: dict | None, embedded: int = 2000) -> tuple[dict, str]:
+    """The report of a labelled run under work_dir/report; `trials`: the tune job's (metric, trials), where it ran.
+    Returns (its summary, the page's URI)."""
+    shards_uri, output = cfg.label.shards, cfg.label.output
+    seen = report.first_images(shards_uri)  # read once: the score, the pictures and the embedding look at them
+    summary = report.summarize(output, shards_uri, seen)
+    model = DeepClusterer.load(trained.checkpoint, device="cpu")
+    views = report.cluster_views(output, shards_uri, seen)
+    confusion = report.add_composition(views, output, shards_uri)
+    probs, codes = model.posteriors(seen[0][:embedded])
+    mode, side = shards.image_spec(shards.read_manifest(shards_uri), model.image_size_, model.channels_)
+    run = {"method": model.method, "k": model.k, "run": trained.name, "image_size": model.image_size_,
+           "assignments": report.shown(output, cfg.work_dir), "checkpoint": report.shown(trained.checkpoint, cfg.work_dir)}
+    page = report.Report(summary, views, run, model.history_, report.policy_chart(shards_uri, mode, side),
+                         report.embedding_chart(codes, probs.argmax(1)), confusion, trials)
+    return summary, report.write(storage.join(cfg.work_dir, "report"), page)
 
 
 def format_summary(s: dict) -> str:
