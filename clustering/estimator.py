@@ -109,6 +109,8 @@ class DeepClusterer:
 
     def fit(self, images: Any, y: Any = None, log: Callable[[str], None] | None = None) -> "DeepClusterer":
         """Train from scratch on the images (y is ignored: clustering uses no labels)."""
+        if not isinstance(images, np.ndarray):
+            images = [_as_pil(item) for item in images]  # each file read once: for its shape, then its pixels
         chosen = shards.choose_image(shards.shape_summary(shapes_of(images)))
         side = self.settings.get("image_size") or chosen["side"]
         cfg = self._config(side)

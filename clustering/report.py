@@ -106,9 +106,10 @@ def cluster_views(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str
     sizes = table["cluster"].value_counts()
     sub = table.loc[table.index.intersection(keys)]
     pos = {k: i for i, k in enumerate(keys)}
+    by_cluster = dict(list(sub.groupby("cluster")))
     views = {}
     for cluster, size in sizes.sort_index().items():
-        rows = sub[sub["cluster"] == cluster].sort_values("confidence", ascending=False)
+        rows = by_cluster.get(cluster, sub.iloc[:0]).sort_values("confidence", ascending=False)
         pick = lambda idx: [(k, float(rows.at[k, "confidence"]), thumbnail(images[pos[k]])) for k in idx]  # noqa: E731
         top = list(rows.index[:most])
         rest = [k for k in rows.index[::-1][:least] if k not in top]

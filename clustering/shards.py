@@ -170,7 +170,6 @@ class Decoded:
     keys: list[str]
     labels: np.ndarray  # (N,) int64, -1 where unknown
     shards: list[str]  # shard name per sample
-    sources: list[str]  # the original file or array row of each sample ("" where a shard does not record it)
 
 
 def image_of(sample: dict) -> bytes:
@@ -195,8 +194,7 @@ def decode_samples(samples: list[dict], mode: str, side: int, shard: str) -> Dec
     c = 1 if mode == "L" else 3
     images = np.stack(arrays) if arrays else np.zeros((0, side, side, c), np.uint8)
     labels = np.array([int(s["cls"]) if "cls" in s else -1 for s in samples], dtype=np.int64)
-    return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples),
-                   [source_of(s) for s in samples])
+    return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples))
 
 
 def corpus_side(manifest: dict) -> int:
@@ -222,10 +220,9 @@ def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None
 
 def concat(parts: list[Decoded], mode: str, side: int) -> Decoded:
     if not parts:
-        return Decoded(np.zeros((0, side, side, 1 if mode == "L" else 3), np.uint8), [], np.zeros(0, np.int64), [], [])
+        return Decoded(np.zeros((0, side, side, 1 if mode == "L" else 3), np.uint8), [], np.zeros(0, np.int64), [])
     return Decoded(np.concatenate([p.images for p in parts]), [k for p in parts for k in p.keys],
-                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards],
-                   [s for p in parts for s in p.sources])
+                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards])
 
 
 def load_shards(uris: list[str], manifest: dict, side: int | None = None, workers: int = 1,

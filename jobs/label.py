@@ -27,9 +27,10 @@ def decode_shard(batch: dict, mode: str, side: int) -> dict:
     """A Ray Data task on a CPU: one shard (checked against its manifest sha256) -> one row with its keys and its
     images by the input policy."""
     uri = str(batch["shard"][0])
-    data = shards.load_shard(uri, mode, side, sha256=str(batch["sha256"][0]))
+    samples = shards.read_shard(uri, str(batch["sha256"][0]))
+    data = shards.decode_samples(samples, mode, side, shards.name_of(uri))
     return {"shard": np.array([uri]), "keys": np.array([json.dumps(data.keys)]),
-            "sources": np.array([json.dumps(data.sources)]), "images": data.images[None]}
+            "sources": np.array([json.dumps([shards.source_of(s) for s in samples])]), "images": data.images[None]}
 
 
 class ShardLabeler:
