@@ -110,7 +110,7 @@ class TrainConfig(Strict):
     target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel; each needs a shard)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker asks for (its threads, and loader processes)")
-    use_gpu: UseGpu = Field("auto", description="auto: a GPU per worker when the cluster has GPUs; yes; no")
+    use_gpu: UseGpu = Field("auto", description="auto: a GPU per worker when the cluster has or can add GPU nodes; yes; no")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and always at the end)")
     seed: int = Field(0, description="seed of the weights and batches (every worker starts alike)")
@@ -126,7 +126,7 @@ class LabelConfig(Strict):
     cpus_per_actor: int = Field(1, ge=1, description="CPU threads of a labelling actor without a GPU")
     decoders: int | None = Field(None, ge=1, description="decoding tasks at once (one CPU and one shard each); "
                                  "empty = as many as the free CPUs allow")
-    use_gpu: UseGpu = Field("auto", description="auto: one GPU per actor when the cluster has GPUs; yes; no")
+    use_gpu: UseGpu = Field("auto", description="auto: one GPU per actor when the cluster has or can add GPU nodes; yes; no")
     write_probs: bool = Field(True, description="write each image's posteriors over the k clusters (column probs)")
     write_embedding: bool = Field(False, description="write each image's embedding (column embedding)")
 

@@ -85,13 +85,35 @@ def credentials_out_of_runtime_envs() -> Iterator[None]:
         class_cache.ENV_VARS_TO_PROPAGATE = saved
 
 
+# A custom resource that ray_cluster.yaml puts on the head node: "this cluster has GPU node types", for autoscalers
+# that do not report their node types to Ray (see cluster_may_have_gpus).
+GPU_NODE_TYPES_MARKER = "dicl_gpu_node_types"
+
+
+def cluster_may_have_gpus() -> bool:
+    """True when the cluster has a GPU now, or can add GPU nodes: an autoscaling cluster with GPU workers at
+    min_workers 0 has none at job start. Two signals of the second: the node types the autoscaler reports to Ray
+    (the source Ray Train itself checks requests against), and the marker resource ray_cluster.yaml sets."""
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True
+    if any(n["Resources"].get(GPU_NODE_TYPES_MARKER) for n in ray.nodes() if n.get("Alive")):
+        return True
+    from ray._private.state import state  # no public API for the autoscaler's node types in Ray 2.60
+
+    try:
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # an older GCS without the record: no signal
+        most = {}
+    return most.get("GPU", 0) > 0
+
+
 def want_gpu(setting: str) -> bool:
-    """'auto' uses GPUs when the cluster has any."""
+    """'auto' uses GPUs when the cluster has, or can add, GPU nodes."""
     if setting == "yes":
         return True
     if setting == "no":
         return False
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return cluster_may_have_gpus()
 
 
 def train_storage(uri: str) -> tuple[str, PyFileSystem | None]:

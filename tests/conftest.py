@@ -48,7 +48,7 @@ def ray_local(ray_session):
     """A local Ray with 2 CPUs, started once and shared by the modules that use it (a module that needs another
     cluster shuts it down, and the next test here starts it again)."""
     if not ray_session.is_initialized():
-        ray_session.init(num_cpus=2, log_to_driver=False)
+        ray_session.init(address="local", num_cpus=2, log_to_driver=False)  # never a cluster someone else started
     return ray_session
 
 

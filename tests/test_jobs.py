@@ -161,3 +161,24 @@ def test_unreadable_images_are_counted_not_fatal(ray_local, image_folder, tmp_pa
     assert not (out / shards.MANIFEST).exists()
     code, err = cli(capsys, "train", f"train.shards={out}", f"train.storage_path={tmp_path}/runs")
     assert code == 2 and "manifest.json is missing" in err
+
+
+def test_use_gpu_auto_counts_the_gpu_nodes_an_autoscaler_can_add(ray_local):
+    """GPU workers at min_workers 0 (as in ray_cluster.yaml) give no GPU at job start; `auto` still asks for one when
+    the autoscaler's record of its node types, which it keeps in Ray's GCS, names a GPU type."""
+    import ray._raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from jobs.runtime import want_gpu
+
+    where = dict(key=ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+    assert not want_gpu("auto")
+    gpu_type = autoscaler_pb2.NodeGroupConfig(name="gpu_worker", resources={"CPU": 8, "GPU": 1}, min_count=0, max_count=4)
+    internal_kv._internal_kv_put(value=autoscaler_pb2.ClusterConfig(node_group_configs=[gpu_type]).SerializeToString(),
+                                 **where)
+    try:
+        assert want_gpu("auto") and not want_gpu("no")
+    finally:
+        internal_kv._internal_kv_del(**where)
+    assert not want_gpu("auto")

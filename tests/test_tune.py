@@ -1,5 +1,5 @@
-"""The tune job through a real local Ray Tune: one trial per combination, the winner chosen without labels; and the
-whole pipeline on S3 (moto on 127.0.0.1)."""
+"""The tune job through a real local Ray Tune: one trial per combination, the winner chosen without labels. The whole
+pipeline with tune, on S3 through the Jobs API: test_cluster_launch."""
 import json
 import os
 
@@ -90,22 +90,3 @@ def test_tune_refuses_bad_trials_before_training(ray_local, tmp_path, capsys):
     capsys.readouterr()
     assert main(["tune", "configs/demo.yaml", f"work_dir={tmp_path}/none", "tune.space={k: [8]}"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
-
-
-def test_pipeline_tunes_then_trains_the_winner_on_s3(ray_local, s3, capsys):
-    from clustering import assignments
-    from tests.conftest import BUCKET
-
-    work = f"s3://{BUCKET}/tuned"
-    code = main(["pipeline", "configs/demo.yaml", *SMALL, f"work_dir={work}", "train.checkpoint_every=3",
-                 "tune.space={k: [6, 8]}", "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0 and "[2/5] tune k" in out and "[5/5] report" in out
-    best = yaml.safe_load(storage.read_bytes(f"{work}/tune/best.yaml"))["train"]
-    assert storage.list_dirs(f"{work}/runs")  # Tune's trial state went to the same object store
-    assert len(storage.list_files(f"{work}/shards", ".tar")) == 4
-    assert any(f"s3://{BUCKET}/tuned/runs/" in line and "/checkpoint_" in line for line in out.splitlines())
-    table = assignments.read(f"{work}/assignments")
-    assert len(table) == 1797 and table["key"].is_unique and table["shard"].nunique() == 4
-    assert table["cluster"].max() < best["k"] and len(table["probs"].iloc[0]) == best["k"]
-    assert storage.exists(f"{work}/assignments/{assignments.SUCCESS}")
