@@ -1,4 +1,4 @@
-"""shard -> train -> label through a real local Ray on local folders (on S3: test_tune's pipeline)."""
+"""shard -> train -> label through a real local Ray on local folders (on S3 via the Jobs API: test_cluster_launch)."""
 import json
 
 import pytest
