@@ -42,6 +42,11 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into
         DataContext.get_current().enable_progress_bars = False
 
 
+def alive_node_resources() -> list[dict[str, float]]:
+    """Each live node's total resources, e.g. {"CPU": 8, "GPU": 1, "memory": ...}."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: float | None = None) -> None:
     """Fail fast, naming the request, when `count` bundles (e.g. {"CPU": 2, "GPU": 1} per worker) can never be placed
     on the cluster's nodes. A joined cluster may grow (an autoscaler, as in ray_cluster.yaml): there it waits up to
@@ -51,7 +56,7 @@ def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: flo
     deadline, told = time.monotonic() + wait_s, False
     need = {k: v for k, v in bundle.items() if v > 0}
     while True:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        nodes = alive_node_resources()
         fits = sum(min((int(node.get(k, 0) // v) for k, v in need.items()), default=count) for node in nodes)
         if fits >= count:
             return
@@ -94,9 +99,7 @@ def cluster_may_have_gpus() -> bool:
     """True when the cluster has a GPU now, or can add GPU nodes: an autoscaling cluster with GPU workers at
     min_workers 0 has none at job start. Two signals of the second: the node types the autoscaler reports to Ray
     (the source Ray Train itself checks requests against), and the marker resource ray_cluster.yaml sets."""
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return True
-    if any(n["Resources"].get(GPU_NODE_TYPES_MARKER) for n in ray.nodes() if n.get("Alive")):
+    if any(r.get("GPU", 0) > 0 or r.get(GPU_NODE_TYPES_MARKER) for r in alive_node_resources()):
         return True
     from ray._private.state import state  # no public API for the autoscaler's node types in Ray 2.60
 

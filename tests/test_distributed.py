@@ -15,6 +15,7 @@ from sklearn.cluster import KMeans
 
 from clustering import metrics, storage
 from clustering.config import PipelineConfig, load_config
+from clustering.estimator import DeepClusterer
 from clustering.sources import digits_source
 
 BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.pretrain_epochs=60", "train.augment=false",
@@ -74,11 +75,7 @@ def kill_workers_after_checkpoints(run_dir: str, done: threading.Event, killed: 
         time.sleep(0.05)
 
 
-def digits_acc(checkpoint_or_model) -> float:
-    from clustering.estimator import DeepClusterer
-
-    model = checkpoint_or_model if isinstance(checkpoint_or_model, DeepClusterer) else \
-        DeepClusterer.load(checkpoint_or_model, device="cpu")
+def digits_acc(model: DeepClusterer) -> float:
     digits = digits_source()
     return metrics.cluster_acc(digits.labels, model.predict(digits.images))
 
@@ -105,8 +102,6 @@ def train(work_dir, name, *overrides, kill=False):
 @pytest.fixture(scope="module")
 def reference_acc() -> float:
     """One worker, in memory, uninterrupted, in this process."""
-    from clustering.estimator import DeepClusterer
-
     cfg = load_config(PipelineConfig, "configs/demo.yaml", BASE).train
     settings = cfg.model_dump(exclude={"method", "k", "image_size"})
     model = DeepClusterer(cfg.method, cfg.k, device="cpu", **settings).fit(digits_source().images)
@@ -115,7 +110,7 @@ def reference_acc() -> float:
 
 def test_two_workers_on_two_nodes_reach_the_quality_of_one(digit_shards, reference_acc):
     trained = train(digit_shards, "two", "train.num_workers=2")
-    two_acc = digits_acc(trained.checkpoint)
+    two_acc = digits_acc(DeepClusterer.load(trained.checkpoint, device="cpu"))
     assert abs(reference_acc - two_acc) <= 0.02, (reference_acc, two_acc)
     assert trained.metrics["local_samples"] < 1797  # each worker really held only its share
 
@@ -136,7 +131,7 @@ def test_a_streamed_corpus_over_the_memory_budget_steps_alike_on_two_workers_and
     digits = digits_source()
     pixels = KMeans(10, n_init=10, random_state=0).fit_predict(digits.images.reshape(len(digits.images), -1))
     pixel_acc = metrics.cluster_acc(digits.labels, pixels)
-    acc = digits_acc(trained.checkpoint)
+    acc = digits_acc(DeepClusterer.load(trained.checkpoint, device="cpu"))
     assert acc > pixel_acc + 0.05, (acc, pixel_acc)
 
 
