@@ -24,7 +24,7 @@ import torch
 from common import load_arrays, print_table, write_json
 
 from clustering import engine, metrics
-from clustering.config import PipelineConfig, load_config
+from clustering.config import PipelineConfig, load_config, trial_config
 from clustering.heads import KMeansHead
 from clustering.methods import MixtureNet, embed_all, predict_all
 
@@ -57,7 +57,7 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
             pred = engine.clusters_now(state, x).cpu().numpy()
         point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"], "cluster_sizes": cluster_sizes(pred, k),
                  **({"of": "k-means on the features"} if pretrain else {})}
-        if state["spec"]["config"]["heads"] > 1 and not pretrain:
+        if state["spec"]["config"]["method"].get("heads", 1) > 1 and not pretrain:
             point["head"] = info["head"]  # the sub-head that labels now (NMM's end of epoch reports it)
         along.append(point)
         print(f"    epoch {point['epoch']}: ACC {point['acc']:.4f}" + (f" ({point['of']})" if pretrain else "")
@@ -179,7 +179,7 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
     for method in methods:
         runs = []
         for seed in args.seeds:
-            cfg = base.model_copy(update={"method": method, "seed": seed})
+            cfg = trial_config(base, {"method": method, "seed": seed})
             checkpoint = Path(args.checkpoint) / f"{method}-seed{seed}.pt" if args.checkpoint else None
             if checkpoint:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def main() -> None:
     args = p.parse_args()
 
     base = load_config(PipelineConfig, args.config, args.set).train
-    methods = args.method or [base.method]
+    methods = args.method or [base.method.name]
     if args.jobs > 1 and len(args.seeds) > 1:
         rows, hardware, n = run_seeds_side_by_side(args, methods)
     else:

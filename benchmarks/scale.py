@@ -25,10 +25,10 @@ from clustering.config import TrainConfig
 def one_epoch(folder: str, runs: str, name: str, args, input_mode: str) -> dict:
     from jobs.train import run_train
 
-    cfg = TrainConfig(shards=folder, storage_path=runs, name=name, method=args.method, pretrain_epochs=1,
-                      joint_epochs=1 if args.method == "nmm" else 0, batch_size=args.batch_size, augment=False,
-                      num_workers=args.workers, cpus_per_worker=1, input=input_mode, loader_workers=args.loaders,
-                      use_gpu="auto")
+    one = {"joint_epochs": 1} if args.method == "nmm" else {"pretrain_epochs": 1, "joint_epochs": 0, "augment": False}
+    cfg = TrainConfig.of(shards=folder, storage_path=runs, name=name, method=args.method, batch_size=args.batch_size,
+                         num_workers=args.workers, cpus_per_worker=1, input=input_mode, loader_workers=args.loaders,
+                         use_gpu="auto", **one)
     t0 = time.perf_counter()
     with PeakRSS() as rss:
         trained = run_train(cfg)

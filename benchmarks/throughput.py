@@ -73,8 +73,8 @@ def main() -> None:
     rows = []
     for method in args.method or ["dcec"]:
         for bs in args.batch_sizes:
-            stage = {"pretrain_epochs": args.epochs, "joint_epochs": 0} if method != "nmm" else {"pretrain_epochs": 0, "joint_epochs": args.epochs}
-            cfg = TrainConfig(method=method, batch_size=bs, encoder=args.encoder, **stage)
+            stage = {"pretrain_epochs": args.epochs, "joint_epochs": 0} if method != "nmm" else {"joint_epochs": args.epochs}
+            cfg = TrainConfig.of(method=method, batch_size=bs, encoder=args.encoder, **stage)
             real = epoch_rate(images, cfg, device)
             ceiling = epoch_rate(synthetic, cfg, device)
             train_s = args.amortise_epochs * len(images) / real

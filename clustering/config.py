@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from .methods import DEFAULT_METHOD, RECIPES, MethodSettings, methods_with, settings_keys
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file or field and what to do."""
@@ -54,9 +56,11 @@ class TrainConfig(Strict):
     storage_path: str = Field("outputs/demo/runs", description="where Ray Train keeps checkpoints")
     name: RunName = Field("", description="run name (a folder name); empty = method + time. Re-using a name "
                                            "resumes that run")
-    method: Literal["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"] = Field(
-        "dcec", description="dcec (seed 001), vc (seed 000), nmm (seed 002), or a baseline: idec, dec, ae_kmeans, "
-                            "kmeans (on pixels)")
+    method: MethodSettings = Field(
+        default_factory=lambda: RECIPES[DEFAULT_METHOD].Settings(),
+        description="the method and its own settings: `method: nmm`, or `method: {name: nmm, heads: 5}` "
+                    "(train.method.heads=5); dcec (seed 001), vc (seed 000), nmm (seed 002), or a baseline: idec, "
+                    "dec, ae_kmeans, kmeans (on pixels). `dicl config train.method=NAME` lists its settings")
     k: int = Field(10, ge=2, description="number of clusters")
     image_size: int | None = Field(None, ge=4, description="train at this square side (shorter side resized, centre "
                                    "crop); empty = the corpus' median shorter side, at most 64 (in manifest.json)")
@@ -75,45 +79,111 @@ class TrainConfig(Strict):
     loader_workers: int | None = Field(None, ge=0, description="stream: decoding processes per worker; empty = "
                                        "cpus_per_worker - 1 (at least 1); 0 = decode in the training process")
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
-        "conv", description="conv (DCEC's conv AE / a conv net), mlp (DEC's), resnet18 (CIFAR stem; nmm only)")
-    code_dim: int = Field(16, ge=2, description="size of the embedding the cluster head reads")
-    conv_widths: tuple[int, int] = Field((32, 64), description="conv net (nmm, vc's encoder): channels of its two conv blocks")
-    ae_widths: tuple[int, ...] = Field((32, 64, 128), min_length=1,
-                                       description="conv autoencoder (dcec, idec, dec, ae_kmeans, vc's decoder): stride-2 conv channels")
-    mlp_widths: tuple[int, ...] = Field((500, 500, 2000), description="mlp encoder (dec): hidden layer widths")
-    pretrain_epochs: int = Field(60, ge=0, description="epochs of the first stage: autoencoder pretraining (dcec, "
-                                 "idec, dec, ae_kmeans), the VAE alone (vc); nmm has none")
-    joint_epochs: int = Field(40, ge=0, description="epochs of the clustering stage (nmm: EM epochs)")
+        "conv", description="conv (a conv autoencoder or conv net), mlp (DEC's autoencoder: dcec, idec, dec, "
+                            "ae_kmeans), resnet18 (CIFAR stem; nmm)")
+    joint_epochs: int = Field(40, ge=0, description="epochs of the clustering stage (nmm: EM, vc: the ELBO, dcec/idec/dec: "
+                              "the joint stage after pretraining; ae_kmeans and kmeans have none)")
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
     lr: float = Field(1e-3, gt=0, description="Adam's learning rate")
-    augment: bool = Field(True, description="dcec/idec/dec/ae_kmeans: train on random views (affine + noise; crops, "
-                                            "jitter for RGB), as DEC-DA")
-    rec_weight: float = Field(10.0, ge=0, description="lambda: weight of reconstruction in the joint stage")
-    consistency_weight: float = Field(1.0, ge=0, description="nmm, vc: weight of two-view consistency on the "
-                                                               "cluster posteriors (0 = EM / the ELBO alone)")
-    instance_weight: float = Field(0.0, ge=0, description="nmm: weight of the instance-level contrastive loss "
-                                   "(SimCLR's NT-Xent on a projection of the net's features); 0 = none")
-    heads: int = Field(1, ge=1, description="nmm: sub-heads of k clusters trained side by side on one net; the one "
-                                           "with the lowest loss labels (IIC's sub-heads)")
-    over_k: int = Field(0, ge=0, description="nmm: components of an auxiliary over-clustering mixture trained "
-                                            "alongside, labelling nothing (IIC); 0 = none")
-    contrast_epochs: int = Field(0, ge=0, description="nmm: epochs of the instance loss alone before EM (SimCLR "
-                                 "pretraining, as SCAN's first step); 0 = none")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
                                                "restart_epochs epochs each and continue the one whose clusters are "
                                                "the most even (label-free; early merges leave one cluster twice "
                                                "the size of the rest)")
     restart_epochs: int = Field(5, ge=1, description="epochs each start trains before the pick (restarts > 1)")
-    balance_weight: float = Field(1.5, ge=0, description="vc: weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
-    pi_momentum: float = Field(0.9, ge=0, le=1, description="nmm: how much of the old π each epoch keeps; 1 keeps π "
-                                                             "uniform, which favours even clusters (docs/RESULTS.md)")
-    target_every: int = Field(1, ge=1, description="refresh the CAH target distribution every N epochs")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel; each needs a shard)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker asks for (its threads, and loader processes)")
     use_gpu: UseGpu = Field("auto", description="auto: a GPU per worker when the cluster has or can add GPU nodes; yes; no")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     checkpoint_every: int = Field(1, ge=1, description="checkpoint every N epochs (and always at the end)")
     seed: int = Field(0, description="seed of the weights and batches (every worker starts alike)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_flat_keys(cls, data: Any) -> Any:
+        return nest_method_keys(data, "train", strict=False) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _encoder_fits_method(self) -> "TrainConfig":
+        encoders = type(self.method).encoders
+        if encoders is not None and self.encoder not in encoders:
+            raise ValueError(f"encoder={self.encoder} does not fit method {self.method.name}, which builds "
+                             f"{' or '.join(encoders)}")
+        return self
+
+    @classmethod
+    def of(cls, where: str = "train", **values: Any) -> "TrainConfig":
+        """From flat values: shared keys and the method's own settings side by side, e.g.
+        TrainConfig.of(method="nmm", k=10, heads=5); a setting the method lacks is a ConfigError naming it."""
+        return cls(**nest_method_keys(values, where, strict=True))
+
+    def value(self, key: str) -> Any:
+        """A train value by its flat name (a shared key, or a setting of the method: `heads`, `method.heads`) as
+        JSON has it; `method` is the method's name."""
+        dump, key = self.model_dump(mode="json"), key.removeprefix("method.")
+        if key == "method":
+            return self.method.name
+        return dump[key] if key in type(self).model_fields else dump["method"][key]
+
+
+def train_section(values: dict, method: str) -> dict:
+    """Flat train values (tune.space's) as a train section of YAML: the method's settings under `method`."""
+    out = {key: value for key, value in values.items() if key in TrainConfig.model_fields and key != "method"}
+    settings = {key.removeprefix("method."): value for key, value in values.items() if key not in out and key != "method"}
+    if settings or "method" in values:
+        out["method"] = {"name": method, **settings}
+    return out
+
+
+def setting_path(key: str) -> str:
+    """Where a flat train key lives: `k`, or `method.heads` for a method's setting."""
+    key = key.removeprefix("method.")
+    return key if key in TrainConfig.model_fields else f"method.{key}"
+
+
+def switch_method(settings: dict, name: Any) -> Any:
+    """A method's settings block after `method=name`: the same block for the same method; for another, that
+    method with the settings it shares with the first (e.g. pretrain_epochs from dcec to idec), the rest default."""
+    if not isinstance(settings, dict) or not isinstance(name, str):
+        return name
+    if settings.get("name", DEFAULT_METHOD) == name:
+        return settings
+    return {"name": name, **{key: value for key, value in settings.items() if key in settings_keys(name)}}
+
+
+def nest_method_keys(values: dict, where: str, strict: bool) -> dict:
+    """Flat train values into TrainConfig's shape: a key that is not a shared train key is a setting of the method,
+    and goes into `method` (written `heads` or `method.heads`). strict (DeepClusterer's keywords, tune.space): a key
+    the method does not have is an error that names it. Otherwise these are the flat YAML keys of earlier releases,
+    read for one more release: moved with a deprecation warning, or dropped with one where the method has no such
+    setting (it ignored them then)."""
+    moved = [key for key in values if key.removeprefix("method.") not in TrainConfig.model_fields]
+    if not moved:
+        return values
+    out = {key: value for key, value in values.items() if key not in moved}
+    method = out.get("method", DEFAULT_METHOD)
+    method = {"name": method} if isinstance(method, str) else dict(method)
+    name = method.get("name", DEFAULT_METHOD)
+    for key in moved:
+        setting = key.removeprefix("method.")
+        owners = methods_with(setting)
+        if setting in settings_keys(name):
+            if strict:
+                method[setting] = values[key]
+            else:
+                method.setdefault(setting, values[key])
+                print(f"warning: {where}.{key} is deprecated: write {where}.method.{setting} (a setting of {name}); "
+                      "flat keys are read until the next release", file=sys.stderr)
+        elif strict:
+            raise ConfigError(f"{where}: {setting!r} is not a setting of method {name} "
+                              + (f"(a setting of {', '.join(owners)})" if owners else "nor a train key")
+                              + f"; {name}'s settings: {', '.join(sorted(settings_keys(name))) or 'none'}")
+        elif owners:
+            print(f"warning: {where}.{key} is ignored: method {name} has no such setting (a setting of "
+                  f"{', '.join(owners)}); flat keys are read until the next release", file=sys.stderr)
+        else:
+            out[key] = values[key]  # no method has it: the model names it as an unknown key
+    out["method"] = method
+    return out
 
 
 class LabelConfig(Strict):
@@ -192,9 +262,11 @@ class PipelineConfig(Strict):
         ]:
             if field not in section.model_fields_set:
                 section.__dict__[field] = value
-        unknown = sorted(set(self.tune.space) - set(TrainConfig.model_fields))
+        unknown = sorted(key for key in self.tune.space if key not in TrainConfig.model_fields
+                         and not methods_with(key.removeprefix("method.")))
         if unknown:
-            raise ValueError(f"tune.space names {unknown}, which are not train keys (see clustering/config.py)")
+            raise ValueError(f"tune.space names {unknown}, which are neither train keys nor any method's settings "
+                             "(see `dicl config`)")
         return self
 
 
@@ -205,8 +277,14 @@ def grid_values(space: dict[str, list]) -> list[dict]:
 
 
 def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
+    """`base` with the trial's values: train keys, or settings of the trial's method (`heads`, `method.heads`)."""
+    data = base.model_dump()
+    if "method" in values:
+        data["method"] = switch_method(data["method"], values["method"])
+    rest = {key: value for key, value in values.items() if key != "method"}
+    data = nest_method_keys({**data, **rest}, f"tune.space: the trial {values}", strict=True)
     try:
-        return TrainConfig(**{**base.model_dump(), **values})
+        return TrainConfig(**data)
     except ValueError as e:
         raise ConfigError(f"tune.space: the trial {values} is not a valid train config: {e}") from None
 
@@ -228,18 +306,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         *parents, leaf = dotted.strip().split(".")
         for p in parents:
             child = node.setdefault(p, {})
+            if p == "method" and isinstance(child, str):  # `method: nmm` gains a setting: {name: nmm, ...}
+                child = node[p] = {"name": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
             node = child
-        node[leaf] = parse_value(text)
+        value = parse_value(text)
+        node[leaf] = switch_method(node[leaf], value) if leaf == "method" and leaf in node else value
     return data
 
 
 def describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        loc = [str(p) for p in e["loc"]]
+        tagged = [i + 1 for i in range(len(loc) - 2) if loc[i] == "method" and loc[i + 1] in RECIPES]
+        method = loc.pop(tagged[0]) if tagged else None  # a setting's path names the union's tag: train.method.nmm.x
+        field = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden" and method:
+            owners = methods_with(loc[-1])
+            lines.append(f"  {field}: not a setting of method {method} "
+                         + (f"(a setting of {', '.join(owners)})" if owners else "(check the spelling)")
+                         + f"; {method}'s settings: {', '.join(sorted(settings_keys(method))) or 'none'}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key (check the spelling; see the configs/ files for valid keys)")
         else:
             lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")

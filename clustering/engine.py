@@ -29,7 +29,7 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
-    return {"method": cfg.method, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
+    return {"method": cfg.method.name, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
 
 
 def build_from_spec(spec: dict):
@@ -83,11 +83,20 @@ class Run:
     model: torch.nn.Module
     opt: torch.optim.Optimizer | None
     history: list = field(default_factory=list)
+    resumed_from: int = -1  # the last epoch of the checkpoint this process resumed from (-1: none)
+    pending: dict = field(default_factory=dict)  # for the next epoch's metrics: the pick among starts
 
     def state(self, epoch: int, finished: bool = False) -> dict:
         # finished: the method's end-of-run step (k-means, NMM's normalisers) is in the weights; labelling needs it
         return {"spec": self.spec, "model": self.model.state_dict(), "optimizer": self.opt.state_dict() if self.opt else {},
                 "epoch": epoch, "rng": torch.get_rng_state(), "history": self.history, "finished": finished}
+
+    def record(self, metrics: dict) -> dict:
+        """An epoch's metrics, with what the run has to say once, into its history."""
+        metrics = {**self.pending, **metrics, "resumed_from": self.resumed_from}
+        self.pending = {}
+        self.history.append(metrics)
+        return metrics
 
 
 def new_run(cfg: TrainConfig, channels: int, side: int, device: torch.device) -> Run:
@@ -148,58 +157,64 @@ def train_epoch(run: Run, data: TrainInput, stage: Stage, epoch: int, cfg: Train
             "local_samples": data.n, "input": "stream" if data.streamed else "memory", **events}
 
 
-def fit(
-    data: TrainInput | np.ndarray,
-    cfg: TrainConfig,
-    comm: Comm = Comm(),
-    device: torch.device | str = "cpu",
-    resume: dict | None = None,
-    on_epoch: EpochCallback | None = None,
-    log: Callable[[str], None] = print,
-    until: int | None = None,
-):
+def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.device, resume: dict | None,
+              log: Callable[[str], None]) -> tuple[Run, int]:
+    """(the run, its first epoch): new, continued from `resume`, or, with cfg.restarts > 1 and nothing to resume,
+    the best of that many starts (`best_start`)."""
+    picked = resume is None and cfg.restarts > 1
+    if picked:
+        resume = best_start(data, cfg, comm, device, log)
+    run = new_run(cfg, data.channels, data.side, device)
+    if resume is None:
+        return run, 0
+    start = restore(run, resume, cfg, log, picked)
+    if picked:  # the pick shows in the metrics of the first epoch after it (and in the checkpoints' history)
+        run.pending = {key: resume["history"][-1][key] for key in ("start_evenness", "start_picked")}
+    else:
+        run.resumed_from = start - 1
+    return run, start
+
+
+def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: EpochCallback | None) -> None:
+    """The method's end-of-run step (k-means on the codes, NMM's normalisers), then the finished checkpoint."""
+    final = run.method.finish(run.model, data.sample, comm)
+    if on_epoch is not None:
+        metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
+                   "resumed_from": run.resumed_from, **final}
+        on_epoch(total - 1, metrics, lambda: run.state(total - 1, finished=True))
+
+
+def fit(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm = Comm(), device: torch.device | str = "cpu",
+        resume: dict | None = None, on_epoch: EpochCallback | None = None, log: Callable[[str], None] = print,
+        until: int | None = None):
     """Train `cfg.method` on an input (`inputs.py`), or on uint8 images (N, H, W, C) held in memory. Returns the
     model (in eval mode).
 
-    on_epoch(epoch, metrics, state_fn) runs after each epoch on every rank; state_fn() gives a
-    checkpoint dict (model, optimizer, epoch, RNG) for the caller to persist.
-    `resume` is such a dict: training continues after its epoch. Without one, cfg.restarts > 1 first
-    trains that many starts and continues the best (`best_start`).
-    `until`: stop after that many epochs, before the method's end-of-run step (a start being tried).
+    on_epoch(epoch, metrics, state_fn) runs after each epoch on every rank; state_fn() gives a checkpoint dict
+    (model, optimizer, epoch, RNG) for the caller to persist. `resume` is such a dict: training continues after
+    its epoch. `until`: stop after that many epochs, before the method's end-of-run step (a start being tried).
     """
     device = torch.device(device)
     data = as_input(data, device)
     if data.n == 0:
         raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
-    picked = resume is None and cfg.restarts > 1
-    if picked:
-        resume = best_start(data, cfg, comm, device, log)
-    run = new_run(cfg, data.channels, data.side, device)
-    start_epoch = restore(run, resume, cfg, log, picked) if resume is not None else 0
-    resumed_from = start_epoch - 1 if resume is not None and not picked else -1
-    # The pick among starts shows in the metrics of the first epoch after it (and in the checkpoints' history).
-    pick = {key: resume["history"][-1][key] for key in ("start_evenness", "start_picked")} if picked else {}
+    run, start = start_run(data, cfg, comm, device, resume, log)
     stages = run.method.stages()
     total = stages[-1].end if stages else 0
+    end = total if until is None else min(until, total)
+    # Every rank steps the same number of times, sized from the global count: no rank waits on a collective.
     steps = steps_per_epoch(int(comm.sum(torch.tensor([float(data.n)], device=device)).item()), cfg.batch_size)
     run.model.train()
     try:
-        for epoch in range(start_epoch, total if until is None else min(until, total)):
-            metrics = {**pick, **train_epoch(run, data, stage_at(stages, epoch), epoch, cfg, comm, steps),
-                       "resumed_from": resumed_from}
-            pick = {}
-            run.history.append(metrics)
+        for epoch in range(start, end):
+            metrics = run.record(train_epoch(run, data, stage_at(stages, epoch), epoch, cfg, comm, steps))
             log(f"epoch {epoch + 1}/{total} [{metrics['stage']}] loss {metrics['loss']:.5f} ({metrics['seconds']:.1f}s)")
             if on_epoch is not None and epoch < total - 1:
                 on_epoch(epoch, metrics, lambda e=epoch: run.state(e))
     finally:
         data.close()
-    if until is None or until >= total:
-        final = run.method.finish(run.model, data.sample, comm)
-        if on_epoch is not None:
-            metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
-                       "resumed_from": resumed_from, **final}
-            on_epoch(total - 1, metrics, lambda: run.state(total - 1, finished=True))
+    if end == total:
+        finish_run(run, data, comm, total, on_epoch)
     run.model.eval()
     return run.model
 
@@ -225,8 +240,8 @@ def check_restarts(cfg: TrainConfig) -> None:
         stage = stage_at(method.stages(), cfg.restart_epochs - 1)
         if not method.clusters_in(stage):
             raise ValueError(f"train.restart_epochs={cfg.restart_epochs} ends in the run's {stage.name} stage, before "
-                             f"it clusters (nmm: the contrastive pretraining of train.contrast_epochs="
-                             f"{cfg.contrast_epochs}): raise it, or set train.restarts=1")
+                             f"{cfg.method.name} clusters (it ends at epoch {stage.end}): raise it, or set "
+                             "train.restarts=1")
 
 
 def start_config(cfg: TrainConfig, r: int) -> TrainConfig:

@@ -1,7 +1,7 @@
 """The Python API, in scikit-learn's manner: one process, no Ray.
 
     from clustering import DeepClusterer
-    est = DeepClusterer("nmm", k=10, pretrain_epochs=0, joint_epochs=30).fit(images)   # uint8 (N, H, W[, C])
+    est = DeepClusterer("nmm", k=10, joint_epochs=30, heads=2).fit(images)   # uint8 (N, H, W[, C])
     est.labels_, est.predict(new_images), est.predict_proba(paths), est.transform(pil_images)
     est.save("runs/mine");  DeepClusterer.load("outputs/demo/runs/nmm-20261203-101500")  # a run or checkpoint
 
@@ -88,8 +88,10 @@ def to_images(images: Any, mode: str, side: int) -> np.ndarray:
 
 
 class DeepClusterer:
-    """A deep clustering model: `method` and `k`, and any other train setting (clustering/config.py's TrainConfig)
-    as a keyword, e.g. DeepClusterer("dcec", k=10, pretrain_epochs=20, joint_epochs=20, seed=1).
+    """A deep clustering model: `method` and `k`, and any other train setting as a keyword: a shared one
+    (clustering/config.py's TrainConfig) or one of the method's own (clustering/methods/), e.g.
+    DeepClusterer("dcec", k=10, pretrain_epochs=20, joint_epochs=20, seed=1). A setting the method does not have
+    is refused, naming it.
 
     Fitted attributes: labels_ (clusters of the fitted images), config_ (the TrainConfig), model_ (the torch
     module), image_size_ and channels_ (the model's input), history_ (one dict per epoch)."""
@@ -103,7 +105,8 @@ class DeepClusterer:
 
     def _config(self, image_size: int) -> TrainConfig:
         try:
-            return TrainConfig(**{**self.settings, "method": self.method, "k": self.k, "image_size": image_size})
+            return TrainConfig.of("DeepClusterer", **{**self.settings, "method": self.method, "k": self.k,
+                                                      "image_size": image_size})
         except ValidationError as e:
             raise ConfigError(describe(e, "DeepClusterer settings")) from None
 

@@ -6,6 +6,8 @@ import typing
 
 from pydantic import BaseModel
 
+from clustering.methods import RECIPES
+
 
 def type_name(annotation) -> str:
     args = typing.get_args(annotation)
@@ -26,16 +28,34 @@ def show(value) -> str:
     return "(empty)" if value in (None, "") else str(value)
 
 
-def key_lines(prefix: str, model: BaseModel, brief: bool) -> list[str]:
+def wrapped(text: str | None) -> list[str]:
+    return textwrap.wrap(text or "", 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+
+
+def method_lines(prefix: str, field, settings: BaseModel, brief: bool) -> list[str]:
+    """train.method: the method chosen and its settings; brief (--help): every method's settings, by method."""
+    lines = [f"  {prefix} ({'|'.join(RECIPES)}) = {settings.name}", *wrapped(field.description)]
+    chosen = [recipe.Settings() for recipe in RECIPES.values()] if brief else [settings]
+    for method in chosen:
+        lines.append(f"  {prefix}.* of {method.name}:" + ("" if set(type(method).model_fields) - {"name"} else " none"))
+        lines += key_lines(f"{prefix}.", method, brief, skip=("name",))
+    return lines
+
+
+def key_lines(prefix: str, model: BaseModel, brief: bool, skip: tuple[str, ...] = ()) -> list[str]:
     lines = []
     for name, field in type(model).model_fields.items():
         value, default = getattr(model, name), default_of(field)
+        if name in skip:
+            continue
+        if isinstance(value, BaseModel):  # train.method: a method's own settings
+            lines += method_lines(f"{prefix}{name}", field, value, brief)
+            continue
         head = f"  {prefix}{name} ({type_name(field.annotation)}) = {show(default if brief else value)}"
         if not brief and value != default:
             head += f"   [default {show(default)}]"
         lines.append(head)
-        if field.description:
-            lines += textwrap.wrap(field.description, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += wrapped(field.description)
     return lines
 
 
@@ -45,7 +65,7 @@ def describe_keys(cfg: BaseModel, sections: tuple[str, ...], brief: bool = True)
     top = {n: f for n, f in type(cfg).model_fields.items() if not isinstance(getattr(cfg, n), BaseModel)}
     for name, field in top.items():
         lines.append(f"  {name} (str) = {show(getattr(cfg, name))}")
-        lines += textwrap.wrap(field.description or "", 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += wrapped(field.description)
     for section in sections:
         lines.append(f"{section}:")
         lines += key_lines(f"{section}.", getattr(cfg, section), brief)

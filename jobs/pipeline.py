@@ -33,7 +33,7 @@ def stages(cfg: PipelineConfig, progress: bool) -> dict:
         print(format_table(tuned), flush=True)
         cfg = cfg.model_copy(update={"train": trial_config(cfg.train, tuned["best"])})
 
-    print(f"[{steps - 2}/{steps}] train {cfg.train.method} (k={cfg.train.k}) on {cfg.train.num_workers} worker(s)", flush=True)
+    print(f"[{steps - 2}/{steps}] train {cfg.train.method.name} (k={cfg.train.k}) on {cfg.train.num_workers} worker(s)", flush=True)
     trained = run_train(cfg.train, progress=progress)
     print(f"trained in {trained.seconds:.0f}s; checkpoint {trained.checkpoint}", flush=True)
 

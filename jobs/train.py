@@ -88,7 +88,7 @@ def run_train(cfg: TrainConfig, progress: bool = False) -> TrainResult:
     cfg = cfg.model_copy(update={"shards": storage.absolute(cfg.shards), "storage_path": storage.absolute(cfg.storage_path)})
     manifest = shards.read_manifest(cfg.shards)  # fails early, naming the folder, when shards are missing
     check_run(cfg, manifest)
-    name = cfg.name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"name": name})
     gpu = want_gpu(cfg.use_gpu)
     # Ray Train's print patch logs each worker print and, where Ray redirected stdout, prints it too. Our lines

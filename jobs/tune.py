@@ -26,6 +26,8 @@ from clustering.config import (
     TrainConfig,
     TuneConfig,
     grid_values,
+    setting_path,
+    train_section,
     trial_config,
 )
 from clustering.methods import predict_all
@@ -77,8 +79,7 @@ def scheduler(cfg: TuneConfig, longest: int):
 
 def validated_space(base: TrainConfig, space: dict[str, list]) -> dict[str, list]:
     """Each searched value as the train config reads it (`1e-3` a float, not text), or a ConfigError naming it."""
-    return {key: [trial_config(base, {key: v}).model_dump(mode="json")[key] for v in values]
-            for key, values in space.items()}
+    return {key: [trial_config(base, {key: v}).value(key) for v in values] for key, values in space.items()}
 
 
 def run_tune(cfg: PipelineConfig) -> dict:
@@ -139,7 +140,8 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list], trial
     storage.write_bytes(storage.join(cfg.tune.output, "trials.json"),
                         json.dumps({"metric": cfg.tune.metric, "trials": ordered}, indent=1).encode())
     best_yaml = storage.join(cfg.tune.output, "best.yaml")
-    storage.write_bytes(best_yaml, yaml.safe_dump({"train": best}, sort_keys=True).encode())
+    section = train_section(best, trial_config(base, best).method.name)
+    storage.write_bytes(best_yaml, yaml.safe_dump({"train": section}, sort_keys=True).encode())
     return {"best": best, "trials": ordered, "best_yaml": best_yaml, "metric": cfg.tune.metric}
 
 
@@ -166,7 +168,8 @@ def format_table(summary: dict) -> str:
                          f"({r['seconds']:.0f}s)")
     stopped = sum("stopped_at_epoch" in r for r in trials)
     failed = sum("error" in r for r in trials)
-    overrides = " ".join(f"train.{k}={show(v)}" for k, v in summary["best"].items())
+    best = sorted(summary["best"].items(), key=lambda kv: kv[0] != "method")  # the method before its settings
+    overrides = " ".join(f"train.{setting_path(k)}={show(v)}" for k, v in best)
     seconds = sum(r.get("seconds", 0) for r in trials)
     counts = f"{len(trials) - stopped - failed} finished, {stopped} stopped early, {failed} failed"
     lines += [f"{len(trials)} trials: {counts}; {seconds:.0f} trial-seconds", f"best: {overrides}",

@@ -53,6 +53,8 @@ def test_api_errors(digits):
         DeepClusterer().predict(digits[0][:2])
     with pytest.raises(ConfigError, match="joint_epoch"):
         DeepClusterer("nmm", joint_epoch=3).fit(digits[0][:20])
+    with pytest.raises(ConfigError, match="'heads' is not a setting of method dcec"):  # nmm's, not dcec's
+        DeepClusterer("dcec", heads=2).fit(digits[0][:20])
     with pytest.raises(ValueError, match="more than the 5 images"):
         DeepClusterer("kmeans", k=10).fit(digits[0][:5])
 

@@ -110,7 +110,7 @@ def test_symlink_loops_hidden_and_unicode_names(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.k=1", "train.k"), ("train.batch_size=0", "train.batch_size"), ("train.rec_weight=-1", "train.rec_weight"),
+    ("train.k=1", "train.k"), ("train.batch_size=0", "train.batch_size"), ("train.method.rec_weight=-1", "train.method.rec_weight"),
     ("train.method=spectral", "train.method"), ("train.name=../../x", "plain folder name"),
     ("train.name=a/b", "plain folder name"), ("label.batch_size=0", "label.batch_size"),
 ])

@@ -129,7 +129,7 @@ def test_pipeline_submitted_through_the_jobs_api_to_a_head_and_a_worker_node(two
     # this machine has none to add, so the pipeline itself runs with use_gpu=no.
     probe = "python -c 'import ray; from jobs.runtime import want_gpu; ray.init(); print(\"auto wants a GPU:\", want_gpu(\"auto\"))'"
     pipeline = " ".join(["dicl", "pipeline", "configs/demo.yaml", f"work_dir={work_dir}", "shard.samples_per_shard=500",
-                         "train.num_workers=2", "train.cpus_per_worker=1", "train.pretrain_epochs=2",
+                         "train.num_workers=2", "train.cpus_per_worker=1",
                          "train.joint_epochs=2", "train.checkpoint_every=2", "train.use_gpu=no", "label.use_gpu=no",
                          "'tune.space={k: [6, 8]}'"])
     submitted = ray_cli(env, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",

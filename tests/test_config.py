@@ -1,6 +1,6 @@
 import pytest
 
-from clustering.config import ConfigError, PipelineConfig, TrainConfig, load_config
+from clustering.config import ConfigError, PipelineConfig, TrainConfig, load_config, train_section, trial_config
 
 
 def test_unknown_key_names_the_field(tmp_path):
@@ -42,5 +42,64 @@ def test_demo_config_is_valid():
 def test_tune_space_names_train_keys_and_follows_work_dir():
     cfg = load_config(PipelineConfig, "configs/demo.yaml", ["work_dir=/tmp/w", "tune.space={k: [8, 10]}"])
     assert cfg.tune.space == {"k": [8, 10]} and cfg.tune.output == "/tmp/w/tune"
-    with pytest.raises(ConfigError, match="'kk'.*not train keys"):
+    with pytest.raises(ConfigError, match="'kk'.*neither train keys nor any method's settings"):
         load_config(PipelineConfig, None, ["tune.space={kk: [8, 10]}"])
+
+
+def test_each_method_has_its_own_settings_in_yaml_or_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  method:\n    name: nmm\n    heads: 5\n  k: 7\n")
+    cfg = load_config(PipelineConfig, f, ["train.method.over_k=30"]).train
+    assert (cfg.method.name, cfg.method.heads, cfg.method.over_k, cfg.k) == ("nmm", 5, 30, 7)
+    # `method: vc` is the method with its defaults; a setting given after it joins them
+    cfg = load_config(PipelineConfig, None, ["train.method=vc", "train.method.balance_weight=0.5"]).train
+    assert (cfg.method.name, cfg.method.balance_weight, cfg.method.code_dim) == ("vc", 0.5, 16)
+    # naming the method already chosen keeps its settings; another one keeps only those it shares
+    cfg = load_config(PipelineConfig, f, ["train.method=nmm"]).train
+    assert cfg.method.heads == 5
+    cfg = load_config(PipelineConfig, None, ["train.method.pretrain_epochs=7", "train.method.rec_weight=2",
+                                             "train.method=dec"]).train
+    assert (cfg.method.name, cfg.method.pretrain_epochs) == ("dec", 7) and not hasattr(cfg.method, "rec_weight")
+
+
+def test_a_setting_of_another_method_is_refused_naming_it_and_its_owner():
+    with pytest.raises(ConfigError, match=r"train\.method\.heads: not a setting of method dcec \(a setting of nmm\)"):
+        load_config(PipelineConfig, None, ["train.method=dcec", "train.method.heads=5"])
+    with pytest.raises(ConfigError, match=r"train\.method\.rec_weight: not a setting of method vc \(a setting of dcec, idec\)"):
+        load_config(PipelineConfig, None, ["train.method=vc", "train.method.rec_weight=1"])
+    with pytest.raises(ConfigError, match="'heads' is not a setting of method dcec"):
+        TrainConfig.of(method="dcec", heads=2)
+    with pytest.raises(ConfigError, match="encoder=resnet18 does not fit method dcec"):
+        load_config(PipelineConfig, None, ["train.method=dcec", "train.encoder=resnet18"])
+
+
+def test_a_tune_space_key_the_trials_method_ignores_is_refused():
+    nmm = TrainConfig.of(method="nmm")
+    assert trial_config(nmm, {"heads": 3, "k": 8}).method.heads == 3  # flat names reach the method's settings
+    assert trial_config(nmm, {"method.heads": 3}).method.heads == 3
+    with pytest.raises(ConfigError, match="the trial {'rec_weight': 1}: 'rec_weight' is not a setting of method nmm"):
+        trial_config(nmm, {"rec_weight": 1})
+    with pytest.raises(ConfigError, match="'heads' is not a setting of method vc"):
+        trial_config(nmm, {"method": "vc", "heads": 2})  # a trial of another method, with a knob it lacks
+    # the winner as YAML: settings under the method's name
+    assert train_section({"k": 8, "heads": 3}, "nmm") == {"k": 8, "method": {"name": "nmm", "heads": 3}}
+
+
+def test_old_flat_keys_still_work_for_a_release_with_a_deprecation_message(tmp_path, capsys):
+    f = tmp_path / "old.yaml"
+    f.write_text("train:\n  method: nmm\n  heads: 4\n  consistency_weight: 0.5\n  rec_weight: 3\n")
+    cfg = load_config(PipelineConfig, f).train
+    assert cfg.method.heads == 4 and cfg.method.consistency_weight == 0.5
+    err = capsys.readouterr().err
+    assert "train.heads is deprecated: write train.method.heads" in err
+    assert "train.rec_weight is ignored: method nmm has no such setting" in err  # as it was ignored before
+    # a checkpoint written before per-method settings: its flat config still reads
+    old_spec = {"method": "dcec", "k": 10, "pretrain_epochs": 5, "rec_weight": 2.0, "heads": 1}
+    cfg = TrainConfig(**old_spec)
+    assert (cfg.method.name, cfg.method.pretrain_epochs, cfg.method.rec_weight) == ("dcec", 5, 2.0)
+
+
+def test_shipped_configs_use_per_method_settings(capsys):
+    for name in ("demo", "mnist", "cifar10"):
+        load_config(PipelineConfig, f"configs/{name}.yaml")
+    assert "deprecated" not in capsys.readouterr().err

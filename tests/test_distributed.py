@@ -18,7 +18,7 @@ from clustering.config import PipelineConfig, load_config
 from clustering.estimator import DeepClusterer
 from clustering.sources import digits_source
 
-BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.pretrain_epochs=60", "train.augment=false",
+BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.method.pretrain_epochs=60", "train.method.augment=false",
         "train.batch_size=256", "train.cpus_per_worker=1", "train.checkpoint_every=5", "train.max_failures=2",
         "train.seed=0"]
 
@@ -103,8 +103,8 @@ def train(work_dir, name, *overrides, kill=False):
 def reference_acc() -> float:
     """One worker, in memory, uninterrupted, in this process."""
     cfg = load_config(PipelineConfig, "configs/demo.yaml", BASE).train
-    settings = cfg.model_dump(exclude={"method", "k", "image_size"})
-    model = DeepClusterer(cfg.method, cfg.k, device="cpu", **settings).fit(digits_source().images)
+    settings = {**cfg.model_dump(exclude={"method", "k", "image_size"}), **cfg.method.model_dump(exclude={"name"})}
+    model = DeepClusterer(cfg.method.name, cfg.k, device="cpu", **settings).fit(digits_source().images)
     return digits_acc(model)
 
 
@@ -138,7 +138,7 @@ def test_a_streamed_corpus_over_the_memory_budget_steps_alike_on_two_workers_and
 def test_very_unequal_shards_finish_with_equal_steps(two_node_cluster, tmp_path):
     from jobs.shard import run_shard
 
-    uneven = ["shard.samples_per_shard=1600", "train.pretrain_epochs=3"]
+    uneven = ["shard.samples_per_shard=1600", "train.method.pretrain_epochs=3"]
     manifest = run_shard(load_config(PipelineConfig, "configs/demo.yaml", BASE + [f"work_dir={tmp_path}", *uneven]).shard,
                          progress=False)
     assert [s["samples"] for s in manifest["shards"]] == [1600, 197]

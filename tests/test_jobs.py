@@ -7,7 +7,7 @@ from clustering import assignments, lease, metrics, report, shards, storage
 from clustering.config import PipelineConfig, load_config
 from jobs.cli import main
 
-SMALL = ["shard.samples_per_shard=500", "train.pretrain_epochs=4", "train.joint_epochs=2",
+SMALL = ["shard.samples_per_shard=500", "train.joint_epochs=2",
          "train.cpus_per_worker=1", "train.name=t", "train.checkpoint_every=1"]
 
 
@@ -134,7 +134,7 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
     # A failure inside a worker (here a loss gone to infinity) ends as one line naming the cause; exit 1, and the
     # traceback in the log file it names.
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.lr=1e30", "train.max_failures=0",
-                    "train.pretrain_epochs=1", "train.joint_epochs=2", "train.name=nan")
+                    "train.method.pretrain_epochs=1", "train.joint_epochs=2", "train.name=nan")
     lines = err.strip().splitlines()
     assert code == 1 and lines[0].startswith("error: NonFiniteLoss:") and len(lines) == 2, err
     log = lines[1].split("full traceback in ", 1)[1].split(";")[0]

@@ -31,9 +31,11 @@ def files_holding(root: str, text: str) -> list[str]:
 
 def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_local, tmp_path, capsys, monkeypatch):
     from jobs.shard import run_shard
-    from jobs.tune import run_tune
+    from jobs.tune import format_table, run_tune
 
-    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}", "tune.space={k: [2, 6]}"])
+    # k is a shared key, consistency_weight a setting of the method (nmm): a space names both alike
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}",
+                                                                    "tune.space={k: [2, 6], consistency_weight: [0.5]}"])
     run_shard(cfg.shard, progress=False)
     # A recognisable credential in the driver's environment (the local S3 server accepts any): Ray Tune would copy it
     # into each trial's runtime env, which Ray logs in clear text. It must appear in no output and no Ray log.
@@ -50,7 +52,10 @@ def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_loc
     assert summary["best"] == max(trials, key=lambda t: t["modularity"])["values"]
     written = json.loads(storage.read_bytes(f"{tmp_path}/tune/trials.json"))
     assert written["metric"] == "modularity" and written["trials"] == trials
-    assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {"train": summary["best"]}
+    best = summary["best"]
+    assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {
+        "train": {"k": best["k"], "method": {"name": "nmm", "consistency_weight": 0.5}}}
+    assert f"best: train.method.consistency_weight=0.5 train.k={best['k']}" in format_table(summary)
 
     # a trial that fails (NaN loss) is listed with its cause, last; the others still finish and choose
     cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [f"work_dir={tmp_path}/e", f"shard.output={tmp_path}/shards",
@@ -84,6 +89,9 @@ def test_tune_refuses_bad_trials_before_training(ray_local, tmp_path, capsys):
     assert main(["shard", "configs/demo.yaml", f"work_dir={tmp_path}", "--no-progress"]) == 0
     cfg = load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={tmp_path}", "tune.space={k: [10, 1]}"])
     with pytest.raises(ConfigError, match=r"trial \{'k': 1\} is not a valid train config"):
+        run_tune(cfg)
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={tmp_path}", "tune.space={rec_weight: [1, 5]}"])
+    with pytest.raises(ConfigError, match="'rec_weight' is not a setting of method nmm"):  # dcec's, not nmm's
         run_tune(cfg)
     with pytest.raises(ConfigError, match="tune.space is empty"):
         run_tune(load_config(PipelineConfig, "configs/demo.yaml", [f"work_dir={tmp_path}"]))

@@ -1,0 +1,104 @@
+"""What every method shares: its settings' base, the recipe's hooks, and the model's two verbs (embed, predict)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ..comm import Comm
+from ..schedule import Stage
+
+if TYPE_CHECKING:  # the config holds the settings (config.py imports this package)
+    from ..config import TrainConfig
+
+
+class Settings(BaseModel):
+    """A method's own settings (`train.method.KEY`); `name` selects the method. Unknown keys are refused."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # train.encoder values this method can build; None: it builds no encoder (the setting does not apply)
+    encoders: ClassVar[tuple[str, ...] | None] = ("conv",)
+
+
+def method_name(settings: type[Settings]) -> str:
+    return settings.model_fields["name"].default
+
+
+class Clusterer(nn.Module):
+    """Every model: `embed(x)` gives what its `head` turns into cluster posteriors."""
+
+    head: nn.Module
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.predict_proba(self.embed(x))  # (B, K)
+
+
+@torch.no_grad()
+def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096, fn=None) -> torch.Tensor:
+    """Codes of every local image (or `fn` of them, e.g. a net's features), in eval mode. images: uint8
+    (N, C, H, W) on the model's device."""
+    was_training = model.training
+    model.eval()
+    fn = fn or model.embed
+    z = torch.cat([fn(to_float(images[i:i + batch])).float() for i in range(0, len(images), batch)])
+    model.train(was_training)
+    return z  # (N, D)
+
+
+@torch.no_grad()
+def predict_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(posteriors (N, K), codes (N, D)) of uint8 images (N, C, H, W) on the model's device."""
+    z = embed_all(model, images, batch)
+    return model.head.predict_proba(z), z
+
+
+def to_float(x_u8: torch.Tensor) -> torch.Tensor:
+    return x_u8.float().div_(255.0)
+
+
+class Recipe:
+    """What the engine calls; a recipe overrides the hooks it needs (the rest do nothing). `Settings` is the model
+    of its own settings, read as `self.cfg.method`; the shared ones (k, epochs, seed, ...) are `self.cfg`'s."""
+
+    Settings: ClassVar[type[Settings]]
+
+    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+        self.cfg, self.channels, self.side = cfg, channels, side
+
+    def build(self) -> Clusterer:
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        return []
+
+    def start_stage(self, stage: Stage, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
+        return {}
+
+    def start_epoch(self, stage: Stage, epoch: int, model: Clusterer, images: torch.Tensor, comm: Comm) -> None:
+        pass
+
+    def loss(self, stage: Stage, model: Clusterer, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """The loss of one batch x (float, (B, C, H, W) in 0..1); idx: the rows of held images (None streamed)."""
+        raise NotImplementedError
+
+    def end_epoch(self, stage: Stage, epoch: int, model: Clusterer, comm: Comm) -> dict:
+        """After an epoch's steps, before its checkpoint: state learnt over the epoch goes into the model here, so
+        a run resumed from that checkpoint continues exactly. Returns what the epoch's metrics should show."""
+        return {}
+
+    def finish(self, model: Clusterer, images: torch.Tensor, comm: Comm) -> dict:
+        return {}
+
+    def clusters_in(self, stage: Stage) -> bool:
+        """Whether a run stopped in this stage would already cluster (after `finish`)."""
+        return True
+
+
+def fit_head(model: Clusterer, images: torch.Tensor, comm: Comm, seed: int) -> dict:
+    """k-means on every image's code (all ranks), as the centres of the model's head."""
+    model.head.fit(embed_all(model, images), comm, seed=seed)
+    return {"reseeded_clusters": model.head.reseeded_}

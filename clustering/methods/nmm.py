@@ -1,0 +1,162 @@
+"""NMM-EM (seed 002, Tissera et al.): neural mixture models trained by batch-wise EM, with two-view consistency."""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from .. import losses
+from ..augment import view_for
+from ..comm import Comm
+from ..encoders import ConvNet, ResNet18, Trunk
+from ..heads import MixtureHead
+from ..schedule import Stage, make_stages
+from .base import Clusterer, Recipe, Settings, embed_all
+
+
+class NMMSettings(Settings):
+    name: Literal["nmm"] = "nmm"
+    encoders: ClassVar = ("conv", "resnet18")
+    consistency_weight: float = Field(1.0, ge=0, description="weight of two-view consistency on the cluster "
+                                      "posteriors (0 = EM alone)")
+    instance_weight: float = Field(0.0, ge=0, description="weight of the instance-level contrastive loss (SimCLR's "
+                                   "NT-Xent on a projection of the net's features); 0 = none")
+    heads: int = Field(1, ge=1, description="sub-heads of k clusters trained side by side on one net; the one with "
+                                           "the lowest loss labels (IIC's sub-heads)")
+    over_k: int = Field(0, ge=0, description="components of an auxiliary over-clustering mixture trained alongside, "
+                                            "labelling nothing (IIC); 0 = none")
+    contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before EM (SimCLR "
+                                 "pretraining, as SCAN's first step); 0 = none")
+    pi_momentum: float = Field(0.9, ge=0, le=1, description="how much of the old π each epoch keeps; 1 keeps π "
+                                                             "uniform, which favours even clusters (docs/RESULTS.md)")
+    conv_widths: tuple[int, int] = Field((32, 64), description="the conv net (encoder conv): channels of its two "
+                                         "conv blocks")
+
+
+class MixtureNet(Clusterer):
+    """A network whose K outputs are the mixture components, with the NMM head on them; optionally a projection
+    head on the net's features for the instance loss (used in training only)."""
+
+    def __init__(self, net: Trunk, head: MixtureHead, projection_dim: int = 0):
+        super().__init__()
+        self.net, self.head = net, head
+        self.projector = None
+        if projection_dim:  # SimCLR's MLP: the contrastive loss shapes the features through it, not directly
+            f = net.feature_dim
+            self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, projection_dim))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        heads, k = self.head.log_pi_.shape
+        out = self.net(x)[:, :heads * k].unflatten(1, (heads, k))  # (B, H, K): H sub-heads (then any over-clustering)
+        return out[:, self.head.choice_]  # (B, K) the labelling sub-head's log-densities before normalisation
+
+    def outputs_and_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(every sub-head's outputs (B, H*K), the projections (B, P) or None without a projector), one pass."""
+        if self.projector is None:
+            return self.net(x), None
+        h = self.net.features(x)
+        return self.net.from_features(h), self.projector(h)
+
+    def fit_normaliser(self, images: torch.Tensor, comm: Comm) -> None:
+        """Each component's normaliser over the whole data set, so that prediction needs no batch."""
+        self.head.fit(embed_all(self, images), comm)
+
+
+PROJECTION_DIM = 128  # SimCLR's and Contrastive Clustering's
+
+
+class NMM(Recipe):
+    """NMM-EM (seed 002): batch-wise EM where the forward pass is the E-step (γ, no gradient) and the
+    backward pass the M-step (maximise Σ γ log π g), fused with two-view consistency.
+
+    Our choices where the abstract is silent: g_k is output k soft-maxed over the batch; each view's
+    responsibilities are the targets of the other view's M-step; consistency is SCAN's −log<p_a, p_b>
+    on the posteriors; π is updated once per epoch from the corpus-wide mean responsibility.
+    With instance_weight > 0 a representation loss joins them, as the paper fuses EM with representation
+    learning: SimCLR's NT-Xent on a projection of the net's features (Contrastive Clustering's instance level,
+    with NMM's EM in place of its cluster level).
+    With heads > 1, that many sub-heads of K outputs train side by side on one net, each its own mixture,
+    and the one with the lowest EM + consistency loss over the last epoch labels (IIC's sub-heads, Ji et al.
+    2019): a partition that merged two classes early costs more than one that did not.
+    With over_k > 0, one more mixture of over_k components trains alongside and labels nothing (IIC's
+    over-clustering head): it asks the net to keep finer distinctions than K clusters need.
+    With contrast_epochs > 0, a first stage ("pretrain") trains the net's features on the instance loss alone
+    (SimCLR pretraining, SCAN's first step), so EM starts from features that already group similar images.
+    """
+
+    Settings = NMMSettings
+
+    def __init__(self, cfg, channels: int, side: int):
+        super().__init__(cfg, channels, side)
+        self.view = view_for(channels)
+        self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
+        self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
+
+    def build(self) -> MixtureNet:
+        c, s = self.cfg, self.cfg.method
+        if c.encoder == "resnet18":
+            net = ResNet18(self.channels, c.k * s.heads + s.over_k)
+        else:
+            net = ConvNet(self.channels, self.side, c.k * s.heads + s.over_k, s.conv_widths)
+        projected = s.instance_weight or s.contrast_epochs
+        return MixtureNet(net, MixtureHead(c.k, s.heads), PROJECTION_DIM if projected else 0)
+
+    def stages(self) -> list[Stage]:
+        return make_stages(pretrain=self.cfg.method.contrast_epochs, em=self.cfg.joint_epochs)
+
+    def clusters_in(self, stage: Stage) -> bool:
+        return stage.name == "em"  # before EM the mixture's outputs are untrained and their clusters say nothing
+
+    def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
+        """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
+        if stage.name == "pretrain":  # π and the sub-head are EM's
+            return {}
+        model.head.set_weights(comm.sum(self.resp_sum), self.cfg.method.pi_momentum)
+        model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
+        self.resp_sum = self.head_loss_sum = None
+        return self.describe_head(model)
+
+    @staticmethod
+    def describe_head(model: MixtureNet) -> dict:
+        head = model.head.choice_
+        return {"pi_min": float(model.head.log_pi_[head].exp().min()), "head": int(head)}
+
+    def mixture_loss(self, logits: torch.Tensor, log_pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EM + consistency of mixtures side by side: logits (2B, H, K) of both views, log_pi (H, K).
+        Returns (the loss of each (H,), the summed responsibilities (H, K))."""
+        la, lb = logits.chunk(2)  # (B, H, K) each
+        log_ga, log_gb = losses.batch_densities(la), losses.batch_densities(lb)
+        gamma_a, gamma_b = losses.e_step(log_ga, log_pi), losses.e_step(log_gb, log_pi)
+        per_head = 0.5 * (losses.m_step(gamma_b, log_ga, log_pi) + losses.m_step(gamma_a, log_gb, log_pi))  # (H,)
+        weight = self.cfg.method.consistency_weight
+        if weight:
+            per_head = per_head + weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
+        return per_head, (gamma_a + gamma_b).sum(0).detach()
+
+    def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([self.view(x), self.view(x)])  # two views of each image, one pass (shared BN)
+        if stage.name == "pretrain":  # SimCLR: the instance loss alone, on projections of the net's features
+            proj = model.projector(model.net.features(views))
+            return losses.instance_contrast(*proj.chunk(2))
+        logits, proj = model.outputs_and_projections(views)
+        k, s = self.cfg.k, self.cfg.method
+        main, over = logits[:, :s.heads * k], logits[:, s.heads * k:]
+        per_head, resp = self.mixture_loss(main.unflatten(1, (-1, k)), model.head.log_pi_)
+        with torch.no_grad():
+            h = per_head.detach().float()
+            self.resp_sum = resp if self.resp_sum is None else self.resp_sum + resp
+            self.head_loss_sum = h if self.head_loss_sum is None else self.head_loss_sum + h
+        loss = per_head.mean()
+        if s.over_k:  # an over-clustering mixture with a fixed uniform π; it only shapes the net
+            loss = loss + self.mixture_loss(over[:, None], torch.full((1, s.over_k), -math.log(s.over_k),
+                                                                      device=x.device))[0].mean()
+        if proj is not None:
+            loss = loss + s.instance_weight * losses.instance_contrast(*proj.chunk(2))
+        return loss
+
+    def finish(self, model: MixtureNet, images: torch.Tensor, comm: Comm) -> dict:
+        model.fit_normaliser(images, comm)
+        return self.describe_head(model)

@@ -1,0 +1,100 @@
+"""VC, Variational Clustering (seed 000, Prasad et al.): a VAE whose prior is a learned Gaussian mixture."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from .. import losses
+from ..augment import view_for
+from ..encoders import ConvAutoencoder, ConvNet
+from ..heads import SoftmaxHead
+from ..schedule import Stage, make_stages
+from .base import Clusterer, Recipe, Settings
+
+
+class VCSettings(Settings):
+    name: Literal["vc"] = "vc"
+    consistency_weight: float = Field(1.0, ge=0, description="weight of two-view consistency on q(y|x) (0 = the "
+                                      "ELBO and balance term on the images alone)")
+    balance_weight: float = Field(1.5, ge=0, description="weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
+    code_dim: int = Field(16, ge=2, description="size of the continuous latent z")
+    conv_widths: tuple[int, int] = Field((32, 64), description="the encoder's conv net: channels of its two blocks")
+    ae_widths: tuple[int, ...] = Field((32, 64, 128), min_length=1,
+                                       description="the decoder: stride-2 conv channels (DCEC's conv autoencoder)")
+
+
+class VCNet(Clusterer):
+    """Gaussian-mixture VAE (seed 000): q(y|x) categorical, q(z|x,y) Gaussian (the encoder sees x and y),
+    p(z|y) = N(μ_y, σ_y²) learned, p(y) uniform, p(x|z) a Bernoulli conv decoder."""
+
+    def __init__(self, channels: int, side: int, k: int, code_dim: int, widths: tuple[int, int],
+                 decoder_widths: tuple[int, ...], hidden: int = 256):
+        super().__init__()
+        self.k = k
+        self.trunk = ConvNet(channels, side, hidden, widths)  # x -> features
+        self.to_y = nn.Linear(hidden, k)
+        self.to_z = nn.Linear(hidden + k, 2 * code_dim)
+        self.prior_mu = nn.Parameter(torch.randn(k, code_dim))
+        self.prior_logvar = nn.Parameter(torch.zeros(k, code_dim))
+        self.decoder = ConvAutoencoder(channels, side, code_dim, decoder_widths).decoder
+        self.head = SoftmaxHead()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.trunk(x))  # (B, H)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_y(self.features(x))  # (B, K) logits of q(y|x)
+
+    def posterior_z(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(z|x,y) for every y: (μ, log σ², one sample z), each (B, K, D)."""
+        onehot = torch.eye(self.k, device=h.device).expand(len(h), -1, -1)  # (B, K, K)
+        mu, logvar = self.to_z(torch.cat([h[:, None].expand(-1, self.k, -1), onehot], -1)).chunk(2, -1)
+        return mu, logvar, mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+
+
+class VC(Recipe):
+    """Variational Clustering (seed 000): trained from scratch end to end on the exact-sum ELBO; the cluster
+    is argmax q(y|x). Our choices: a Bernoulli decoder, one z sample per y, a uniform p(y), and two terms on
+    q(y|x) that the ELBO alone lacks (without them it collapsed, or followed stroke style, in our runs):
+    - balance: KL(q̄(y) ‖ p(y)) over the batch (weight balance_weight), so every cluster stays in use;
+    - consistency: two augmented views of an image get the same y, SCAN's −log<q(y|a), q(y|b)>
+      (weight consistency_weight; 0 = no views: the ELBO and balance term on the images alone).
+    """
+
+    Settings = VCSettings
+
+    def __init__(self, cfg, channels: int, side: int):
+        super().__init__(cfg, channels, side)
+        self.view = view_for(channels)
+
+    def build(self) -> VCNet:
+        c, s = self.cfg, self.cfg.method
+        return VCNet(self.channels, self.side, c.k, s.code_dim, s.conv_widths, s.ae_widths)
+
+    def stages(self) -> list[Stage]:
+        return make_stages(elbo=self.cfg.joint_epochs)
+
+    def loss(self, stage, model: VCNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.method
+        two_views = s.consistency_weight > 0
+        if two_views:  # the ELBO models view a; view b only informs q(y|·)
+            x, x_b = self.view(x), self.view(x)
+            h, h_b = model.features(torch.cat([x, x_b])).chunk(2)
+        else:
+            h = model.features(x)
+        logits = model.to_y(h)
+        mu, logvar, z = model.posterior_z(h)
+        b, k, d = z.shape
+        x_logits = model.decoder(z.reshape(b * k, d)).float()  # (B*K, C, H, W)
+        rec = losses.bernoulli_nll(x_logits, x.repeat_interleave(k, 0)).view(b, k)
+        kl_z = losses.gaussian_kl(mu.float(), logvar.float(), model.prior_mu, model.prior_logvar)  # (B, K)
+        log_prior_y = torch.full((k,), -math.log(k), device=x.device)
+        loss = losses.mixture_elbo_loss(logits, rec, kl_z, log_prior_y) / x[0].numel()  # per pixel
+        loss = loss + s.balance_weight * losses.marginal_prior_kl(logits, log_prior_y)
+        if two_views:
+            loss = loss + s.consistency_weight * losses.view_consistency(logits, model.to_y(h_b))
+        return loss
