@@ -7,7 +7,7 @@ import torch
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import TrainConfig
-from clustering.methods import NMM, predict_all, settings_keys
+from clustering.methods import NMM, RECIPES, predict_all, settings_keys
 from clustering.sources import digits_source
 
 
@@ -90,7 +90,7 @@ def test_non_square_images_are_refused():
         engine.fit(np.zeros((4, 8, 12, 1), np.uint8), small(), log=lambda s: None)
 
 
-@pytest.mark.parametrize("method, extra", [(m, {}) for m in ["dcec", "idec", "dec", "ae_kmeans", "kmeans", "nmm", "vc"]]
+@pytest.mark.parametrize("method, extra", [(m, {}) for m in RECIPES]  # every method in the registry
                          + [("nmm", {"instance_weight": 1.0, "heads": 3, "over_k": 30})])
 def test_every_method_trains_and_gives_posteriors(digits, method, extra):
     images, _ = digits
