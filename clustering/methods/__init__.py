@@ -12,6 +12,7 @@ from pydantic import BeforeValidator, Field
 
 from .autoencoder import DCEC, DEC, IDEC, AEKMeans, ClusterNet
 from .base import Clusterer, Recipe, Settings, embed_all, method_name, predict_all, to_float
+from .iic import IIC
 from .kmeans import KMeansBaseline
 from .nmm import NMM, MixtureNet
 from .vc import VC
@@ -25,6 +26,7 @@ RECIPES: dict[str, type[Recipe]] = {method_name(recipe.Settings): recipe for rec
     DEC,
     AEKMeans,
     KMeansBaseline,
+    IIC,
 ]}
 DEFAULT_METHOD = next(iter(RECIPES))
 
