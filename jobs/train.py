@@ -6,8 +6,11 @@ a restarted worker group (FailureConfig) or a re-run with the same `train.name` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -102,6 +105,21 @@ def run_train(cfg: TrainConfig, progress: bool = False) -> TrainResult:
             return fit_on_ray(cfg, gpu, board)
 
 
+@contextlib.contextmanager
+def ctrl_c_as_interrupt():
+    """Ray Train answers Ctrl-C itself: it aborts the run, then exits from inside its signal handler (SystemExit,
+    with which the process ends with 1). Make that the KeyboardInterrupt every command reports (exit 130, 're-run to
+    resume'), and put back the handler it replaced for what runs next (the pipeline's label stage)."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
 def fit_on_ray(cfg: TrainConfig, gpu: bool, board=None) -> TrainResult:
     name = cfg.name
     path, filesystem = train_storage(cfg.storage_path)
@@ -117,7 +135,8 @@ def fit_on_ray(cfg: TrainConfig, gpu: bool, board=None) -> TrainResult:
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with ctrl_c_as_interrupt():
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} ended without a checkpoint (see the log above)")
     return TrainResult(remote_uri(cfg.storage_path, result.checkpoint.path), dict(result.metrics or {}), name,

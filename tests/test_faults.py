@@ -1,10 +1,11 @@
 """Faults of the driver and of storage, through the real CLI in its own process (and its own private Ray, beside the
-test session's: another Ray cluster on the machine must not matter). SIGKILL of the driver during training, SIGINT
-during labelling, and the S3 endpoint gone in the middle of labelling; each is followed by a rerun of the same
-command. After every rerun the output holds every key exactly once, and its parts were written by the model that
+test session's: another Ray cluster on the machine must not matter). SIGKILL and then SIGINT of the driver during
+training, the same two during labelling, and the S3 endpoint gone in the middle of labelling; each is followed by a
+rerun of the same command. After every rerun the output holds every key exactly once, and its parts were written by the model that
 `_SUCCESS.json` names (checked by labelling a sample again in this process)."""
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -23,7 +24,7 @@ from clustering.methods import predict_all
 from tests.conftest import BUCKET
 from tests.test_tune import CANARY, files_holding
 
-DIGITS = ["configs/demo.yaml", "shard.samples_per_shard=200", "train.cpus_per_worker=1", "train.joint_epochs=12",
+DIGITS = ["configs/demo.yaml", "shard.samples_per_shard=150", "train.cpus_per_worker=1", "train.joint_epochs=12",
           "train.checkpoint_every=1", "train.name=k", "label.decoders=1", "--num-cpus", "2", "--no-progress"]
 
 
@@ -128,10 +129,11 @@ class TcpProxy:
             s.close()
 
 
-def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_then_reruns_finish(ray_local, s3, tmp_path):
+def test_driver_killed_and_interrupted_in_training_and_labelling_and_cut_off_from_s3_then_reruns_finish(ray_local, s3, tmp_path):
     """On S3 through a proxy: train is SIGKILLed (the driver and its private Ray, started beside the test session's),
-    and rerun; label gets Ctrl-C, and rerun; label loses the endpoint mid-write, and is rerun through a new one. The
-    reruns join the test session's Ray (RAY_ADDRESS), as under `ray job submit`."""
+    rerun and interrupted (Ctrl-C), then rerun to the end; label likewise, then loses the endpoint mid-write, and is
+    rerun through a new one. Runs after the first of each join the test session's Ray (RAY_ADDRESS), as under
+    `ray job submit`."""
     from clustering.config import PipelineConfig, load_config
     from jobs.shard import run_shard
     from clustering.checkpoints import load as load_checkpoint
@@ -145,6 +147,7 @@ def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_
     private.pop("RAY_ADDRESS", None)
     joined = {**private, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     run_dir, output = f"{work}/runs/k", f"{work}/assignments"
+    train = ["train", *DIGITS, f"work_dir={work}"]
     label = ["label", *DIGITS, f"work_dir={work}", f"label.checkpoint={run_dir}"]
 
     def log(name):
@@ -152,40 +155,75 @@ def test_driver_killed_in_training_interrupted_and_cut_off_from_s3_in_labelling_
 
     def text(name):
         return (tmp_path / f"{name}.log").read_text()
+
+    def checkpoints():
+        return {d for d in storage.list_dirs(run_dir) if "checkpoint_" in d}
+
+    def newest_epoch():  # checkpoints are named by epoch (jobs/train.py)
+        return max((int(d.rsplit("_", 1)[1]) for d in checkpoints()), default=-1)
+
+    def parts():
+        return len(storage.list_files(output, ".parquet"))
+
+    def started_labelling(proc, name) -> int:
+        """Once the rerun has said what it found done (a late part of the run before it is counted then), the
+        number of parts."""
+        wait_for(lambda: "doing the rest" in text(name), proc)
+        return parts()
+
+    def interrupt(proc, name):  # Ctrl-C, to the driver
+        os.kill(proc.pid, signal.SIGINT)
+        assert finish(proc, 120) == 130, text(name)
+        assert "re-run the same command to resume" in text(name)
     try:
         with log("train1") as f:
-            proc = start("train", *DIGITS, f"work_dir={work}", env=private, log=f)
-            wait_for(lambda: sum("checkpoint_" in d for d in storage.list_dirs(run_dir)) >= 3, proc)
+            proc = start(*train, env=private, log=f)
+            wait_for(lambda: len(checkpoints()) >= 3, proc)
             stop_group(proc)  # SIGKILL of the driver and of its Ray
         with log("train2") as f:
-            assert finish(start("train", *DIGITS, f"work_dir={work}", env=joined, log=f)) == 0, text("train2")
-        final = max(d for d in storage.list_dirs(run_dir) if "checkpoint_" in d)
+            proc = start(*train, env=joined, log=f)
+            # Counted from the epoch it resumed from, as it says (the killed run's last upload may land late).
+            wait_for(lambda: "resumed from epoch" in text("train2"), proc)
+            resumed = int(re.search(r"resumed from epoch (\d+)", text("train2")).group(1))
+            # Two epochs more: the first of them is in Ray Train's record (the second may be uploaded but not yet
+            # recorded when Ctrl-C lands; the rerun then writes that epoch again, under the same name).
+            wait_for(lambda: newest_epoch() >= resumed + 2, proc)
+            interrupt(proc, "train2")
+        with log("train3") as f:
+            assert finish(start(*train, env=joined, log=f)) == 0, text("train3")
+        final = max(checkpoints())
         history = load_checkpoint(final)["history"]
-        assert history[-1]["resumed_from"] >= 2  # resumed, and no epoch lost or repeated
+        # Three processes trained, each resuming where the last left off: no epoch lost or repeated.
         assert [m["epoch"] for m in history] == list(range(12)), [m["epoch"] for m in history]
+        resumes = sorted({m["resumed_from"] for m in history})
+        assert len(resumes) == 3 and resumes[0] == -1 and resumes[1] >= 2, resumes
 
         with log("label1") as f:
-            proc = start(*label, env=joined, log=f)
-            wait_for(lambda: len(storage.list_files(output, ".parquet")) >= 1, proc)
-            os.kill(proc.pid, signal.SIGINT)  # Ctrl-C, to the driver
-            assert finish(proc, 120) == 130, text("label1")
-        assert "re-run the same command to resume" in text("label1")
+            proc = start(*label, env=private, log=f)
+            wait_for(lambda: parts() >= 1, proc)
+            stop_group(proc)  # SIGKILL of the driver and of its Ray
         assert not storage.exists(f"{output}/{assignments.SUCCESS}")
-
         with log("label2") as f:
             proc = start(*label, env=joined, log=f)
-            done = len(storage.list_files(output, ".parquet"))
-            wait_for(lambda: len(storage.list_files(output, ".parquet")) > done, proc)
+            done = started_labelling(proc, "label2")
+            wait_for(lambda: parts() > done, proc)
+            interrupt(proc, "label2")
+        assert not storage.exists(f"{output}/{assignments.SUCCESS}")
+
+        with log("label3") as f:
+            proc = start(*label, env=joined, log=f)
+            done = started_labelling(proc, "label3")
+            wait_for(lambda: parts() > done, proc)
             proxy.stop()  # the endpoint is gone mid-write
-            assert finish(proc, 240) == 1, text("label2")  # the network failed, not the input
-        assert "error: EndpointConnectionError" in text("label2")
+            assert finish(proc, 240) == 1, text("label3")  # the network failed, not the input
+        assert "error: EndpointConnectionError" in text("label3")
         assert not storage.exists(f"{output}/{assignments.SUCCESS}")
 
         proxy = TcpProxy(server_port)  # the rerun, through a new endpoint to the same data
         joined["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"
-        with log("label3") as f:
-            assert finish(start(*label, env=joined, log=f)) == 0, text("label3")
-        assert "shards already labelled" in text("label3")
+        with log("label4") as f:
+            assert finish(start(*label, env=joined, log=f)) == 0, text("label4")
+        assert "shards already labelled" in text("label4")
     finally:
         proxy.stop()
     assert check_output(output, f"{work}/shards")["checkpoint"] == final
