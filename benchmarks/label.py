@@ -10,17 +10,15 @@ Prints a table and writes JSON. Not part of the test suite.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import ray
 import torch
 
-from common import PeakRSS, mib, print_table, replicated_shards, write_json
+from runner import PeakRSS, device, device_name, finish, local_ray, mib, parser, replicated_shards
 
 from clustering import engine, inputs, shards
 from clustering.config import LabelConfig, TrainConfig
@@ -54,8 +52,7 @@ def model_only(checkpoint: str, images: torch.Tensor, copies: int, batch: int, d
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="MNIST IDX folder (or any source)")
+    p = parser(__doc__, "results/label.json", data=None)
     p.add_argument("--factors", type=int, nargs="+", default=[1, 4, 10])
     p.add_argument("--method", default="nmm")
     p.add_argument("--batch-size", type=int, default=4096, help="label.batch_size and the ceiling's batch")
@@ -64,47 +61,41 @@ def main() -> None:
     p.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray (default: the actors' threads + 1 "
                    "for decoding)")
     p.add_argument("--work", default=None, help="folder for the shards (kept, reused); default a temp folder")
-    p.add_argument("--out", default="results/label.json")
     args = p.parse_args()
 
     work = args.work or tempfile.mkdtemp(prefix="dicl-label-")
     folders = replicated_shards(args.data, f"{work}/shards", sorted(set(args.factors) | {1}))
     manifest = shards.read_manifest(folders[1])
-    mode, side = shards.image_spec(manifest)
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    cfg = TrainConfig(method=args.method)
-    checkpoint = write_checkpoint(f"{work}/checkpoint", cfg, manifest["image"]["channels"], side)
+    checkpoint = write_checkpoint(f"{work}/checkpoint", TrainConfig.of(method=args.method),
+                                  manifest["image"]["channels"], shards.image_spec(manifest)[1])
     decoded = shards.load_shards(shards.shard_uris(folders[1], manifest), manifest, workers=os.cpu_count())
     images = inputs.device_images(decoded.images, "cpu")
     torch.set_num_threads(args.threads)
+    with local_ray(args.cpus or args.actors * args.threads + 1):
+        rows = [label_at(f, folders[f], checkpoint, images, manifest, work, args) for f in sorted(set(args.factors))]
+    finish(args.out, {"data": Path(args.data).name, "device": device_name(), "method": args.method,
+                      "threads": args.threads, "actors": args.actors, "rows": rows}, (rows, None))
 
+
+def label_at(f: int, folder: str, checkpoint: str, images, manifest: dict, work: str, args) -> dict:
+    """The label job on the data replicated f times, and the model alone on the same images (the ceiling)."""
     from jobs.label import run_label
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=args.cpus or args.actors * args.threads + 1, log_to_driver=False)
-    rows = []
-    for f in sorted(set(args.factors)):
-        ceiling = model_only(checkpoint, images, f, args.batch_size, device)
-        out = f"{work}/assignments-{f}x"
-        shutil.rmtree(out, ignore_errors=True)
-        label = LabelConfig(shards=folders[f], checkpoint=checkpoint, output=out, batch_size=args.batch_size,
-                            actors=args.actors, cpus_per_actor=args.threads, use_gpu="auto")
-        with PeakRSS() as rss:
-            info = run_label(label)
-        assert info["rows"] == info["expected_rows"] == f * manifest["num_samples"], info
-        rows.append({"data": f"{f}x", "images": info["rows"], "label_s": round(info["seconds"], 1),
-                     "label_img_s": round(info["images_per_second"]), "model_only_img_s": round(ceiling),
-                     "ratio": round(info["images_per_second"] / ceiling, 3), "peak_driver_mib": mib(rss.peaks["driver"]),
-                     "peak_worker_mib": mib(rss.peaks["worker"]), "peak_workers_mib": mib(rss.peaks["workers"])})
-        print(rows[-1], flush=True)
-        shutil.rmtree(out, ignore_errors=True)
-    ray.shutdown()
-    print()
-    print_table(rows, list(rows[0]))
-    name = torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)"
-    write_json(args.out, {"data": Path(args.data).name, "device": name, "method": args.method, "threads": args.threads,
-                          "actors": args.actors, "rows": rows})
+    ceiling = model_only(checkpoint, images, f, args.batch_size, device())
+    out = f"{work}/assignments-{f}x"
+    shutil.rmtree(out, ignore_errors=True)
+    label = LabelConfig(shards=folder, checkpoint=checkpoint, output=out, batch_size=args.batch_size,
+                        actors=args.actors, cpus_per_actor=args.threads, use_gpu="auto")
+    with PeakRSS() as rss:
+        info = run_label(label)
+    assert info["rows"] == info["expected_rows"] == f * manifest["num_samples"], info
+    shutil.rmtree(out, ignore_errors=True)
+    row = {"data": f"{f}x", "images": info["rows"], "label_s": round(info["seconds"], 1),
+           "label_img_s": round(info["images_per_second"]), "model_only_img_s": round(ceiling),
+           "ratio": round(info["images_per_second"] / ceiling, 3), "peak_driver_mib": mib(rss.peaks["driver"]),
+           "peak_worker_mib": mib(rss.peaks["worker"]), "peak_workers_mib": mib(rss.peaks["workers"])}
+    print(row, flush=True)
+    return row
 
 
 if __name__ == "__main__":

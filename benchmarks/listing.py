@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table, write_json
+from runner import finish, parser
 
 PER_FOLDER = 1000
 
@@ -52,10 +52,9 @@ def plan_here(root: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, "results/listing.json", data=False)
     p.add_argument("--files", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--work", default=None, help="folder for the trees (kept, reused); default a temp folder")
-    p.add_argument("--out", default="results/listing.json")
     p.add_argument("--plan", default=None, help=argparse.SUPPRESS)  # internal: plan this tree in this process
     args = p.parse_args()
     if args.plan:
@@ -71,9 +70,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--plan", str(root)], capture_output=True, text=True, check=True)
         rows.append({"tree": n, "made_s": round(made, 1), **json.loads(out.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
-    print()
-    print_table(rows, list(rows[0]))
-    write_json(args.out, {"rows": rows, "cpus": os.cpu_count()})
+    finish(args.out, {"rows": rows, "cpus": os.cpu_count()}, (rows, None))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import load_arrays, print_table, write_json
+from runner import finish, load_arrays, parser
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config, trial_config
@@ -192,14 +192,10 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
+    p = parser(__doc__, "results/quality.json", config=True)
     p.add_argument("--method", action="append", help="method(s) to run (repeatable); default: the config's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
-    p.add_argument("--out", default="results/quality.json")
     p.add_argument("--sample", type=int, default=None, help="N images drawn at random (seed 0): for folders listed "
                    "class by class, where --limit would keep the first classes only")
     p.add_argument("--progress", action="store_true", help="print a line per epoch (loss, seconds)")
@@ -219,9 +215,8 @@ def main() -> None:
         rows, hardware, n = run_seeds_side_by_side(args, methods)
     else:
         rows, hardware, n = run_in_this_process(args, base, methods)
-    print()
-    print_table(rows, ["method", "acc", "nmi", "ari", "seconds"])
-    write_json(args.out, {"data": args.data, "n": n, "device": hardware, "results": rows})
+    finish(args.out, {"data": args.data, "n": n, "device": hardware, "results": rows},
+           (rows, ["method", "acc", "nmi", "ari", "seconds"]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Shared by the benchmarks: load a data set into memory as uint8 (N, H, W, C) with labels; print a table."""
+"""The benchmarks' one runner: each script is a short main that builds on `parser`, measures, and ends with
+`finish` (tables printed, JSON written). Also what several measure with: data loaded into memory as uint8
+(N, H, W, C) with labels, MNIST replicated into shards, a local Ray, peak memory."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,6 +39,55 @@ def load_arrays(spec: str, limit: int | None = None, sample: int | None = None) 
             imgs = np.stack(list(pool.map(lambda it: shards.decode_image(src.load(it).data, mode, side), items, chunksize=512)))
     labels = np.array([-1 if it.label is None else it.label for it in items], dtype=np.int64)
     return imgs, labels
+
+
+def parser(doc: str, out: str, data: str | None | bool = "sklearn:digits", config: bool = False
+           ) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --out (its JSON); --data (a source, with this default; None: it is
+    required; False: no --data); with `config`, --config and --set (a YAML with a train: section and key=value
+    overrides, as the CLI reads them)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=out, help="the JSON to write")
+    if data is not False:
+        p.add_argument("--data", default=data, required=data is None,
+                       help="image folder, MNIST IDX folder, .npz or sklearn:digits")
+    if config:
+        p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
+        p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
+    return p
+
+
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+@contextlib.contextmanager
+def local_ray(cpus: int):
+    """A private local Ray for the benchmarks that run the jobs (Ray Train V2, as the CLI)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=cpus, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def finish(out: str, payload: dict, *tables: tuple[list[dict], list[str] | None]) -> None:
+    """Print each table (its rows, and columns: None = the first row's keys), then write the payload as JSON."""
+    for rows, columns in tables:
+        print()
+        print_table(rows, columns or list(rows[0]))
+    write_json(out, payload)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -8,15 +8,12 @@ Prints a table and writes JSON. Not part of the test suite.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import ray
-
-from common import PeakRSS, mib, print_table, replicated_shards, write_json
+from runner import PeakRSS, device_name, finish, local_ray, mib, parser, replicated_shards
 
 from clustering import shards
 from clustering.config import TrainConfig
@@ -41,8 +38,7 @@ def one_epoch(folder: str, runs: str, name: str, args, input_mode: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="MNIST IDX folder (or any source)")
+    p = parser(__doc__, "results/scale.json", data=None)
     p.add_argument("--factors", type=int, nargs="+", default=[1, 4, 10])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--loaders", type=int, default=1, help="loader processes per worker")
@@ -50,36 +46,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
     p.add_argument("--work", default=None, help="folder for the shards (kept, reused); default a temp folder")
-    p.add_argument("--out", default="results/scale.json")
     args = p.parse_args()
 
     work = args.work or tempfile.mkdtemp(prefix="dicl-scale-")
     folders = replicated_shards(args.data, f"{work}/shards", sorted(set(args.factors) | {1}))
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=args.cpus, log_to_driver=False)
-    rows = []
-    for f in sorted(set(args.factors)):
-        rows.append({"data": f"{f}x", **one_epoch(folders[f], f"{work}/runs", f"stream-{f}x", args, "stream")})
-        print(rows[-1], flush=True)
-    rows.append({"data": "1x", **one_epoch(folders[1], f"{work}/runs", "memory-1x", args, "memory")})
-    print(rows[-1], flush=True)
-    ray.shutdown()
-
-    first, last = rows[0], rows[len(args.factors) - 1]
-    memory = rows[-1]
+    runs = [(f, "stream") for f in sorted(set(args.factors))] + [(1, "memory")]
+    with local_ray(args.cpus):
+        rows = [{"data": f"{f}x", **one_epoch(folders[f], f"{work}/runs", f"{mode}-{f}x", args, mode)} for f, mode in runs]
+    first, last, memory = rows[0], rows[-2], rows[-1]
     ratios = {"rss_10x_over_1x": round(last["peak_worker_mib"] / first["peak_worker_mib"], 3),
               "time_10x_over_1x": round(last["wall_s"] / first["wall_s"], 2),
               "stream_over_memory_img_s_1x": round(first["epoch_img_s"] / memory["epoch_img_s"], 3)}
-    print()
-    print_table(rows, list(rows[0]))
+    finish(args.out, {"data": Path(args.data).name, "device": device_name(), "method": args.method,
+                      "workers": args.workers, "loaders": args.loaders, "rows": rows, **ratios}, (rows, None))
     print(f"largest / 1x: peak worker RSS x{ratios['rss_10x_over_1x']} (target <= 1.3), wall time "
           f"x{ratios['time_10x_over_1x']} (target <= 11); streamed / in-memory epoch images/s on 1x: "
           f"{ratios['stream_over_memory_img_s_1x']}")
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    write_json(args.out, {"data": Path(args.data).name, "device": device, "method": args.method, "workers": args.workers,
-                          "loaders": args.loaders, "rows": rows, **ratios})
 
 
 if __name__ == "__main__":

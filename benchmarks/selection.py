@@ -17,16 +17,15 @@ every trial to the end picks, its ACC gap, and the share of epochs it trains.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 import yaml
-from common import load_arrays, print_table, write_json
+from runner import device, finish, load_arrays, parser, print_table, write_json
 from scipy.stats import spearmanr
 
 from clustering import engine, metrics
@@ -42,16 +41,12 @@ from clustering.methods import predict_all
 PICKS = ("modularity", "silhouette", "evenness")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
-    p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.joint_epochs=20")
+def arguments():
+    p = parser(__doc__, "results/selection.json", config=True)
     p.add_argument("--space", default=None, help='train values to try, e.g. "{k: [8, 10, 12]}"')
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
     p.add_argument("--sample", type=int, default=10_000, help="images the label-free scores are measured on")
-    p.add_argument("--out", default="results/selection.json")
     p.add_argument("--predictions", default=None, help="also write every run's clusters here (.npz), to study scores")
     p.add_argument("--rescore", nargs="*", default=[], help="--predictions files: score their runs again instead of "
                                                              "training (same --data, --limit and --space)")
@@ -62,57 +57,92 @@ def main() -> None:
                                                                       "(0 = half the longest run)")
     p.add_argument("--replay", default=None, help="a JSON this script wrote with --along: replay ASHA on its runs "
                                                   "again (other --graces), without training")
-    args = p.parse_args()
+    return p
 
+
+def main() -> None:
+    args = arguments().parse_args()
     if args.replay:
-        saved = json.loads(open(args.replay).read())
+        saved = json.loads(Path(args.replay).read_text())
         saved["asha"] = asha_replays(saved["runs"], TuneConfig(**saved["tune"]),
                                      args.graces or [saved["tune"]["grace_epochs"]], args.orders)
-        write_json(args.out, saved)
-        return
+        return write_json(args.out, saved)
     if args.space is None:
-        p.error("--space is required (unless --replay)")
+        raise SystemExit("--space is required (unless --replay)")
     pipeline = load_config(PipelineConfig, args.config, args.set)
-    base, metric = pipeline.train, pipeline.tune.metric
     space = yaml.safe_load(args.space)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_arrays(args.data, args.limit)
-    print(f"{args.data}: {images.shape} on {device}", flush=True)
+    print(f"{args.data}: {images.shape} on {device()}", flush=True)
+    score = Scorer(metrics.LabelFreeScores(images, args.sample), labels)  # one sample and graph for every run
+    runs, preds = rescored(args.rescore, score, pipeline.train.k) if args.rescore else \
+        trained(args, pipeline, space, images, score)
+    picks = pick_rows(runs, space)
+    replays = asha_replays(runs, pipeline.tune, args.graces or [pipeline.tune.grace_epochs], args.orders) \
+        if args.along else []
+    finish(args.out, {"data": args.data, "n": len(images), "space": space, "device": str(device()), "runs": runs,
+                      "config": pipeline.train.model_dump(mode="json"), "tune": pipeline.tune.model_dump(mode="json"),
+                      "picks": picks, "asha": replays},
+           (runs, ["seed", *space, "modularity", "silhouette", "evenness", "clusters_used", "acc", "seconds"]),
+           (picks, ["seed", "rule", "chosen", "chosen_acc", "best_acc", "gap"]))
+    for rule in PICKS:
+        gaps = [q["gap"] for q in picks if q["rule"] == rule]
+        rho = spearmanr([r[rule] for r in runs], [r["acc"] for r in runs])[0]
+        print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f}); "
+              f"rank correlation with ACC over all runs {rho:.3f}")
+    if args.predictions and preds:  # row i holds the clusters of runs[i]
+        keep = [{key: r[key] for key in ("seed", *space, "seconds")} for r in runs]
+        np.savez_compressed(args.predictions, clusters=np.stack(preds), runs=json.dumps(keep))
 
-    scores = metrics.LabelFreeScores(images, args.sample)  # one sample and neighbour graph for every run
 
-    def scored(run: dict, pred: np.ndarray, k: int) -> dict:
-        found = {**scores(pred, k), "acc": metrics.cluster_acc(labels, pred)}
+class Scorer:
+    """A run's label-free scores (the tune job's) and its ACC, added to its row, which is printed."""
+
+    def __init__(self, scores: metrics.LabelFreeScores, labels: np.ndarray):
+        self.scores, self.labels = scores, labels
+
+    def __call__(self, run: dict, pred: np.ndarray, k: int) -> dict:
+        found = {**self.scores(pred, k), "acc": metrics.cluster_acc(self.labels, pred)}
         out = {**run, **{key: round(v, 4) for key, v in found.items()}}
         print("  " + " ".join(f"{key} {v}" for key, v in out.items()), flush=True)
         return out
 
-    runs, preds = [], []
-    for path in args.rescore:
+
+def rescored(paths: list[str], score: Scorer, k: int) -> tuple[list[dict], list]:
+    """The runs of --predictions files, scored again (no training)."""
+    runs = []
+    for path in paths:
         saved = np.load(path)
         for run, pred in zip(json.loads(str(saved["runs"])), saved["clusters"].astype(np.int64)):
-            runs.append(scored(run, pred, run.get("k", base.k)))
-    x = None if args.rescore else engine.device_images(images, device)
-    for seed in [] if args.rescore else args.seeds:
+            runs.append(score(run, pred, run.get("k", k)))
+    return runs, []
+
+
+def trained(args, pipeline: PipelineConfig, space: dict, images: np.ndarray, score: Scorer) -> tuple[list[dict], list]:
+    """Train every point of the space for every seed; (scored rows, each run's clusters)."""
+    x, metric = engine.device_images(images, device()), pipeline.tune.metric
+    runs, preds = [], []
+    for seed in args.seeds:
         for values in grid_values(space):
-            cfg = trial_config(base, {**values, "seed": seed})
+            cfg = trial_config(pipeline.train, {**values, "seed": seed})
             t0, along = time.perf_counter(), []
 
             def record(epoch: int, state: dict, k=cfg.k, along=along) -> None:
                 pred = engine.clusters_now(state, x).cpu().numpy()
-                along.append([epoch, round(scores(pred, k, names=(metric,))[metric], 4)])
+                along.append([epoch, round(score.scores(pred, k, names=(metric,))[metric], 4)])
             on_epoch = engine.while_clustering(cfg, pipeline.tune.report_every, record) if args.along else None
-            model = engine.fit(images, cfg, device=device, log=lambda s: None, on_epoch=on_epoch)
-            pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
-            preds.append(pred.astype(np.int16))
-            run = {"seed": seed, **{key: getattr(cfg, key) for key in values},
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            run = scored(run, pred, cfg.k)
+            model = engine.fit(images, cfg, device=x.device, log=lambda s: None, on_epoch=on_epoch)
+            preds.append(predict_all(model, x)[0].argmax(1).cpu().numpy().astype(np.int16))
+            run = {"seed": seed, **{key: cfg.value(key) for key in values}, "seconds": round(time.perf_counter() - t0, 1)}
+            run = score(run, preds[-1].astype(np.int64), cfg.k)
             if args.along:  # epochs tried by the starts before the pick (train.restarts) are not on the epoch axis
                 run.update(along=along, epochs=engine.total_epochs(cfg),
                            start_epochs=(cfg.restarts - 1) * cfg.restart_epochs if cfg.restarts > 1 else 0)
             runs.append(run)
+    return runs, preds
 
+
+def pick_rows(runs: list[dict], space: dict) -> list[dict]:
+    """Per seed and rule: the run the rule picks, its ACC, and the best ACC among the seed's runs."""
     picks = []
     for seed in sorted({r["seed"] for r in runs}):
         mine = [r for r in runs if r["seed"] == seed]
@@ -121,23 +151,7 @@ def main() -> None:
             chosen = max(mine, key=lambda r: r[rule])
             picks.append({"seed": seed, "rule": rule, "chosen": {k: chosen[k] for k in space},
                           "chosen_acc": chosen["acc"], "best_acc": best, "gap": round(best - chosen["acc"], 4)})
-    print()
-    print_table(runs, ["seed", *space, "modularity", "silhouette", "evenness", "clusters_used", "acc", "seconds"])
-    print()
-    print_table(picks, ["seed", "rule", "chosen", "chosen_acc", "best_acc", "gap"])
-    for rule in PICKS:
-        gaps = [q["gap"] for q in picks if q["rule"] == rule]
-        rho = spearmanr([r[rule] for r in runs], [r["acc"] for r in runs])[0]
-        print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f}); "
-              f"rank correlation with ACC over all runs {rho:.3f}")
-    replays = asha_replays(runs, pipeline.tune, args.graces or [pipeline.tune.grace_epochs], args.orders) \
-        if args.along else []
-    write_json(args.out, {"data": args.data, "n": len(images), "space": space, "config": base.model_dump(mode="json"),
-                          "tune": pipeline.tune.model_dump(mode="json"), "device": str(device), "runs": runs,
-                          "picks": picks, "asha": replays})
-    if args.predictions and preds:  # row i holds the clusters of runs[i]
-        keep = [{key: r[key] for key in ("seed", *space, "seconds")} for r in runs]
-        np.savez_compressed(args.predictions, clusters=np.stack(preds), runs=json.dumps(keep))
+    return picks
 
 
 def replay(runs: list[dict], tune_cfg: TuneConfig, order: tuple[int, ...]) -> tuple[int, dict]:

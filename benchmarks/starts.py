@@ -9,47 +9,48 @@ Prints a table and writes JSON. Not part of the test suite.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import numpy as np
-import torch
-from common import load_arrays, print_table, write_json
+from runner import device, finish, load_arrays, parser
 from sklearn.metrics import normalized_mutual_info_score
 
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
+from clustering.inputs import as_input
 from clustering.methods import predict_all
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="sklearn:digits", help="image folder, MNIST IDX folder, .npz or sklearn:digits")
-    p.add_argument("--config", default=None, help="YAML with a train: section (configs/*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], help="overrides, e.g. train.heads=1")
+    p = parser(__doc__, "results/starts.json", config=True)
     p.add_argument("--starts", type=int, default=12, help="starts to train (seeds seed, seed+1000, ...)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per start; default train.restart_epochs")
     p.add_argument("--group", type=int, default=4, help="starts a pick chooses among (train.restarts)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--out", default="results/starts.json")
     args = p.parse_args()
 
     cfg = load_config(PipelineConfig, args.config, args.set).train
     epochs = args.epochs or cfg.restart_epochs
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_arrays(args.data, args.limit)
-    x = engine.device_images(images, device)
+    data = as_input(images, device())  # held once on the device for every start
+    x = data.sample
     starts, preds = [], []
     for r in range(args.starts):
         start = engine.start_config(cfg, r)
-        _, model = engine.try_start(images, x, start, epochs, Comm(), device)
-        pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
-        starts.append({"seed": start.seed, "acc": metrics.scores(labels, pred)["acc"],
+        _, model = engine.try_start(data, start, epochs, Comm(), x.device)
+        preds.append(predict_all(model, x)[0].argmax(1).cpu().numpy())
+        starts.append({"seed": start.seed, "acc": metrics.scores(labels, preds[-1])["acc"],
                        "evenness": engine.cluster_evenness(model, x, Comm(), cfg.k)})
-        preds.append(pred)
         print(f"  start seed {start.seed}: ACC {starts[-1]['acc']:.4f} evenness {starts[-1]['evenness']:.4f}", flush=True)
+    rows = pick_rows(starts, preds, args.group)
+    print(f"\n{len(starts)} starts of {epochs} epochs; picks over every group of {min(args.group, len(starts))}:")
+    finish(args.out, {"data": args.data, "n": len(images), "epochs": epochs, "group": args.group,
+                      "config": cfg.model_dump(mode="json"), "starts": starts, "picks": rows}, (rows, None))
 
+
+def pick_rows(starts: list[dict], preds: list[np.ndarray], group: int) -> list[dict]:
+    """Each rule's mean ACC over every group of `group` starts, and a random pick's (the mean ACC)."""
     n = len(starts)
     agree = np.array([[normalized_mutual_info_score(preds[i], preds[j]) if i != j else np.nan for j in range(n)]
                       for i in range(n)])
@@ -57,13 +58,9 @@ def main() -> None:
     rules = {"most even clusters": lambda g: max(g, key=lambda i: starts[i]["evenness"]),
              "most agreement (mean NMI)": lambda g: max(g, key=lambda i: np.nanmean(agree[i, [j for j in g if j != i]])),
              "best (labels)": lambda g: max(g, key=lambda i: acc[i])}
-    groups = list(itertools.combinations(range(n), min(args.group, n)))
+    groups = list(itertools.combinations(range(n), min(group, n)))
     rows = [{"pick": name, "mean ACC": f"{np.mean([acc[rule(list(g))] for g in groups]):.4f}"} for name, rule in rules.items()]
-    rows.append({"pick": "random", "mean ACC": f"{acc.mean():.4f}"})
-    print(f"\n{n} starts of {epochs} epochs; picks over all {len(groups)} groups of {min(args.group, n)}:")
-    print_table(rows, ["pick", "mean ACC"])
-    write_json(args.out, {"data": args.data, "n": len(images), "epochs": epochs, "group": args.group,
-                          "config": cfg.model_dump(mode="json"), "starts": starts, "picks": rows})
+    return rows + [{"pick": "random", "mean ACC": f"{acc.mean():.4f}"}]
 
 
 if __name__ == "__main__":

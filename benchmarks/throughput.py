@@ -10,7 +10,6 @@ Prints a table and writes JSON. Not part of the test suite.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from common import print_table, write_json
+from runner import device, device_name, finish, parser
 
 from clustering import engine, shards
 from clustering.config import TrainConfig
@@ -47,18 +46,16 @@ def epoch_rate(images: np.ndarray, cfg: TrainConfig, device) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="sklearn:digits")
+    p = parser(__doc__, "results/throughput.json")
     p.add_argument("--shards", default=None, help="existing shard folder (else written to a temp folder)")
     p.add_argument("--method", action="append", help="dcec (default), nmm, ...")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--epochs", type=int, default=4, help="timed epochs per measurement (the first is warm-up)")
     p.add_argument("--amortise-epochs", type=int, default=50, help="a training run's length, to amortise the load over")
     p.add_argument("--encoder", default="conv")
-    p.add_argument("--out", default="results/throughput.json")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on = device()
     torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.shards or tmp
@@ -69,24 +66,22 @@ def main() -> None:
     images = data.images
     synthetic = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
     print(f"{len(images):,} images {images.shape[1:]} read+decoded from {len(manifest['shards'])} shards in {load_s:.2f}s "
-          f"({len(images) / load_s:,.0f} img/s); device {device}", flush=True)
+          f"({len(images) / load_s:,.0f} img/s); device {on}", flush=True)
     rows = []
     for method in args.method or ["dcec"]:
         for bs in args.batch_sizes:
             stage = {"pretrain_epochs": args.epochs, "joint_epochs": 0} if method != "nmm" else {"joint_epochs": args.epochs}
             cfg = TrainConfig.of(method=method, batch_size=bs, encoder=args.encoder, **stage)
-            real = epoch_rate(images, cfg, device)
-            ceiling = epoch_rate(synthetic, cfg, device)
+            real = epoch_rate(images, cfg, on)
+            ceiling = epoch_rate(synthetic, cfg, on)
             train_s = args.amortise_epochs * len(images) / real
             amortised = args.amortise_epochs * len(images) / (train_s + load_s)
             rows.append({"method": method, "batch": bs, "shards_img_s": round(real), "compute_img_s": round(ceiling),
                          "ratio": round(real / ceiling, 3), f"amortised_{args.amortise_epochs}ep_img_s": round(amortised),
                          "ratio_amortised": round(amortised / ceiling, 3)})
             print(rows[-1], flush=True)
-    print()
-    print_table(rows, list(rows[0]))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    write_json(args.out, {"data": args.data, "device": name, "load_seconds": load_s, "n": int(len(images)), "rows": rows})
+    finish(args.out, {"data": args.data, "device": device_name(), "load_seconds": load_s, "n": int(len(images)),
+                      "rows": rows}, (rows, None))
 
 
 if __name__ == "__main__":

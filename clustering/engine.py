@@ -265,7 +265,7 @@ def try_start(data: TrainInput, start: TrainConfig, epochs: int, comm: Comm, dev
 def best_start(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
     """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one whose clusters
     are the most even. No labels: on MNIST a start that merges two digits early keeps one cluster of twice the usual
-    size and splits another digit in two, while its loss is no higher than a good start's (docs/RESULTS.md).
+    size and splits another digit in two, while its loss is no higher than a good start's (docs/results/HISTORY.md).
     Every rank trains the same starts and sees the same sums, so all pick the same one."""
     check_restarts(cfg)
     data = as_input(data, device)

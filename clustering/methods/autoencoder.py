@@ -97,7 +97,9 @@ class AEClustering(Recipe):
         return fit_head(model, images, comm, self.cfg.seed) if stage.name == "joint" else {}
 
     def start_epoch(self, stage: Stage, epoch: int, model: ClusterNet, images: torch.Tensor, comm: Comm) -> None:
-        if stage.name == "joint" and (self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0):
+        if stage.name != "joint":  # (ae_kmeans never gets here: it has no joint stage and no target_every)
+            return
+        if self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0:
             with torch.no_grad():
                 q = model.head.predict_proba(embed_all(model, images))  # (N, K)
                 self.freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share

@@ -30,8 +30,8 @@ class NMMSettings(Settings):
                                             "labelling nothing (IIC); 0 = none")
     contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before EM (SimCLR "
                                  "pretraining, as SCAN's first step); 0 = none")
-    pi_momentum: float = Field(0.9, ge=0, le=1, description="how much of the old π each epoch keeps; 1 keeps π "
-                                                             "uniform, which favours even clusters (docs/RESULTS.md)")
+    pi_momentum: float = Field(0.9, ge=0, le=1, description="how much of the old π each epoch keeps; 1 keeps π uniform, "
+                               "which favours even clusters (docs/results/HISTORY.md)")
     conv_widths: tuple[int, int] = Field((32, 64), description="the conv net (encoder conv): channels of its two "
                                          "conv blocks")
 
