@@ -81,8 +81,9 @@ class TrainConfig(Strict):
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
         "conv", description="conv (a conv autoencoder or conv net), mlp (DEC's autoencoder: dcec, idec, dec, "
                             "ae_kmeans), resnet18 (CIFAR stem; nmm)")
-    joint_epochs: int = Field(40, ge=0, description="epochs of the clustering stage (nmm: EM, vc: the ELBO, dcec/idec/dec: "
-                              "the joint stage after pretraining; ae_kmeans and kmeans have none)")
+    joint_epochs: int = Field(40, ge=0, description="epochs of the clustering stage (nmm: EM, vc: the ELBO, iic: the "
+                              "mutual information, dcec/idec/dec: the joint stage after pretraining; ae_kmeans and "
+                              "kmeans have none)")
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
     lr: float = Field(1e-3, gt=0, description="Adam's learning rate")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
@@ -128,7 +129,8 @@ class TrainConfig(Strict):
 def train_section(values: dict, method: str) -> dict:
     """Flat train values (tune.space's) as a train section of YAML: the method's settings under `method`."""
     out = {key: value for key, value in values.items() if key in TrainConfig.model_fields and key != "method"}
-    settings = {key.removeprefix("method."): value for key, value in values.items() if key not in out and key != "method"}
+    settings = {key.removeprefix("method."): value for key, value in values.items()
+                if key not in out and key != "method"}
     if settings or "method" in values:
         out["method"] = {"name": method, **settings}
     return out
@@ -212,10 +214,51 @@ class PredictConfig(Strict):
     write_embedding: bool = Field(False, description="write each image's embedding (column embedding)")
 
 
+DISTRIBUTIONS = ("randint", "uniform", "loguniform", "choice")  # a searched value drawn from one, by tune.search
+
+
+def check_space_value(value: list | dict) -> list | dict:
+    """A list of values, or one distribution: {randint: [low, high)}, {uniform: [low, high]}, {loguniform: [low,
+    high]} (low > 0) or {choice: [values]}."""
+    if isinstance(value, list):
+        return value
+    (kind, args), = value.items() if len(value) == 1 else [(None, None)]
+    if kind not in DISTRIBUTIONS or not isinstance(args, list) or not args:
+        raise ValueError(f"{value!r}: give a list of values, or one of {', '.join(DISTRIBUTIONS)} with a list, "
+                         "e.g. {loguniform: [1.0e-4, 3.0e-3]}")
+    number = int if kind == "randint" else (int, float)
+    if kind != "choice" and not (len(args) == 2 and all(isinstance(a, number) for a in args) and args[0] < args[1]
+                                 and (kind != "loguniform" or args[0] > 0)):
+        need = {"randint": ", whole numbers, high excluded", "loguniform": " and low > 0"}.get(kind, "")
+        raise ValueError(f"{value!r}: {kind} takes [low, high], numbers with low < high{need} (write 1.0e-4, not "
+                         "1e-4, which YAML reads as text)")
+    return value
+
+
+def probe_values(value: list | dict) -> list:
+    """What of a searched value to check before any trial starts: every listed value, or a distribution's ends."""
+    if isinstance(value, list):
+        return value
+    (kind, args), = value.items()
+    return args if kind == "choice" else [args[0], args[1] - 1] if kind == "randint" else args
+
+
 class TuneConfig(Strict):
-    space: dict[str, list] = Field(default_factory=dict, description=(
-        "train keys to search and the values to try, e.g. {k: [8, 10, 12], consistency_weight: [0.5, 1]}: every "
-        "combination is a trial (a grid); empty = no tuning, and the pipeline trains the train section as it is"))
+    space: dict[str, Annotated[list | dict[str, list], AfterValidator(check_space_value)]] = Field(
+        default_factory=dict, description=(
+            "train keys to search (shared, or the method's settings) and their values: a list, e.g. {k: [8, 10, 12], "
+            "consistency_weight: [0.5, 1]}, or a distribution, e.g. {lr: {loguniform: [1.0e-4, 3.0e-3]}, k: "
+            "{randint: [6, 17]}} (randint, uniform, loguniform, choice); empty = no tuning, and the pipeline trains "
+            "the train section as it is"))
+    search: Literal["grid", "optuna"] = Field(
+        "grid", description="grid: every combination of the lists (distributions drawn at random), num_samples "
+                            "times; optuna: num_samples trials chosen by Optuna's TPE from the scores so far (lists "
+                            "are choices)")
+    num_samples: int = Field(1, ge=1, description="grid: times the grid runs; optuna: trials")
+    seed: int = Field(0, description="seed of the search (Optuna's sampler; the grid's random draws are Ray's)")
+    name: RunName = Field("", description="experiment name (a folder under train.storage_path); empty = tune + time. "
+                                          "Re-using a name resumes that experiment: finished and stopped trials "
+                                          "stay as they are, the rest run")
     metric: Literal["modularity", "silhouette", "evenness"] = Field(
         "modularity", description="label-free score that picks the winner: modularity of the clusters on the images' "
                                   "nearest-neighbour graph, or their silhouette on the pixels (both compare values of "
@@ -268,6 +311,11 @@ class PipelineConfig(Strict):
             raise ValueError(f"tune.space names {unknown}, which are neither train keys nor any method's settings "
                              "(see `dicl config`)")
         return self
+
+
+def probe_space(space: dict[str, list | dict]) -> dict[str, list]:
+    """The values of each key to check before any trial starts (`probe_values`)."""
+    return {key: probe_values(value) for key, value in space.items()}
 
 
 def grid_values(space: dict[str, list]) -> list[dict]:

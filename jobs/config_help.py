@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+import types
 import typing
 
 from pydantic import BaseModel
@@ -10,12 +11,17 @@ from clustering.methods import RECIPES
 
 
 def type_name(annotation) -> str:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Annotated:
+    """A type as a reader writes it: `int | None`, `dict[str, list | dict[str, list]]`, `auto|yes|no`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
         return type_name(args[0])
-    if typing.get_origin(annotation) is typing.Literal:
+    if origin is typing.Literal:
         return "|".join(str(a) for a in args)
-    return getattr(annotation, "__name__", None) if not args else str(annotation).replace("typing.", "")
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if args:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return {type(None): "None", Ellipsis: "..."}.get(annotation) or getattr(annotation, "__name__", str(annotation))
 
 
 def default_of(field) -> object:

@@ -26,6 +26,7 @@ from clustering.config import (
     TrainConfig,
     TuneConfig,
     grid_values,
+    probe_space,
     setting_path,
     train_section,
     trial_config,
@@ -72,14 +73,38 @@ def scheduler(cfg: TuneConfig, longest: int):
     """Ray Tune's scheduler for `tune.scheduler`, on the epoch axis; `longest`: epochs of the longest trial."""
     if cfg.scheduler == "fifo":
         return None
-    # By a third of a MNIST run the scores still misrank k too often (docs/RESULTS.md, "Stopping trials early")
+    # By a third of a MNIST run the scores still misrank k too often (docs/results/HISTORY.md, "Stopping trials early")
     grace = cfg.grace_epochs or max(1, longest // 2)
     return ASHAScheduler(time_attr="epoch", max_t=max(longest, grace), grace_period=grace, reduction_factor=3)
 
 
-def validated_space(base: TrainConfig, space: dict[str, list]) -> dict[str, list]:
-    """Each searched value as the train config reads it (`1e-3` a float, not text), or a ConfigError naming it."""
-    return {key: [trial_config(base, {key: v}).value(key) for v in values] for key, values in space.items()}
+def validated_space(base: TrainConfig, space: dict[str, list | dict]) -> dict[str, list | dict]:
+    """Each listed value as the train config reads it (`1e-3` a float, not text), a distribution whose ends are
+    valid as it is; or a ConfigError naming the value."""
+    checked = {key: [trial_config(base, {key: v}).value(key) for v in values] for key, values in probe_space(space).items()}
+    return {key: checked[key] if isinstance(value, list) else value for key, value in space.items()}
+
+
+def search_space(cfg: TuneConfig, space: dict[str, list | dict]) -> dict:
+    """Ray Tune's param space: a list is a grid (grid search) or a choice (Optuna); a distribution is Ray's."""
+    def one(value):
+        if isinstance(value, list):
+            return tune.grid_search(value) if cfg.search == "grid" else tune.choice(value)
+        (kind, args), = value.items()
+        return tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return {key: one(value) for key, value in space.items()}
+
+
+def searcher(cfg: TuneConfig):
+    """Optuna's TPE (seeded), at most tune.max_concurrent trials at once; None for the grid (Ray's own)."""
+    if cfg.search == "grid":
+        return None
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    found = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    return ConcurrencyLimiter(found, cfg.max_concurrent) if cfg.max_concurrent else found
 
 
 def run_tune(cfg: PipelineConfig) -> dict:
@@ -91,8 +116,9 @@ def run_tune(cfg: PipelineConfig) -> dict:
     base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
     manifest = shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
     space = validated_space(base, cfg.tune.space)
-    trials = [trial_config(base, values) for values in grid_values(space)]
-    for values, trial in zip(grid_values(space), trials):  # every trial valid before any starts
+    probes = grid_values(probe_space(space))  # every trial of a grid; the distributions' ends
+    trials = [trial_config(base, values) for values in probes]
+    for values, trial in zip(probes, trials):  # every trial valid before any starts
         try:
             check_run(trial, manifest)
         except ValueError as e:
@@ -106,18 +132,24 @@ def run_tune(cfg: PipelineConfig) -> dict:
 def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list], trials: list[TrainConfig], gpu: bool) -> dict:
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
     trainable = tune.with_resources(run_trial, {"cpu": cfg.train.cpus_per_worker, "gpu": 1 if gpu else 0})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={**{key: tune.grid_search(values) for key, values in space.items()},
-                     "base": base.model_dump(mode="json"), "searched": sorted(space),
-                     "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
-                     "report_every": cfg.tune.report_every},
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max",
-                                    scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
-                                    max_concurrent_trials=cfg.tune.max_concurrent or None),
-        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
-                                  storage_filesystem=filesystem, verbose=1),
-    )
+    param_space = {**search_space(cfg.tune, space), "base": base.model_dump(mode="json"), "searched": sorted(space),
+                   "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
+                   "report_every": cfg.tune.report_every}
+    name = cfg.tune.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment = f"{path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        # Trials that finished, or that the scheduler stopped, stay as they are; the others run (from the start).
+        print(f"tune: resuming experiment {name} (tune.name)", flush=True)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, param_space=param_space,
+                                   storage_filesystem=filesystem)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", search_alg=searcher(cfg.tune),
+                                        scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
+                                        num_samples=cfg.tune.num_samples,
+                                        max_concurrent_trials=cfg.tune.max_concurrent or None),
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=1))
     with credentials_out_of_runtime_envs():
         results = tuner.fit()
     rows = []

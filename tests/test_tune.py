@@ -98,3 +98,64 @@ def test_tune_refuses_bad_trials_before_training(ray_local, tmp_path, capsys):
     capsys.readouterr()
     assert main(["tune", "configs/demo.yaml", f"work_dir={tmp_path}/none", "tune.space={k: [8]}"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_optuna_draws_trials_from_distributions_with_asha_on_top(ray_local, tmp_path):
+    from jobs.shard import run_shard
+    from jobs.tune import run_tune
+
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [
+        f"work_dir={tmp_path}", "train.joint_epochs=4", "tune.search=optuna", "tune.num_samples=4",
+        "tune.space={k: {randint: [6, 13]}, lr: {loguniform: [3.0e-4, 3.0e-3]}, consistency_weight: [0.5, 1.0]}",
+        "tune.scheduler=asha", "tune.grace_epochs=2", "tune.report_every=1", "tune.max_concurrent=1"])
+    run_shard(cfg.shard, progress=False)
+    summary = run_tune(cfg)
+
+    trials = summary["trials"]
+    assert len(trials) == 4 and not [t for t in trials if "error" in t]
+    values = [t["values"] for t in trials]
+    assert all(6 <= v["k"] < 13 and 3e-4 <= v["lr"] <= 3e-3 and v["consistency_weight"] in (0.5, 1.0) for v in values)
+    assert len({v["lr"] for v in values}) == 4  # drawn by the searcher, each trial its own
+    assert json.loads(storage.read_bytes(f"{tmp_path}/tune/trials.json"))["trials"] == trials
+    best = yaml.safe_load(storage.read_bytes(summary["best_yaml"]))["train"]
+    assert best["k"] == summary["best"]["k"] and best["method"]["consistency_weight"] == summary["best"]["consistency_weight"]
+
+
+def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray_local, tmp_path):
+    """`dicl tune` in its own process (and Ray) is killed once its first trial has finished; the same command
+    with the same tune.name resumes: the finished trial is kept, not trained again."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jobs.tune import run_tune
+
+    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=6", "tune.name=again",
+            "tune.space={k: [6, 8]}", "tune.max_concurrent=1"]
+    assert main(["shard", *args, "--no-progress"]) == 0
+    experiment = tmp_path / "runs" / "again"
+
+    def finished_in_state() -> int:  # trials Tune's saved experiment state records as finished
+        states = list(experiment.glob("experiment_state-*.json"))
+        return len(re.findall(r"status\W+TERMINATED", states[0].read_text())) if states else 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "tune", *args, "--num-cpus", "2", "--no-progress"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while finished_in_state() < 1:
+            assert proc.poll() is None and time.time() < deadline, "the first trial did not finish"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    first = [p for p in experiment.glob("*/result.json") if '"final": true' in p.read_text()]
+    assert len(first) == 1
+    kept = first[0].stat().st_mtime_ns
+
+    summary = run_tune(load_config(PipelineConfig, args[0], args[1:]))
+    assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8]
+    assert first[0].stat().st_mtime_ns == kept  # its results were not written again: it did not run again
+    assert len(list(experiment.glob("*/result.json"))) == 2
