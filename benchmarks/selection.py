@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import yaml
 from runner import device, finish, load_arrays, parser, print_table, write_json
 from scipy.stats import spearmanr
@@ -38,7 +39,7 @@ from clustering.config import (
 )
 from clustering.methods import predict_all
 
-PICKS = ("modularity", "silhouette", "evenness")
+PICKS = ("modularity", "silhouette", "evenness", "stability")  # stability needs the model: not in --rescore
 
 
 def arguments():
@@ -46,6 +47,8 @@ def arguments():
     p.add_argument("--space", default=None, help='train values to try, e.g. "{k: [8, 10, 12]}"')
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
+    p.add_argument("--subset", type=int, default=None, help="N images drawn at random (seed 0): for folders listed "
+                                                              "class by class, where --limit keeps the first classes")
     p.add_argument("--sample", type=int, default=10_000, help="images the label-free scores are measured on")
     p.add_argument("--predictions", default=None, help="also write every run's clusters here (.npz), to study scores")
     p.add_argument("--rescore", nargs="*", default=[], help="--predictions files: score their runs again instead of "
@@ -71,7 +74,7 @@ def main() -> None:
         raise SystemExit("--space is required (unless --replay)")
     pipeline = load_config(PipelineConfig, args.config, args.set)
     space = yaml.safe_load(args.space)
-    images, labels = load_arrays(args.data, args.limit)
+    images, labels = load_arrays(args.data, args.limit, args.subset)
     print(f"{args.data}: {images.shape} on {device()}", flush=True)
     score = Scorer(metrics.LabelFreeScores(images, args.sample), labels)  # one sample and graph for every run
     runs, preds = rescored(args.rescore, score, pipeline.train.k) if args.rescore else \
@@ -82,9 +85,9 @@ def main() -> None:
     finish(args.out, {"data": args.data, "n": len(images), "space": space, "device": str(device()), "runs": runs,
                       "config": pipeline.train.model_dump(mode="json"), "tune": pipeline.tune.model_dump(mode="json"),
                       "picks": picks, "asha": replays},
-           (runs, ["seed", *space, "modularity", "silhouette", "evenness", "clusters_used", "acc", "seconds"]),
+           (runs, ["seed", *space, *rules_in(runs), "clusters_used", "acc", "seconds"]),
            (picks, ["seed", "rule", "chosen", "chosen_acc", "best_acc", "gap"]))
-    for rule in PICKS:
+    for rule in rules_in(runs):
         gaps = [q["gap"] for q in picks if q["rule"] == rule]
         rho = spearmanr([r[rule] for r in runs], [r["acc"] for r in runs])[0]
         print(f"{rule}: mean gap to the best ACC {np.mean(gaps):.4f} (max {np.max(gaps):.4f}); "
@@ -100,8 +103,8 @@ class Scorer:
     def __init__(self, scores: metrics.LabelFreeScores, labels: np.ndarray):
         self.scores, self.labels = scores, labels
 
-    def __call__(self, run: dict, pred: np.ndarray, k: int) -> dict:
-        found = {**self.scores(pred, k), "acc": metrics.cluster_acc(self.labels, pred)}
+    def __call__(self, run: dict, pred: np.ndarray, k: int, view_pred: np.ndarray | None = None) -> dict:
+        found = {**self.scores(pred, k, view_clusters=view_pred), "acc": metrics.cluster_acc(self.labels, pred)}
         out = {**run, **{key: round(v, 4) for key, v in found.items()}}
         print("  " + " ".join(f"{key} {v}" for key, v in out.items()), flush=True)
         return out
@@ -120,6 +123,7 @@ def rescored(paths: list[str], score: Scorer, k: int) -> tuple[list[dict], list]
 def trained(args, pipeline: PipelineConfig, space: dict, images: np.ndarray, score: Scorer) -> tuple[list[dict], list]:
     """Train every point of the space for every seed; (scored rows, each run's clusters)."""
     x, metric = engine.device_images(images, device()), pipeline.tune.metric
+    views = engine.views_of(x[torch.from_numpy(score.scores.index).to(x.device)])  # the same views for every run
     runs, preds = [], []
     for seed in args.seeds:
         for values in grid_values(space):
@@ -127,18 +131,24 @@ def trained(args, pipeline: PipelineConfig, space: dict, images: np.ndarray, sco
             t0, along = time.perf_counter(), []
 
             def record(epoch: int, state: dict, k=cfg.k, along=along) -> None:
-                pred = engine.clusters_now(state, x).cpu().numpy()
-                along.append([epoch, round(score.scores(pred, k, names=(metric,))[metric], 4)])
+                model = engine.model_now(state, x)
+                pred, view_pred = (predict_all(model, v)[0].argmax(1).cpu().numpy() for v in (x, views))
+                along.append([epoch, round(score.scores(pred, k, (metric,), view_pred)[metric], 4)])
             on_epoch = engine.while_clustering(cfg, pipeline.tune.report_every, record) if args.along else None
             model = engine.fit(images, cfg, device=x.device, log=lambda s: None, on_epoch=on_epoch)
             preds.append(predict_all(model, x)[0].argmax(1).cpu().numpy().astype(np.int16))
+            view_pred = predict_all(model, views)[0].argmax(1).cpu().numpy()
             run = {"seed": seed, **{key: cfg.value(key) for key in values}, "seconds": round(time.perf_counter() - t0, 1)}
-            run = score(run, preds[-1].astype(np.int64), cfg.k)
+            run = score(run, preds[-1].astype(np.int64), cfg.k, view_pred)
             if args.along:  # epochs tried by the starts before the pick (train.restarts) are not on the epoch axis
                 run.update(along=along, epochs=engine.total_epochs(cfg),
                            start_epochs=(cfg.restarts - 1) * cfg.restart_epochs if cfg.restarts > 1 else 0)
             runs.append(run)
     return runs, preds
+
+
+def rules_in(runs: list[dict]) -> list[str]:
+    return [rule for rule in PICKS if rule in runs[0]]
 
 
 def pick_rows(runs: list[dict], space: dict) -> list[dict]:
@@ -147,7 +157,7 @@ def pick_rows(runs: list[dict], space: dict) -> list[dict]:
     for seed in sorted({r["seed"] for r in runs}):
         mine = [r for r in runs if r["seed"] == seed]
         best = max(r["acc"] for r in mine)
-        for rule in PICKS:
+        for rule in rules_in(runs):
             chosen = max(mine, key=lambda r: r[rule])
             picks.append({"seed": seed, "rule": rule, "chosen": {k: chosen[k] for k in space},
                           "chosen_acc": chosen["acc"], "best_acc": best, "gap": round(best - chosen["acc"], 4)})

@@ -255,14 +255,19 @@ class TuneConfig(Strict):
                             "times; optuna: num_samples trials chosen by Optuna's TPE from the scores so far (lists "
                             "are choices)")
     num_samples: int = Field(1, ge=1, description="grid: times the grid runs; optuna: trials")
+    trial_workers: int = Field(1, ge=1, description="Ray Train workers of each trial (train.cpus_per_worker and a GPU "
+                               "each, where there are GPUs); 1 = a trial trains in its own actor. The train job after "
+                               "tuning uses train.num_workers")
     seed: int = Field(0, description="seed of the search (Optuna's sampler; the grid's random draws are Ray's)")
     name: RunName = Field("", description="experiment name (a folder under train.storage_path); empty = tune + time. "
                                           "Re-using a name resumes that experiment: finished and stopped trials "
                                           "stay as they are, the rest run")
-    metric: Literal["modularity", "silhouette", "evenness"] = Field(
+    metric: Literal["modularity", "silhouette", "evenness", "stability"] = Field(
         "modularity", description="label-free score that picks the winner: modularity of the clusters on the images' "
                                   "nearest-neighbour graph, or their silhouette on the pixels (both compare values of "
-                                  "k), or the evenness of the cluster sizes")
+                                  "k), or the evenness of the cluster sizes, or their stability: the ARI between the "
+                                  "clusters of the sampled images and of one random view of each (it reads the model, "
+                                  "not pixels; see docs/RESULTS.md for when to trust which)")
     score_sample: int = Field(10_000, ge=100, description="images the scores are measured on (a fixed sample)")
     report_every: int = Field(5, ge=1, description="a trial scores its clusters every N epochs once it clusters "
                                                     "(and at the end): progress, and what the scheduler decides on")

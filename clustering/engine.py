@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .augment import view_for
 from .comm import Comm
 from .config import TrainConfig
 from .inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
@@ -48,13 +49,29 @@ def model_copy(state: dict, device: torch.device | str):
     return method, model.eval()
 
 
-def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Tensor:
-    """(N,) the clusters of the images x (on the device) that the run of `state` would give if it ended there:
-    a copy of its model after the method's end-of-run step (k-means on the codes, NMM's normalisers)."""
+def model_now(state: dict, x: torch.Tensor, comm: Comm = Comm()):
+    """A copy of the model of the run of `state` as it would label if the run ended there: after the method's
+    end-of-run step (k-means on the codes, NMM's normalisers) on the images x (on the device)."""
     method, model = model_copy(state, x.device)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         method.finish(model, x, comm)
-    return predict_all(model, x)[0].argmax(1)
+    return model
+
+
+def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Tensor:
+    """(N,) the clusters of the images x that the run of `state` would give if it ended there (`model_now`)."""
+    return predict_all(model_now(state, x, comm), x)[0].argmax(1)
+
+
+def views_of(x: torch.Tensor, seed: int = 0, batch: int = 4096) -> torch.Tensor:
+    """One random view of each uint8 image (N, C, H, W), uint8 again: the methods' augmentation (`view_for`) drawn
+    from a fixed seed, so every run is shown the same views (the ground on which `metrics.stability` compares
+    runs). The run's random stream is left as it was."""
+    view = view_for(x.shape[1])
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.manual_seed(seed)
+        out = [view(to_float(x[i:i + batch])).mul_(255).round_().to(torch.uint8) for i in range(0, len(x), batch)]
+    return torch.cat(out) if out else x.clone()
 
 
 def while_clustering(cfg: TrainConfig, every: int, fn: Callable[[int, dict], None]) -> EpochCallback:

@@ -39,6 +39,14 @@ def evenness(cluster_sizes) -> float:
     return float(-(p * np.log(p)).sum() / np.log(len(cluster_sizes)))
 
 
+def stability(clusters: np.ndarray, view_clusters: np.ndarray) -> float:
+    """ARI between the clusters of some images and those of one random view of each (the model's own
+    augmentation, `engine.views_of`): 1 when no image changes cluster, about 0 when the views reshuffle them. It
+    reads the model, not pixel neighbours, so it can speak on photographs; but a model trained on such views (nmm,
+    iic, vc with consistency) has learnt to be stable under them, and few broad clusters are stabler than many."""
+    return float(adjusted_rand_score(clusters, view_clusters))
+
+
 def sample_index(n: int, sample: int, seed: int = 0) -> np.ndarray:
     """The same `sample` of n images for every run: the common ground on which the label-free scores compare runs
     (a net's own features are not: each net shapes them around its k)."""
@@ -72,6 +80,8 @@ class LabelFreeScores:
     - silhouette: of the clusters on the pixels; -1 when fewer than two clusters are used. On the 8x8 digits it
       peaks at k = 10 among 6..16; on MNIST it is flat.
     - evenness of the cluster sizes (over all images).
+    - stability: of the clusters of the sample under one random view of each image (`stability`), where the
+      caller gives the views' clusters.
     """
 
     def __init__(self, images: np.ndarray, sample: int = 10_000, neighbours: int = 10, seed: int = 0):
@@ -93,11 +103,15 @@ class LabelFreeScores:
             return -1.0
         return float(silhouette_score(self.pixels, picked))
 
-    def __call__(self, clusters: np.ndarray, k: int, names=("modularity", "silhouette", "evenness")) -> dict:
-        """The scores named (all by default) of a partition into k clusters, and how many clusters it uses."""
+    def __call__(self, clusters: np.ndarray, k: int, names: tuple[str, ...] | None = None,
+                 view_clusters: np.ndarray | None = None) -> dict:
+        """The scores named (default: all there are) of a partition into k clusters, and how many clusters it
+        uses. view_clusters: the clusters of a view of each sampled image (`self.index`), for `stability`."""
         sizes = np.bincount(clusters, minlength=k)
         score = {"modularity": self.modularity, "silhouette": self.silhouette, "evenness": lambda _: evenness(sizes)}
-        return {**{name: score[name](clusters) for name in names}, "clusters_used": int((sizes > 0).sum())}
+        if view_clusters is not None:
+            score["stability"] = lambda c: stability(np.asarray(c)[self.index], view_clusters)
+        return {**{name: score[name](clusters) for name in names or score}, "clusters_used": int((sizes > 0).sum())}
 
 
 def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, seed: int = 0) -> float:

@@ -1,9 +1,9 @@
 """Tune job: Ray Tune trains one trial per combination of `tune.space` and picks the winner without labels.
 
-Each trial is one process on its own resources (a GPU where the cluster has them): it reads every shard (or the
-images of train.sample, the same for every trial; a corpus beyond memory streams, as in the train job), trains
-with `clustering.engine.fit`, and scores its clusters with a label-free score (`tune.metric`) along the run and at
-the end. With `tune.scheduler=asha`, Ray Tune's ASHA stops the trials whose score trails at set epochs. Labels, where
+Each trial is one process on its own resources (a GPU where the cluster has them), or with tune.trial_workers > 1 a
+Ray Train run of that many workers: it reads every shard (or the images of train.sample, the same for every trial;
+a corpus beyond memory streams, as in the train job), trains with `clustering.engine.fit`, and scores its clusters
+with a label-free score (`tune.metric`) along the run and at the end. With `tune.scheduler=asha`, Ray Tune's ASHA stops the trials whose score trails at set epochs. Labels, where
 the shards carry them, are scored at the end too, for the table only; they never choose. The job writes
 `trials.json` (every trial's values and scores) and `best.yaml` (the winning train values, for the train job).
 """
@@ -13,9 +13,13 @@ import json
 import time
 
 import ray
+import ray.train
 import torch
+import torch.distributed as dist
 import yaml
 from ray import tune
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from ray.tune.schedulers import ASHAScheduler
 
 from clustering import engine, inputs, lease, metrics, shards, storage
@@ -34,39 +38,80 @@ from clustering.config import (
 from clustering.methods import predict_all
 
 from .runtime import check_resources, credentials_out_of_runtime_envs, train_storage, want_gpu
-from .train import check_run
+from .train import check_run, ctrl_c_as_interrupt
 
-RESULT_KEYS = ("modularity", "silhouette", "evenness", "clusters_used", "seconds")  # kept in trials.json
+RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds")
 
 
 def run_trial(config: dict) -> None:
-    """Runs in a Tune trial's actor: train one config on all shards (or on train.sample, the same for every trial). Every `report_every` epochs once the run
-    clusters, report the label-free score that chooses (`metric`, on a copy of the model) so that a scheduler can
-    stop a poor trial early; at the end, report every score, and ACC/NMI/ARI where the shards carry labels."""
+    """Runs in a Tune trial's actor: train one config on all shards (or on train.sample, the same for every trial),
+    in this process, or with tune.trial_workers > 1 as a Ray Train run of its own (`trial_on_ray_train`)."""
     cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
+    if cfg.num_workers > 1:
+        return trial_on_ray_train(config, cfg)
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     torch.set_num_threads(cfg.cpus_per_worker)
     data = inputs.open_input(cfg, shards.read_manifest(cfg.shards), Comm(), device, log=lambda s: None)
+    train_and_score(config, cfg, data, Comm(), device, tune.report)
+
+
+def trial_loop(config: dict) -> None:
+    """Runs on every Ray Train worker of a multi-worker trial; rank 0's reports reach Tune (TuneReportCallback)."""
+    cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
+    ctx = ray.train.get_context()
+    comm = Comm(ctx.get_world_rank(), ctx.get_world_size(), dist.all_reduce)
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    data = inputs.open_input(cfg, shards.read_manifest(cfg.shards), comm, device, ctx.get_local_world_size(),
+                             log=lambda s: None)
+    train_and_score(config, cfg, data, comm, device, ray.train.report)
+
+
+def trial_on_ray_train(config: dict, cfg: TrainConfig) -> None:
+    """A trial as a Ray Train run of cfg.num_workers workers (Ray 2.60's Train-in-Tune: the trial's function
+    drives a TorchTrainer; TuneReportCallback passes the workers' reports on to Tune)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    path, filesystem = train_storage(storage.absolute(cfg.storage_path))
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if config["gpu"] else {})}
+    trainer = TorchTrainer(
+        trial_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=config["gpu"], resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
+                             storage_path=path, storage_filesystem=filesystem, callbacks=[TuneReportCallback()]))
+    with ctrl_c_as_interrupt():
+        trainer.fit()
+
+
+def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: torch.device, report) -> None:
+    """Train; every `report_every` epochs once the run clusters, report the label-free score that chooses
+    (`metric`, on a copy of the model) so that a scheduler can stop a poor trial early; at the end, report every
+    score, and ACC/NMI/ARI where the shards carry labels. On several workers, each scores its own share (rank 0's
+    reach Tune)."""
     x = data.sample  # every image held in memory, or the statistics' sample of a streamed corpus
-    images = x.permute(0, 2, 3, 1).cpu().numpy()
-    scores = metrics.LabelFreeScores(images, config["score_sample"])  # its neighbour graph: built once
+    scores = metrics.LabelFreeScores(x.permute(0, 2, 3, 1).cpu().numpy(), config["score_sample"])  # graph: once
+    views = engine.views_of(x[torch.from_numpy(scores.index).to(device)])  # the same views in every trial
     t0 = time.perf_counter()
 
-    def report_along(epoch: int, state: dict) -> None:
-        clusters = engine.clusters_now(state, x).cpu().numpy()
-        tune.report({"epoch": epoch, "final": False, "seconds": time.perf_counter() - t0,
-                     **scores(clusters, cfg.k, names=(config["metric"],))})
+    def scored(model, names=None) -> tuple:  # (the clusters of x, their scores)
+        clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
+        view_clusters = predict_all(model, views)[0].argmax(1).cpu().numpy()
+        return clusters, scores(clusters, cfg.k, names, view_clusters)
 
-    model = engine.fit(data, cfg, Comm(), device, log=lambda s: None,
+    def report_along(epoch: int, state: dict) -> None:
+        found = scored(engine.model_now(state, x, comm), names=(config["metric"],))[1]
+        report({"epoch": epoch, "final": False, "seconds": time.perf_counter() - t0, **found})
+
+    model = engine.fit(data, cfg, comm, device, log=lambda s: None,
                        on_epoch=engine.while_clustering(cfg, config["report_every"], report_along))
-    clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
+    clusters, found = scored(model)
     final = {"epoch": engine.total_epochs(cfg), "final": True, "seconds": time.perf_counter() - t0,
-             **scores(clusters, cfg.k)}
+             "workers": comm.world, **found}
     labels = data.sample_labels
     known = labels >= 0
     if known.any():  # shown beside the label-free scores; never used to choose
         final.update({f"{name}_vs_labels": v for name, v in metrics.scores(labels[known], clusters[known]).items()})
-    tune.report(final)
+    report(final)
 
 
 def scheduler(cfg: TuneConfig, longest: int):
@@ -113,7 +158,10 @@ def run_tune(cfg: PipelineConfig) -> dict:
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty: name train keys and values to try, e.g. "
                           "'tune.space={k: [8, 10, 12]}'")
-    base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": 1})
+    if "num_workers" in cfg.tune.space:
+        raise ConfigError("tune.space cannot search num_workers: tune.trial_workers sets every trial's")
+    base = cfg.train.model_copy(update={"shards": storage.absolute(cfg.train.shards), "num_workers": cfg.tune.trial_workers,
+                                        "storage_path": storage.absolute(cfg.train.storage_path)})
     manifest = shards.read_manifest(base.shards)  # fails early, naming the folder, when shards are missing
     space = validated_space(base, cfg.tune.space)
     probes = grid_values(probe_space(space))  # every trial of a grid; the distributions' ends
@@ -124,15 +172,21 @@ def run_tune(cfg: PipelineConfig) -> dict:
         except ValueError as e:
             raise ConfigError(f"tune.space: the trial {values} cannot run: {e}") from None
     gpu = want_gpu(cfg.train.use_gpu)
-    check_resources("tune (a trial)", {"CPU": cfg.train.cpus_per_worker, "GPU": int(gpu)}, 1)
+    check_resources(f"tune (a trial of {base.num_workers} workers)", {"CPU": base.cpus_per_worker, "GPU": int(gpu)},
+                    base.num_workers)
     with lease.hold(cfg.tune.output, "dicl tune"):
         return search(cfg, base, space, trials, gpu)
 
 
 def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list], trials: list[TrainConfig], gpu: bool) -> dict:
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
-    trainable = tune.with_resources(run_trial, {"cpu": cfg.train.cpus_per_worker, "gpu": 1 if gpu else 0})
+    # A trial of one worker trains in its own actor; a trial of several drives a Ray Train run whose workers ask
+    # for the CPUs and GPUs, so its own actor asks for none of them (Tune wants some resource: a little memory).
+    one = base.num_workers == 1
+    trainable = tune.with_resources(run_trial, {"cpu": cfg.train.cpus_per_worker, "gpu": int(gpu)} if one
+                                    else {"cpu": 0, "memory": 64 * 2**20})
     param_space = {**search_space(cfg.tune, space), "base": base.model_dump(mode="json"), "searched": sorted(space),
+                   "gpu": gpu,
                    "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
                    "report_every": cfg.tune.report_every}
     name = cfg.tune.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -196,8 +250,8 @@ def format_table(summary: dict) -> str:
         else:
             acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
             lines.append(f"{'*' if i == 0 else ' '} {values:<36} modularity {r['modularity']:.3f}  silhouette "
-                         f"{r['silhouette']:.3f}  evenness {r['evenness']:.3f}  clusters {r['clusters_used']}{acc}  "
-                         f"({r['seconds']:.0f}s)")
+                         f"{r['silhouette']:.3f}  evenness {r['evenness']:.3f}  stability {r['stability']:.3f}  "
+                         f"clusters {r['clusters_used']}{acc}  ({r['seconds']:.0f}s)")
     stopped = sum("stopped_at_epoch" in r for r in trials)
     failed = sum("error" in r for r in trials)
     best = sorted(summary["best"].items(), key=lambda kv: kv[0] != "method")  # the method before its settings

@@ -70,3 +70,28 @@ def test_knn_modularity_follows_neighbours_where_the_silhouette_follows_distance
     strokes, halves = np.repeat([0, 1], 60), np.tile(np.repeat([0, 1], 30), 2)
     assert metrics.pixel_silhouette(images, halves) > metrics.pixel_silhouette(images, strokes)
     assert metrics.knn_modularity(images, strokes) > metrics.knn_modularity(images, halves)
+
+
+def test_stability_is_one_when_views_keep_their_clusters_and_about_zero_when_they_reshuffle():
+    images, partitions = three_groups()
+    truth = partitions["truth"]
+    scores = metrics.LabelFreeScores(images, sample=60)
+    kept = scores(truth, 3, view_clusters=truth[scores.index])
+    renamed = scores(truth, 3, view_clusters=(truth[scores.index] + 1) % 3)  # the same partition, other names
+    reshuffled = scores(truth, 3, view_clusters=np.random.default_rng(0).permutation(truth[scores.index]))
+    assert kept["stability"] == renamed["stability"] == 1.0 and abs(reshuffled["stability"]) < 0.1
+    assert "stability" not in scores(truth, 3)  # without the views' clusters there is none
+
+
+def test_views_of_images_are_the_same_for_every_run_and_leave_the_random_stream_alone():
+    import torch
+
+    from clustering import engine
+
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(1)
+    a = engine.views_of(x)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(a, engine.views_of(x)) and torch.equal(torch.rand(1), after)
+    assert a.dtype == torch.uint8 and a.shape == x.shape and not torch.equal(a, x)

@@ -159,3 +159,15 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8]
     assert first[0].stat().st_mtime_ns == kept  # its results were not written again: it did not run again
     assert len(list(experiment.glob("*/result.json"))) == 2
+
+
+def test_a_trial_of_two_workers_is_a_ray_train_run(ray_local, tmp_path):
+    from jobs.shard import run_shard
+    from jobs.tune import run_tune
+
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", SMALL + [
+        f"work_dir={tmp_path}", "tune.trial_workers=2", "tune.space={k: [10]}", "tune.metric=stability"])
+    run_shard(cfg.shard, progress=False)
+    (trial,) = run_tune(cfg)["trials"]
+    assert "error" not in trial and trial["workers"] == 2  # trained data-parallel, scored by rank 0
+    assert 0 < trial["stability"] <= 1 and trial["clusters_used"] > 1
