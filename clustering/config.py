@@ -59,8 +59,9 @@ class TrainConfig(Strict):
     method: MethodSettings = Field(
         default_factory=lambda: RECIPES[DEFAULT_METHOD].Settings(),
         description="the method and its own settings: `method: nmm`, or `method: {name: nmm, heads: 5}` "
-                    "(train.method.heads=5); dcec (seed 001), vc (seed 000), nmm (seed 002), or a baseline: idec, "
-                    "dec, ae_kmeans, kmeans (on pixels). `dicl config train.method=NAME` lists its settings")
+                    "(train.method.heads=5). The methods are clustering/methods/' registry: dcec (seed 001), vc (seed "
+                    "000), nmm (seed 002), iic, and the baselines idec, dec, ae_kmeans, kmeans (on pixels). `dicl "
+                    "config train.method=NAME` lists a method's settings")
     k: int = Field(10, ge=2, description="number of clusters")
     image_size: int | None = Field(None, ge=4, description="train at this square side (shorter side resized, centre "
                                    "crop); empty = the corpus' median shorter side, at most 64 (in manifest.json)")

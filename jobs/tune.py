@@ -38,7 +38,7 @@ from clustering.config import (
 from clustering.methods import predict_all
 
 from .runtime import check_resources, credentials_out_of_runtime_envs, train_storage, want_gpu
-from .train import check_run, ctrl_c_as_interrupt
+from .train import check_run
 
 RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds")
 
@@ -79,8 +79,7 @@ def trial_on_ray_train(config: dict, cfg: TrainConfig) -> None:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=config["gpu"], resources_per_worker=per_worker),
         run_config=RunConfig(name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
                              storage_path=path, storage_filesystem=filesystem, callbacks=[TuneReportCallback()]))
-    with ctrl_c_as_interrupt():
-        trainer.fit()
+    trainer.fit()  # (in a trial's thread: Ray Train installs no Ctrl-C handler of its own here)
 
 
 def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: torch.device, report) -> None:
