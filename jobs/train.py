@@ -29,18 +29,23 @@ from clustering.config import TrainConfig
 from .progress import poster, training_lines
 from .runtime import check_resources, remote_uri, train_storage, want_gpu
 
+def worker_input(cfg: TrainConfig, log=lambda s: None):
+    """On a Ray Train worker: (its Comm, its device, its input of the shards), its threads set."""
+    ctx = ray.train.get_context()
+    comm = Comm(ctx.get_world_rank(), ctx.get_world_size(), dist.all_reduce)
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    data = inputs.open_input(cfg, shards.read_manifest(cfg.shards), comm, device, ctx.get_local_world_size(),
+                             log=lambda s: log(f"{s} on {device}"))
+    return comm, device, data
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = TrainConfig(**config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.cpus_per_worker)
-    comm = Comm(rank, world, dist.all_reduce)
-
     say = poster(config.get("board"))  # lines go to the driver, which prints them once
-    manifest = shards.read_manifest(cfg.shards)
-    data = inputs.open_input(cfg, manifest, comm, device, ctx.get_local_world_size(), log=lambda s: say(f"{s} on {device}"))
+    comm, device, data = worker_input(cfg, say)
+    rank = comm.rank
 
     resume = None
     checkpoint = ray.train.get_checkpoint()

@@ -3,8 +3,9 @@
 Each trial is one process on its own resources (a GPU where the cluster has them), or with tune.trial_workers > 1 a
 Ray Train run of that many workers: it reads every shard (or the images of train.sample, the same for every trial;
 a corpus beyond memory streams, as in the train job), trains with `clustering.engine.fit`, and scores its clusters
-with a label-free score (`tune.metric`) along the run and at the end. With `tune.scheduler=asha`, Ray Tune's ASHA stops the trials whose score trails at set epochs. Labels, where
-the shards carry them, are scored at the end too, for the table only; they never choose. The job writes
+with a label-free score (`tune.metric`) along the run and at the end. With `tune.scheduler=asha`, Ray Tune's ASHA
+stops the trials whose score trails at set epochs. Labels, where the shards carry them, are scored at the end too,
+for the table only; they never choose. The job writes
 `trials.json` (every trial's values and scores) and `best.yaml` (the winning train values, for the train job).
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 import yaml
 from ray import tune
 from ray.train import RunConfig, ScalingConfig
@@ -38,7 +38,7 @@ from clustering.config import (
 from clustering.methods import predict_all
 
 from .runtime import check_resources, credentials_out_of_runtime_envs, train_storage, want_gpu
-from .train import check_run
+from .train import check_run, worker_input
 
 RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds")
 
@@ -46,7 +46,7 @@ RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_us
 def run_trial(config: dict) -> None:
     """Runs in a Tune trial's actor: train one config on all shards (or on train.sample, the same for every trial),
     in this process, or with tune.trial_workers > 1 as a Ray Train run of its own (`trial_on_ray_train`)."""
-    cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
+    cfg = trial_of(config)
     if cfg.num_workers > 1:
         return trial_on_ray_train(config, cfg)
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
@@ -57,14 +57,14 @@ def run_trial(config: dict) -> None:
 
 def trial_loop(config: dict) -> None:
     """Runs on every Ray Train worker of a multi-worker trial; rank 0's reports reach Tune (TuneReportCallback)."""
-    cfg = trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
-    ctx = ray.train.get_context()
-    comm = Comm(ctx.get_world_rank(), ctx.get_world_size(), dist.all_reduce)
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.cpus_per_worker)
-    data = inputs.open_input(cfg, shards.read_manifest(cfg.shards), comm, device, ctx.get_local_world_size(),
-                             log=lambda s: None)
+    cfg = trial_of(config)
+    comm, device, data = worker_input(cfg)
     train_and_score(config, cfg, data, comm, device, ray.train.report)
+
+
+def trial_of(config: dict) -> TrainConfig:
+    """A trial's train config: the base with the values Tune chose for it."""
+    return trial_config(TrainConfig(**config["base"]), {key: config[key] for key in config["searched"]})
 
 
 def trial_on_ray_train(config: dict, cfg: TrainConfig) -> None:
