@@ -4,17 +4,15 @@ in pixel space, and the evenness of the cluster sizes."""
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import (
-    adjusted_rand_score,
-    normalized_mutual_info_score,
-    silhouette_score,
-)
-from sklearn.neighbors import NearestNeighbors
+
+# scikit-learn and SciPy are imported where they are used: every training worker imports this module (for
+# `evenness`), and the two cost a second of CPU in each new worker process.
 
 
 def cluster_acc(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Accuracy under the best one-to-one map of clusters to labels (invariant to renaming clusters)."""
+    from scipy.optimize import linear_sum_assignment
+
     labels, clusters = np.asarray(labels), np.asarray(clusters)
     n = max(labels.max(), clusters.max()) + 1
     counts = np.zeros((n, n), dtype=np.int64)
@@ -24,6 +22,8 @@ def cluster_acc(labels: np.ndarray, clusters: np.ndarray) -> float:
 
 
 def scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     return {
         "acc": cluster_acc(labels, clusters),
         "nmi": float(normalized_mutual_info_score(labels, clusters)),
@@ -44,6 +44,8 @@ def stability(clusters: np.ndarray, view_clusters: np.ndarray) -> float:
     augmentation, `engine.views_of`): 1 when no image changes cluster, about 0 when the views reshuffle them. It
     reads the model, not pixel neighbours, so it can speak on photographs; but a model trained on such views (nmm,
     iic, vc with consistency) has learnt to be stable under them, and few broad clusters are stabler than many."""
+    from sklearn.metrics import adjusted_rand_score
+
     return float(adjusted_rand_score(clusters, view_clusters))
 
 
@@ -55,6 +57,8 @@ def sample_index(n: int, sample: int, seed: int = 0) -> np.ndarray:
 
 def knn_graph(pixels: np.ndarray, neighbours: int = 10) -> np.ndarray:
     """(S, neighbours) indices: each image's nearest images in pixel space, itself excluded."""
+    from sklearn.neighbors import NearestNeighbors
+
     return NearestNeighbors(n_neighbors=min(neighbours, len(pixels) - 1)).fit(pixels).kneighbors(return_distance=False)
 
 
@@ -101,6 +105,8 @@ class LabelFreeScores:
         picked = np.asarray(clusters)[self.index]
         if not 2 <= len(np.unique(picked)) < len(picked):  # the silhouette is defined for 2..n-1 clusters
             return -1.0
+        from sklearn.metrics import silhouette_score
+
         return float(silhouette_score(self.pixels, picked))
 
     def __call__(self, clusters: np.ndarray, k: int, names: tuple[str, ...] | None = None,

@@ -47,8 +47,9 @@ def ray_session(s3):
 def ray_local(ray_session):
     """A local Ray with 2 CPUs, started once and shared by the modules that use it (a module that needs another
     cluster shuts it down, and the next test here starts it again)."""
-    if not ray_session.is_initialized():
-        ray_session.init(address="local", num_cpus=2, log_to_driver=False)  # never a cluster someone else started
+    if not ray_session.is_initialized():  # never a cluster someone else started; no dashboard (its processes cost
+        # seconds of CPU at each start, and no test reads it: the Jobs API's is test_cluster_launch's own head)
+        ray_session.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     return ray_session
 
 

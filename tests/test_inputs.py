@@ -75,3 +75,13 @@ def test_auto_streams_only_over_the_budget(digit_shards):
     assert isinstance(held, inputs.MemoryInput) and held.sample.shape == (1797, 1, 8, 8)
     streamed = open_quiet(TrainConfig(shards=root, memory_budget_gb=1e-5, stats_sample=300, loader_workers=0), manifest)
     assert isinstance(streamed, inputs.StreamInput) and streamed.sample.shape == (300, 1, 8, 8)
+
+
+def test_a_small_share_held_in_memory_cycles_to_the_steps_asked():
+    # a rank holding 197 of 1,797 images steps as often as the rank holding 1,600 (the engine sizes the steps from
+    # the global count): 8 batches of 128, its images cycled, none left out
+    images = digits_source().images[:197, :, :, None]
+    data = inputs.MemoryInput(images, "cpu")
+    batches = list(data.batches(0, 8, 128, seed=0, rank=1))
+    assert len(batches) == 8 and all(x.shape == (128, 1, 8, 8) for x, _ in batches)
+    assert set(image_set(torch.cat([x for x, _ in batches]).numpy())) == set(image_set(images))
