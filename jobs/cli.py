@@ -45,6 +45,8 @@ def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="join this Ray cluster (as RAY_ADDRESS does); without either, "
                                                    "a private Ray starts in this process")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the private Ray (ignored on a cluster)")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the private Ray "
+                                                            "(http://127.0.0.1:8265; a cluster has its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (there are none when stderr is "
                                                                "not a terminal)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the full traceback of an error")
@@ -139,7 +141,7 @@ def run(ns: argparse.Namespace) -> None:
     from . import runtime
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    runtime.init_ray(ns.num_cpus, ns.address, quiet_into=None if ns.verbose else ns.log)
+    runtime.init_ray(ns.num_cpus, ns.address, quiet_into=None if ns.verbose else ns.log, dashboard=ns.dashboard)
     run_on_ray(ns, cfg)
     from .progress import session_logs
 

@@ -19,9 +19,11 @@ class ResourceError(RuntimeError):
     """A resource request the cluster cannot meet; the message says what was asked and what there is."""
 
 
-def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into: str | None = None) -> None:
+def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into: str | None = None,
+             dashboard: bool = False) -> None:
     """Join the cluster named by `address` or RAY_ADDRESS (as under `ray job submit`), else start a private Ray in
-    this process: never some other cluster that happens to run on this machine.
+    this process: never some other cluster that happens to run on this machine. The private Ray has Ray's dashboard
+    only when asked: its processes cost seconds of CPU at every start, and our jobs print their own progress.
     quiet_into: a log file: Ray's own output stays off the terminal (workers' output in Ray's session logs, the
     driver's Ray loggers into this file, no Ray Data progress bars); our jobs print what matters."""
     if ray.is_initialized():
@@ -34,7 +36,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **kwargs)
     if quiet_into:
         from ray.data import DataContext  # Ray Data sets up its loggers when first imported: before they move
 
