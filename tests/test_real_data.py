@@ -1,4 +1,6 @@
 """The shard job on the shared real data sets (skipped, with the reason, where the folder is absent)."""
+import shutil
+import subprocess
 import tarfile
 from collections import Counter
 
@@ -23,8 +25,13 @@ def test_cifar_jpeg_folders_list_60000_images_labelled_by_folder(tmp_path):
     from clustering.sources import FolderSource
 
     archive = need_shared("cifar10-jpg.tar.gz")
-    with tarfile.open(archive) as t:
-        t.extractall(tmp_path / "cifar", filter="data")
+    (tmp_path / "cifar").mkdir()
+    # GNU tar, where there is one: Python's tarfile takes 10 s over the 60,000 members, tar 2 s
+    if shutil.which("tar"):
+        subprocess.run(["tar", "xzf", str(archive), "-C", str(tmp_path / "cifar")], check=True)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(tmp_path / "cifar", filter="data")
     source = FolderSource(str(tmp_path / "cifar"))
     items = source.plan()
     assert len(items) == 60_000 and len(source.classes) == 10 and "airplane" in source.classes
