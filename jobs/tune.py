@@ -11,6 +11,7 @@ for the table only; they never choose. The job writes
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import ray
@@ -151,6 +152,37 @@ def searcher(cfg: TuneConfig):
     return ConcurrencyLimiter(found, cfg.max_concurrent) if cfg.max_concurrent else found
 
 
+def trial_count(cfg: TuneConfig, space: dict) -> int:
+    """How many trials the experiment runs: the grid of the lists, num_samples times; or Optuna's num_samples."""
+    if cfg.search != "grid":
+        return cfg.num_samples
+    return cfg.num_samples * len(grid_values({k: v for k, v in space.items() if isinstance(v, list)}))
+
+
+class TrialLines(tune.Callback):
+    """One line as each trial ends, in place of Ray Tune's tables (the configs of every trial, the status every few
+    seconds): what a user follows while the experiment runs."""
+
+    def __init__(self, space: list[str], metric: str, total: int):
+        self.space, self.metric, self.total, self.ended = space, metric, total, 0
+
+    def line(self, trial, what: str) -> None:
+        self.ended += 1
+        values = " ".join(f"{k}={show(trial.config[k])}" for k in self.space)
+        print(f"trial {self.ended}/{self.total} {values}: {what}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        if self.metric in result:
+            stopped = "" if result.get("final") else f"stopped at epoch {result['epoch']}, "
+            self.line(trial, f"{stopped}{self.metric} {result[self.metric]:.3f}")
+        else:
+            self.line(trial, "no result")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.line(trial, "failed")
+
+
 def run_tune(cfg: PipelineConfig) -> dict:
     """Run every trial of `cfg.tune.space`; write trials.json and best.yaml under `cfg.tune.output`.
     Returns {"best": winning values, "trials": rows (best first), "best_yaml": URI}."""
@@ -202,7 +234,11 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list], trial
                                         scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
                                         num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=cfg.tune.max_concurrent or None),
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=1))
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=0,
+                                      callbacks=[TrialLines(sorted(space), cfg.tune.metric, trial_count(cfg.tune, space))]))
+    # Ray Tune's newer console output prints boxes and hints even at verbose=0; the older one is silent there, and
+    # TrialLines says what matters.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with credentials_out_of_runtime_envs():
         results = tuner.fit()
     rows = []

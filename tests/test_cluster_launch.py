@@ -139,6 +139,7 @@ def test_pipeline_submitted_through_the_jobs_api_to_a_head_and_a_worker_node(two
     assert "auto wants a GPU: True" in out
     # 2 training workers of 1 CPU on nodes of 1 CPU each: the run spanned both nodes.
     assert "[2/5] tune k" in out and "on 2 worker(s)" in out and "[5/5] report" in out and "Summary" in out
+    assert "trial 2/2 k=" in out and "Trial status" not in out  # one line per trial, not Ray Tune's tables
     # Tune's trial state and the run's checkpoints went to the same object store; the winner trained and labelled.
     best = yaml.safe_load(storage.read_bytes(f"{work_dir}/tune/best.yaml"))["train"]
     assert any(f"{work_dir}/runs/" in line and "/checkpoint_" in line for line in out.splitlines())

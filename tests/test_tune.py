@@ -60,6 +60,10 @@ def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_loc
     assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {
         "train": {"k": best["k"], "lr": 0.001, "method": {"name": "nmm", "consistency_weight": 0.5}}}
     assert f"best: train.method.consistency_weight=0.5 train.k={best['k']} train.lr=0.001" in format_table(summary)
+    # the terminal: one line as each trial ends, not Ray Tune's tables
+    out = capsys.readouterr().out
+    assert sum(line.startswith("trial ") for line in out.splitlines()) == 4 and "trial 4/4 " in out
+    assert out.count(": failed") == 2 and "Trial status" not in out and "Configuration for experiment" not in out
 
 
 def test_asha_stops_a_trial_that_trails_and_picks_among_the_finished(ray_local, tmp_path):
