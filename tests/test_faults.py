@@ -49,12 +49,17 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
         stop_group(proc)  # whatever of its Ray is left
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180, every: float = 0.05) -> None:
     deadline = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the fault could be injected"
         assert time.time() < deadline, "timed out waiting for the moment to inject the fault"
-        time.sleep(0.05)
+        time.sleep(every)
+
+
+# A listing on the local S3 server costs about 0.2 s of CPU (moto and botocore): waits on S3 poll it twice a second,
+# not in a tight loop that would take a core from the run they wait on.
+ON_S3 = 0.5
 
 
 def check_output(output: str, shards_uri: str, sample: int = 64) -> dict:
@@ -178,7 +183,7 @@ def test_driver_killed_and_interrupted_in_training_and_labelling_and_cut_off_fro
     try:
         with log("train1") as f:
             proc = start(*train, env=private, log=f)
-            wait_for(lambda: len(checkpoints()) >= 3, proc)
+            wait_for(lambda: len(checkpoints()) >= 3, proc, every=ON_S3)
             stop_group(proc)  # SIGKILL of the driver and of its Ray
         with log("train2") as f:
             proc = start(*train, env=joined, log=f)
@@ -187,7 +192,7 @@ def test_driver_killed_and_interrupted_in_training_and_labelling_and_cut_off_fro
             resumed = int(re.search(r"resumed from epoch (\d+)", text("train2")).group(1))
             # Two epochs more: the first of them is in Ray Train's record (the second may be uploaded but not yet
             # recorded when Ctrl-C lands; the rerun then writes that epoch again, under the same name).
-            wait_for(lambda: newest_epoch() >= resumed + 2, proc)
+            wait_for(lambda: newest_epoch() >= resumed + 2, proc, every=ON_S3)
             interrupt(proc, "train2")
         with log("train3") as f:
             assert finish(start(*train, env=joined, log=f)) == 0, text("train3")
@@ -200,20 +205,20 @@ def test_driver_killed_and_interrupted_in_training_and_labelling_and_cut_off_fro
 
         with log("label1") as f:
             proc = start(*label, env=private, log=f)
-            wait_for(lambda: parts() >= 1, proc)
+            wait_for(lambda: parts() >= 1, proc, every=ON_S3)
             stop_group(proc)  # SIGKILL of the driver and of its Ray
         assert not storage.exists(f"{output}/{assignments.SUCCESS}")
         with log("label2") as f:
             proc = start(*label, env=joined, log=f)
             done = started_labelling(proc, "label2")
-            wait_for(lambda: parts() > done, proc)
+            wait_for(lambda: parts() > done, proc, every=ON_S3)
             interrupt(proc, "label2")
         assert not storage.exists(f"{output}/{assignments.SUCCESS}")
 
         with log("label3") as f:
             proc = start(*label, env=joined, log=f)
             done = started_labelling(proc, "label3")
-            wait_for(lambda: parts() > done, proc)
+            wait_for(lambda: parts() > done, proc, every=ON_S3)
             proxy.stop()  # the endpoint is gone mid-write
             assert finish(proc, 240) == 1, text("label3")  # the network failed, not the input
         assert "error: EndpointConnectionError" in text("label3")
