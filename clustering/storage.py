@@ -40,14 +40,26 @@ def check_uri(uri: str) -> str:
     return uri
 
 
+_S3: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def s3_filesystem() -> fsspec.AbstractFileSystem:
+    """One S3 filesystem per process and AWS_* environment: making its client costs about 0.1 s of CPU, more than
+    a request, and every storage call would pay it. A changed endpoint or credential in the environment gets a new
+    one; listings are never cached, since other processes write the same prefixes."""
+    key = (os.getpid(), *sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    if key not in _S3:
+        _S3[key] = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False, **s3_options())
+    return _S3[key]
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a local path, file:// or s3:// URI."""
     check_uri(uri)
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     if protocol in ("s3", "s3a"):
         uri = "s3://" + uri.split("://", 1)[1]
-        # A fresh instance per call: fsspec's instance cache would keep a stale endpoint across tests.
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        fs = s3_filesystem()
         return fs, fs._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
