@@ -32,3 +32,15 @@ def test_wrong_bucket_is_a_clear_error(s3):
 def test_missing_object_names_it(tmp_path):
     with pytest.raises(storage.StorageError, match="nothing-here"):
         storage.read_bytes(str(tmp_path / "nothing-here"))
+
+
+def test_one_s3_filesystem_per_environment_and_listings_never_stale(s3, monkeypatch):
+    folder = f"s3://{BUCKET}/storage-listing"
+    storage.write_bytes(f"{folder}/a/x.bin", b"1")
+    assert storage.list_dirs(folder) == [f"{folder}/a"]
+    fs = storage.s3_filesystem()
+    fs.pipe_file(f"{BUCKET}/storage-listing/b/y.bin", b"2")  # as another process would write it
+    assert storage.list_dirs(folder) == [f"{folder}/a", f"{folder}/b"]  # the new folder is seen at once
+    assert storage.s3_filesystem() is fs  # made once, not per call
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # another endpoint: another filesystem
+    assert storage.s3_filesystem() is not fs
