@@ -209,7 +209,8 @@ def run_tune(cfg: PipelineConfig) -> dict:
         return search(cfg, base, space, trials, gpu)
 
 
-def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig], gpu: bool) -> dict:
+def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
+           gpu: bool) -> dict:
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
     # A trial of one worker trains in its own actor; a trial of several drives a Ray Train run whose workers ask
     # for the CPUs and GPUs, so its own actor asks for none of them (Tune wants some resource: a little memory).
