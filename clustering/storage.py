@@ -146,9 +146,11 @@ def create(uri: str, data: bytes) -> bool:
 
 def _children(uri: str, kind: str) -> list[str]:
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    try:  # one request, not an exists() and then a listing: a prefix can empty between the two (a marker deleted)
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
         return []
-    names = [e["name"] for e in fs.ls(path, detail=True) if e["type"] == kind]
+    names = [e["name"] for e in entries if e["type"] == kind]
     prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     return sorted(prefix + n.split("://", 1)[-1] for n in names)
 
