@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -129,15 +130,20 @@ def replicated_shards(spec: str, root: str, factors: list[int], per_shard: int =
         out[f] = folder
         if f == 1 or Path(folder, shards.MANIFEST).exists():
             continue
-        written = []
-        for copy in range(f):
-            for i, s in enumerate(one["shards"]):
-                samples = [{k: v for k, v in m.items() if k != "__url__"} | {"__key__": f"c{copy}/{m['__key__']}"}
-                           for m in shards.read_shard(f"{base}/{s['name']}")]
-                written.append(shards.write_shard(samples, f"{folder}/{shards.shard_name(copy * len(one['shards']) + i)}"))
+        jobs = [(f"{base}/{s['name']}", copy, f"{folder}/{shards.shard_name(copy * len(one['shards']) + i)}")
+                for copy in range(f) for i, s in enumerate(one["shards"])]
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("forkserver")) as pool:
+            written = list(pool.map(copy_shard, *zip(*jobs)))
         shards.write_manifest(folder, {**one, "shards": written, "num_samples": one["num_samples"] * f,
                                        "content_hash": f"{spec} x{f}"})
     return out
+
+
+def copy_shard(uri: str, copy: int, out: str) -> dict:
+    """One shard re-written with its keys prefixed by the copy (`c3/...`): its members as they are."""
+    samples = [{k: v for k, v in m.items() if k != "__url__"} | {"__key__": f"c{copy}/{m['__key__']}"}
+               for m in shards.read_shard(uri)]
+    return shards.write_shard(samples, out)
 
 
 class PeakRSS:

@@ -20,17 +20,8 @@ from clustering import checkpoints
 from clustering.config import LabelConfig
 from clustering.estimator import DeepClusterer
 
+from .decode import decode_shard
 from .runtime import check_resources, want_gpu
-
-
-def decode_shard(batch: dict, mode: str, side: int) -> dict:
-    """A Ray Data task on a CPU: one shard (checked against its manifest sha256) -> one row with its keys and its
-    images by the input policy."""
-    uri = str(batch["shard"][0])
-    samples = shards.read_shard(uri, str(batch["sha256"][0]))
-    data = shards.decode_samples(samples, mode, side, shards.name_of(uri))
-    return {"shard": np.array([uri]), "keys": np.array([json.dumps(data.keys)]),
-            "sources": np.array([json.dumps([shards.source_of(s) for s in samples])]), "images": data.images[None]}
 
 
 class ShardLabeler:
@@ -65,11 +56,11 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
     ray.data.DataContext.get_current().raise_original_map_exception = True  # a StaleShard, not "UDF failed"
     sha = shards.digests(manifest)
     ds = ray.data.from_items([{"shard": u, "sha256": sha[shards.name_of(u)]} for u in todo], override_num_blocks=len(todo))
-    # A decode task asks for the memory it uses, with Ray Data's 25% headroom: a worker process (~290 MiB with its
-    # imports, measured on the digits and MNIST) and its shard twice, read and decoded. It schedules where that
-    # fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into the actors.
+    # A decode task asks for the memory it uses, with Ray Data's 25% headroom: a worker process (~200 MiB with its
+    # imports, measured on MNIST: jobs.decode keeps torch out) and its shard twice, read and decoded. It schedules
+    # where that fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into the actors.
     biggest = max(manifest["shards"], key=lambda s: s["samples"])
-    memory = 370 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2)
+    memory = 250 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2)
     ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
                         fn_kwargs={"mode": mode, "side": side})
     ds = ds.map_batches(

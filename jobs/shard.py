@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import ray
 from tqdm import tqdm
 
 from clustering import lease, shards, storage
-from clustering.config import ShardConfig
 from clustering.sources import SourceError, open_source
+
+if TYPE_CHECKING:  # the shard tasks import this module: the config (which imports the methods, and torch) stays out
+    from clustering.config import ShardConfig
 
 
 @ray.remote
