@@ -234,7 +234,10 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", search_alg=searcher(cfg.tune),
                                         scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
                                         num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=cfg.tune.max_concurrent or None),
+                                        max_concurrent_trials=cfg.tune.max_concurrent or None,
+                                        # a trial's actor trains the next trial (every trial asks the same
+                                        # resources): no new process importing torch and the jobs each time
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=0,
                                       callbacks=[TrialLines(sorted(space), cfg.tune.metric, trial_count(cfg.tune, space))]))
     # Ray Tune's newer console output prints boxes and hints even at verbose=0; the older one is silent there, and

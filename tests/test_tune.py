@@ -133,7 +133,7 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
 
     from jobs.tune import run_tune
 
-    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=6", "tune.name=again",
+    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=10", "tune.name=again",
             "tune.space={k: [6, 8]}", "tune.max_concurrent=1"]
     assert main(["shard", *args, "--no-progress"]) == 0
     experiment = tmp_path / "runs" / "again"
@@ -142,8 +142,11 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
         states = list(experiment.glob("experiment_state-*.json"))
         return len(re.findall(r"status\W+TERMINATED", states[0].read_text())) if states else 0
 
+    # Tune saves its experiment state every 10 s at most; here at every step, so that the first trial is recorded as
+    # finished while the second (in the same actor, at once) still trains.
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "tune", *args, "--num-cpus", "2", "--no-progress"],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"})
     try:
         deadline = time.time() + 180
         while finished_in_state() < 1:
