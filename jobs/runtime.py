@@ -44,6 +44,19 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into
         DataContext.get_current().enable_progress_bars = False
 
 
+def ray_train_environment() -> None:
+    """What Ray Train reads from the environment of the process that makes a run (it passes it on to the run's
+    controller and workers), unless the user set it:
+    - its controller's poll, every 0.2 s rather than 2: a worker's report waits until the controller takes the one
+      before, one per poll, so at 2 s a run that checkpoints every epoch could not go faster than an epoch per 2 s
+      (10 epochs of 0.2 s took 18.1 s, and 2.0 s at 0.2; a poll is one small call per worker);
+    - no print patch: our lines come through the Board, and with the patch Ray Train also logs every worker print
+      and, where Ray redirected stdout, prints it again."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
 def alive_node_resources() -> list[dict[str, float]]:
     """Each live node's total resources, e.g. {"CPU": 8, "GPU": 1, "memory": ...}."""
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]

@@ -27,7 +27,7 @@ from clustering.comm import Comm
 from clustering.config import TrainConfig
 
 from .progress import poster, training_lines
-from .runtime import check_resources, remote_uri, train_storage, want_gpu
+from .runtime import check_resources, ray_train_environment, remote_uri, train_storage, want_gpu
 
 def worker_input(cfg: TrainConfig, log=lambda s: None):
     """On a Ray Train worker: (its Comm, its device, its input of the shards), its threads set."""
@@ -99,10 +99,7 @@ def run_train(cfg: TrainConfig, progress: bool = False) -> TrainResult:
     name = cfg.name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = cfg.model_copy(update={"name": name})
     gpu = want_gpu(cfg.use_gpu)
-    # Ray Train's print patch logs each worker print and, where Ray redirected stdout, prints it too. Our lines
-    # come through the Board; without the patch, a worker's own prints stay in its log (Ray Train propagates this
-    # variable to its workers).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray_train_environment()
     check_resources(f"train ({cfg.num_workers} workers)", {"CPU": cfg.cpus_per_worker, "GPU": int(gpu)},
                     cfg.num_workers)
     with lease.hold(storage.join(cfg.storage_path, name), f"dicl train {name}"):  # one run per name at a time

@@ -38,7 +38,7 @@ from clustering.config import (
 )
 from clustering.methods import predict_all
 
-from .runtime import check_resources, credentials_out_of_runtime_envs, train_storage, want_gpu
+from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu
 from .train import check_run, worker_input
 
 RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds")
@@ -73,6 +73,7 @@ def trial_on_ray_train(config: dict, cfg: TrainConfig) -> None:
     drives a TorchTrainer; TuneReportCallback passes the workers' reports on to Tune)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    ray_train_environment()  # this trial's actor makes the run
     path, filesystem = train_storage(storage.absolute(cfg.storage_path))
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if config["gpu"] else {})}
     trainer = TorchTrainer(
