@@ -58,7 +58,8 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
     ds = ray.data.from_items([{"shard": u, "sha256": sha[shards.name_of(u)]} for u in todo], override_num_blocks=len(todo))
     # A decode task asks for the memory it uses, with Ray Data's 25% headroom: a worker process (~200 MiB with its
     # imports, measured on MNIST: jobs.decode keeps torch out) and its shard twice, read and decoded. It schedules
-    # where that fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into the actors.
+    # where that fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into
+    # the actors.
     biggest = max(manifest["shards"], key=lambda s: s["samples"])
     memory = 250 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2)
     ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,

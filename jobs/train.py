@@ -29,6 +29,7 @@ from clustering.config import TrainConfig
 from .progress import poster, training_lines
 from .runtime import check_resources, ray_train_environment, remote_uri, train_storage, want_gpu
 
+
 def worker_input(cfg: TrainConfig, log=lambda s: None):
     """On a Ray Train worker: (its Comm, its device, its input of the shards), its threads set."""
     ctx = ray.train.get_context()
