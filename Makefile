@@ -16,11 +16,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile $(PIP_C) "$(TORCH)"
-	$(PY) -m pip install -q --no-compile $(PIP_C) -e ".[dev]"
-	@# Bytecode for every installed module on all cores: pip compiles one file at a time (~40 s of a 65 s set-up on
-	@# 2 cores, against ~20 s here). A module written for a newer Python does not compile; pip skips it alike.
-	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" >/dev/null 2>&1 || true
+	$(PY) -m pip install -q $(PIP_C) "$(TORCH)"
+	$(PY) -m pip install -q $(PIP_C) -e ".[dev]"
 	$(PY) -m pip list 2>/dev/null | grep -i "^torch "
 	touch $@
 
