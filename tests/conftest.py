@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,22 @@ def ray_local(ray_session):
         # seconds of CPU at each start, and no test reads it: the Jobs API's is test_cluster_launch's own head)
         ray_session.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     return ray_session
+
+
+@pytest.fixture
+def ram_tmp(tmp_path) -> Path:
+    """A scratch folder in memory (/dev/shm) where there is one, else tmp_path: for tests that write tens of thousands
+    of files, which a disk takes seconds to tens of seconds to create (CIFAR-10's 60,000 JPEGs: 0.7 s in /dev/shm,
+    5 to 23 s under /tmp on the 2-core machine)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="dicl-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
