@@ -29,16 +29,29 @@ DIGITS = ["configs/demo.yaml", "shard.samples_per_shard=150", "train.cpus_per_wo
 
 
 def start(*args: str, env: dict | None = None, log=None) -> subprocess.Popen:
-    """`dicl ARGS` in a new process group (its private Ray's processes join it, so one killpg stops them all)."""
+    """`dicl ARGS` in a new session, which its private Ray's processes join."""
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], start_new_session=True, env=env,
                             stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
-def stop_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+def session_of(pid: int) -> int | None:
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])  # after the command name: state ppid pgrp session
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def stop_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """The driver and every process of its session. Its private Ray's actors (Ray Train's controller and workers)
+    run in process groups of their own: a killpg of the driver's group left them training, and writing checkpoints,
+    for seconds after the driver died."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and session_of(int(p)) == proc.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=60)
 
 
