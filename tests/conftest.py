@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -52,6 +53,29 @@ def ray_local(ray_session):
         # seconds of CPU at each start, and no test reads it: the Jobs API's is test_cluster_launch's own head)
         ray_session.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     return ray_session
+
+
+def session_pids(leader: int) -> list[int]:
+    """Every live process of the session that `leader` started (start_new_session=True). A Ray started there puts its
+    actors in process groups of their own, so killing the leader's group would leave them running."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == leader:  # after the name: state ppid pgrp session
+                    pids.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return pids
+
+
+def kill_session(leader: int) -> None:
+    """SIGKILL to every process of the session that `leader` started."""
+    for pid in session_pids(leader):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from clustering import assignments, storage
 from infra.local_s3 import free_port
 from jobs.runtime import GPU_NODE_TYPES_MARKER
 
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, kill_session, session_pids
 
 BIN = Path(sys.executable).parent  # ray and dicl of this environment
 REPO = Path(__file__).resolve().parents[1]
@@ -66,23 +65,17 @@ def ray_start(env: dict, temp_dir: str, log: Path, *args: str) -> subprocess.Pop
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
-    """The nodes and every process they started (each its own process group), at once with SIGKILL: `ray start
-    --block` answers SIGTERM with a graceful shutdown of its processes one by one, which takes over 10 s here, and
-    nothing of the nodes needs to outlive the test."""
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """The nodes and every process of their sessions, at once with SIGKILL: `ray start --block` answers SIGTERM
+    with a graceful shutdown of its processes one by one, which takes over 10 s here, and nothing of the nodes needs
+    to outlive the test. Bounded: until no process of those sessions is left."""
     deadline = time.monotonic() + 10
-    for proc in procs:
-        proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        while time.monotonic() < deadline:  # bounded: until the group is empty
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+    while time.monotonic() < deadline:
+        for proc in procs:
+            kill_session(proc.pid)
+            proc.poll()  # reap the leader
+        if not any(session_pids(proc.pid) for proc in procs):
+            return
+        time.sleep(0.1)
 
 
 def ray_cli(env: dict, *args: str, timeout: float) -> subprocess.CompletedProcess:
