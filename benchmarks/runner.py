@@ -72,10 +72,12 @@ def device_name() -> str:
 
 @contextlib.contextmanager
 def local_ray(cpus: int):
-    """A private local Ray for the benchmarks that run the jobs (Ray Train V2, as the CLI)."""
+    """A private local Ray for the benchmarks that run the jobs, with Ray Train's environment as the CLI sets it."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from jobs.runtime import ray_train_environment
+
+    ray_train_environment()
     ray.init(num_cpus=cpus, log_to_driver=False)
     try:
         yield

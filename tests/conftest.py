@@ -39,7 +39,9 @@ def ray_session(s3):
     its workers inherit it)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from jobs.runtime import ray_train_environment
+
+    ray_train_environment()  # as the CLI sets it, before Ray starts
     yield ray
     if ray.is_initialized():
         ray.shutdown()

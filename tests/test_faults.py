@@ -34,7 +34,7 @@ def start(*args: str, env: dict | None = None, log=None) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
-def stop_group(proc: subprocess.Popen) -> None:
+def kill_driver_session(proc: subprocess.Popen) -> None:
     """SIGKILL of the driver and of every process of its session: its private Ray's actors (Ray Train's controller
     and workers) run in process groups of their own, and a killpg of the driver's group left them training, and
     writing checkpoints, for seconds after the driver died."""
@@ -46,7 +46,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> int:
     try:
         return proc.wait(timeout=timeout)
     finally:
-        stop_group(proc)  # whatever of its Ray is left
+        kill_driver_session(proc)  # whatever of its Ray is left
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180, every: float = 0.05) -> None:
@@ -188,7 +188,7 @@ def test_driver_killed_and_interrupted_in_training_and_labelling_and_cut_off_fro
         with log("train1") as f:
             proc = start(*train, env=private, log=f)
             wait_for(lambda: newest_epoch() >= 2 + RECORDED_BEHIND, proc, every=ON_S3)  # epoch 2 recorded
-            stop_group(proc)  # SIGKILL of the driver and of its Ray
+            kill_driver_session(proc)  # SIGKILL of the driver and of its Ray
         with log("train2") as f:
             proc = start(*train, env=joined, log=f)
             # Counted from the epoch it resumed from, as it says (the killed run's last upload may land late).
@@ -210,7 +210,7 @@ def test_driver_killed_and_interrupted_in_training_and_labelling_and_cut_off_fro
         with log("label1") as f:
             proc = start(*label, env=private, log=f)
             wait_for(lambda: parts() >= 1, proc, every=ON_S3)
-            stop_group(proc)  # SIGKILL of the driver and of its Ray
+            kill_driver_session(proc)  # SIGKILL of the driver and of its Ray
         assert not storage.exists(f"{output}/{assignments.SUCCESS}")
         with log("label2") as f:
             proc = start(*label, env=joined, log=f)
