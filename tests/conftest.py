@@ -15,6 +15,12 @@ BUCKET = "dicl-test"
 # Ray Train's controller, for every run of the suite: no spot-preemption watcher (one actor fewer to start). Its
 # poll is the product's (jobs.runtime.ray_train_environment).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Every Ray the suite starts (a dozen) would start a Python worker per CPU that no test may use: 0.8 s of CPU each.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes (make test) share the 2 cores with Ray's workers
+    import torch
+
+    torch.set_num_threads(1)
 SHARED_DATA = Path(os.environ.get("DICL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
