@@ -140,7 +140,6 @@ def run(ns: argparse.Namespace) -> None:
 
     from . import runtime
 
-    runtime.ray_train_environment()  # before Ray starts: a private Ray's workers (Tune's trials) inherit it
     runtime.init_ray(ns.num_cpus, ns.address, quiet_into=None if ns.verbose else ns.log, dashboard=ns.dashboard)
     run_on_ray(ns, cfg)
     from .progress import session_logs

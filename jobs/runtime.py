@@ -28,6 +28,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into
     driver's Ray loggers into this file, no Ray Data progress bars); our jobs print what matters."""
     if ray.is_initialized():
         return
+    ray_train_environment()  # before a private Ray starts: its workers (Tune's trials) inherit it
     if address:
         os.environ["RAY_ADDRESS"] = address  # one signal of a joined cluster, which check_resources reads too
     if quiet_into:
