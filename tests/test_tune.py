@@ -2,6 +2,7 @@
 pipeline with tune, on S3 through the Jobs API: test_cluster_launch."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -143,6 +144,16 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
         states = list(experiment.glob("experiment_state-*.json"))
         return len(re.findall(r"status\W+TERMINATED", states[0].read_text())) if states else 0
 
+    def final_results() -> list[Path]:  # trials' result.json whose last line, whole, is the final report
+        found = []
+        for path in experiment.glob("*/result.json"):
+            try:
+                if json.loads(path.read_text().splitlines()[-1]).get("final"):
+                    found.append(path)
+            except (IndexError, ValueError):  # empty, or its last line still being copied
+                pass
+        return found
+
     # Tune saves its experiment state every 10 s at most; here at every step, so that the first trial is recorded as
     # finished while the second (in the same actor, at once) still trains.
     joined = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
@@ -150,13 +161,14 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=joined)
     try:
         deadline = time.time() + 180
-        while finished_in_state() < 1:
+        # Tune copies its staging folder to storage file by file: the state can say finished before result.json is there.
+        while finished_in_state() < 1 or not final_results():
             assert proc.poll() is None and time.time() < deadline, "the first trial did not finish"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    first = [p for p in experiment.glob("*/result.json") if '"final": true' in p.read_text()]
+    first = final_results()
     assert len(first) == 1
     kept = first[0].read_text()  # its timings and timestamps: a trial trained again writes others
 
