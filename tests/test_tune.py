@@ -175,7 +175,10 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     summary = run_tune(load_config(PipelineConfig, args[0], args[1:]))
     assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8]
     assert first[0].read_text() == kept  # it did not run again (Tune may copy its folder again as it was)
-    assert len(list(experiment.glob("*/result.json"))) == 2
+    # Nor in a second folder. (The unfinished trial may get two on restore, a Ray Tune quirk: "Creating a new dirname".)
+    def trial(path: Path) -> str:  # its folder's name less the time it was made: run_trial_<experiment>_<index>_...
+        return re.sub(r"_\d{4}-\d\d-\d\d_.*", "", path.parent.name)
+    assert [p for p in experiment.glob("*/result.json") if trial(p) == trial(first[0])] == first
 
 
 def test_a_trial_of_two_workers_is_a_ray_train_run(ray_local, tmp_path):
