@@ -127,6 +127,7 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     """`dicl tune` in its own process, joined to the running Ray as under `ray job submit`, is killed once its first
     trial has finished; the same command with the same tune.name resumes: the finished trial is kept, not trained
     again."""
+    import pickle
     import re
     import signal
     import subprocess
@@ -140,9 +141,15 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     assert main(["shard", *args, "--no-progress"]) == 0
     experiment = tmp_path / "runs" / "again"
 
-    def finished_in_state() -> int:  # trials Tune's saved experiment state records as finished
-        states = list(experiment.glob("experiment_state-*.json"))
-        return len(re.findall(r"status\W+TERMINATED", states[0].read_text())) if states else 0
+    def finished_in_state() -> int:  # trials the saved experiment state, whole, records as finished
+        try:
+            state = next(experiment.glob("experiment_state-*.json")).read_text()
+            json.loads(state)
+            for search in experiment.glob("basic-variant-state-*.json"):  # the search's own state, a pickle
+                pickle.loads(search.read_bytes())
+        except (StopIteration, ValueError, EOFError, pickle.UnpicklingError):  # not there yet, or being copied
+            return 0
+        return len(re.findall(r"status\W+TERMINATED", state))
 
     def final_results() -> list[Path]:  # trials' result.json whose last line, whole, is the final report
         found = []
@@ -150,9 +157,12 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
             try:
                 if json.loads(path.read_text().splitlines()[-1]).get("final"):
                     found.append(path)
-            except (IndexError, ValueError):  # empty, or its last line still being copied
+            except (IndexError, ValueError):  # empty, or its last line being copied
                 pass
         return found
+
+    def first_trial_saved() -> bool:
+        return finished_in_state() >= 1 and len(final_results()) >= 1
 
     # Tune saves its experiment state every 10 s at most; here at every step, so that the first trial is recorded as
     # finished while the second (in the same actor, at once) still trains.
@@ -160,10 +170,18 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "tune", *args, "--no-progress"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=joined)
     try:
+        # Tune writes its state and each trial's result.json in a staging folder and copies the whole folder to storage,
+        # file by file and in place, at every save: the state can say finished before result.json is there, and a kill
+        # in the middle of a copy leaves a file cut short. The kill lands where storage holds the first trial whole:
+        # the driver is stopped (SIGSTOP), storage checked, and killed, or let go on (SIGCONT) to try again.
         deadline = time.time() + 180
-        # Tune copies its staging folder to storage file by file: the state can say finished before result.json is there.
-        while finished_in_state() < 1 or not final_results():
+        while True:
             assert proc.poll() is None and time.time() < deadline, "the first trial did not finish"
+            if first_trial_saved():
+                os.killpg(proc.pid, signal.SIGSTOP)
+                if first_trial_saved():
+                    break
+                os.killpg(proc.pid, signal.SIGCONT)
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
