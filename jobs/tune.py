@@ -210,6 +210,18 @@ def run_tune(cfg: PipelineConfig) -> dict:
         return search(cfg, base, space, trials, gpu)
 
 
+def saved_state_whole(experiment: str) -> bool:
+    """Whether the newest of the experiment's saved states reads whole. Ray Tune copies its staging folder to storage
+    in place at every save, so a run killed in the middle of a copy leaves the file cut short on local storage."""
+    states = [uri for uri in storage.list_files(experiment, ".json")
+              if uri.rsplit("/", 1)[-1].startswith("experiment_state-")]
+    try:
+        json.loads(storage.read_bytes(max(states)))
+    except ValueError:  # no state, or not JSON
+        return False
+    return True
+
+
 def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
            gpu: bool) -> dict:
     path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
@@ -226,7 +238,11 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
     experiment = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         # Trials that finished, or that the scheduler stopped, stay as they are; the others run (from the start).
-        print(f"tune: resuming experiment {name} (tune.name)", flush=True)
+        if saved_state_whole(storage.join(storage.absolute(cfg.train.storage_path), name)):
+            print(f"tune: resuming experiment {name} (tune.name)", flush=True)
+        else:  # Ray Tune then logs the error and starts the experiment over, in the same folder
+            print(f"tune: the saved state of experiment {name} (tune.name) is cut short, as when a run is killed while "
+                  "saving it: every trial runs again", flush=True)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, param_space=param_space,
                                    storage_filesystem=filesystem)
     else:

@@ -123,7 +123,7 @@ def test_optuna_draws_trials_from_distributions_with_asha_on_top(ray_local, tmp_
     assert best["k"] == summary["best"]["k"] and best["method"]["consistency_weight"] == summary["best"]["consistency_weight"]
 
 
-def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray_local, tmp_path):
+def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray_local, tmp_path, capsys):
     """`dicl tune` in its own process, joined to the running Ray as under `ray job submit`, is killed once its first
     trial has finished; the same command with the same tune.name resumes: the finished trial is kept, not trained
     again."""
@@ -190,13 +190,29 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     assert len(first) == 1
     kept = first[0].read_text()  # its timings and timestamps: a trial trained again writes others
 
+    capsys.readouterr()
     summary = run_tune(load_config(PipelineConfig, args[0], args[1:]))
+    assert "tune: resuming experiment again" in capsys.readouterr().out
     assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8]
     assert first[0].read_text() == kept  # it did not run again (Tune may copy its folder again as it was)
     # Nor in a second folder. (The unfinished trial may get two on restore, a Ray Tune quirk: "Creating a new dirname".)
     def trial(path: Path) -> str:  # its folder's name less the time it was made: run_trial_<experiment>_<index>_...
         return re.sub(r"_\d{4}-\d\d-\d\d_.*", "", path.parent.name)
     assert [p for p in experiment.glob("*/result.json") if trial(p) == trial(first[0])] == first
+
+
+def test_a_saved_state_cut_short_is_told_apart_from_a_whole_one(tmp_path):
+    """A run killed while Ray Tune copies its state leaves the file cut short; resuming from it, Tune starts over, and
+    the tune job says so rather than "resuming"."""
+    from jobs.tune import saved_state_whole
+
+    assert not saved_state_whole(str(tmp_path))  # nothing saved yet
+    state = json.dumps({"trial_data": [["{\"status\": \"TERMINATED\"}", "{}"]], "runner_data": {}}).encode()
+    (tmp_path / "experiment_state-2026-12-05_01-00-00.json").write_bytes(b"{not json")  # an older session's: not read
+    (tmp_path / "experiment_state-2026-12-05_02-00-00.json").write_bytes(state)
+    assert saved_state_whole(str(tmp_path))
+    (tmp_path / "experiment_state-2026-12-05_02-00-00.json").write_bytes(state[: len(state) // 2])
+    assert not saved_state_whole(str(tmp_path))
 
 
 def test_a_trial_of_two_workers_is_a_ray_train_run(ray_local, tmp_path):
