@@ -224,7 +224,8 @@ def saved_state_whole(experiment: str) -> bool:
 
 def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
            gpu: bool) -> dict:
-    path, filesystem = train_storage(storage.absolute(cfg.train.storage_path))
+    runs = storage.absolute(cfg.train.storage_path)
+    path, filesystem = train_storage(runs)
     # A trial of one worker trains in its own actor; a trial of several drives a Ray Train run whose workers ask
     # for the CPUs and GPUs, so its own actor asks for none of them (Tune wants some resource: a little memory).
     one = base.num_workers == 1
@@ -238,7 +239,7 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
     experiment = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         # Trials that finished, or that the scheduler stopped, stay as they are; the others run (from the start).
-        if saved_state_whole(storage.join(storage.absolute(cfg.train.storage_path), name)):
+        if saved_state_whole(storage.join(runs, name)):
             print(f"tune: resuming experiment {name} (tune.name)", flush=True)
         else:  # Ray Tune then logs the error and starts the experiment over, in the same folder
             print(f"tune: the saved state of experiment {name} (tune.name) is cut short, as when a run is killed while "
