@@ -134,7 +134,7 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     import sys
     import time
 
-    from jobs.tune import run_tune
+    from jobs.tune import run_tune, saved_state_whole
 
     args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=10", "tune.name=again",
             "tune.space={k: [6, 8]}", "tune.max_concurrent=1"]
@@ -142,14 +142,14 @@ def test_an_experiment_killed_after_a_trial_resumes_without_running_it_again(ray
     experiment = tmp_path / "runs" / "again"
 
     def finished_in_state() -> int:  # trials the saved experiment state, whole, records as finished
+        if not saved_state_whole(str(experiment)):  # not there yet, or being copied
+            return 0
         try:
-            state = next(experiment.glob("experiment_state-*.json")).read_text()
-            json.loads(state)
             for search in experiment.glob("basic-variant-state-*.json"):  # the search's own state, a pickle
                 pickle.loads(search.read_bytes())
-        except (StopIteration, ValueError, EOFError, pickle.UnpicklingError):  # not there yet, or being copied
+        except (EOFError, pickle.UnpicklingError):  # being copied
             return 0
-        return len(re.findall(r"status\W+TERMINATED", state))
+        return len(re.findall(r"status\W+TERMINATED", max(experiment.glob("experiment_state-*.json")).read_text()))
 
     def final_results() -> list[Path]:  # trials' result.json whose last line, whole, is the final report
         found = []
