@@ -43,12 +43,20 @@ class Strict(BaseModel):
 
 
 class ShardConfig(Strict):
-    source: str = Field("sklearn:digits", description="image folder, MNIST IDX folder/file, .npz, or sklearn:digits")
+    source: str = Field("sklearn:digits", description="image folder, MNIST IDX folder/file, .npz, sklearn:digits, or a "
+                        "WebDataset corpus indexed in place: a folder/prefix of *.tar or a brace pattern "
+                        "(s3://bucket/laion/{00000..09999}.tar)")
     output: str = Field("outputs/demo/shards", description="folder or s3:// prefix for the shards")
     samples_per_shard: int = Field(10_000, ge=1, description="most images in one shard (a shard is also the unit of "
                                    "parallel writing, of a worker's share and of one Parquet part)")
     max_shard_bytes: int = Field(256 * 2**20, ge=1024, description="most encoded bytes in one shard")
-    limit: int | None = Field(None, ge=1, description="take only the first N samples (for quick runs)")
+    limit: int | None = Field(None, ge=1, description="take only the first N samples (for quick runs; a WebDataset "
+                              "corpus: whole tars, up to N)")
+    store: Literal["original", "resized"] = Field(
+        "original", description="original: every image's own bytes; resized: each image by the input policy once "
+        "(its shorter side down to shard.image_size, centre square), re-encoded (PNG stays PNG, others JPEG q95), its "
+        "original's URI kept as its source: far fewer bytes and less decoding for photos. The summary prints both costs")
+    image_size: int = Field(64, ge=4, description="store=resized: the side images are stored at (never enlarged)")
 
 
 class TrainConfig(Strict):

@@ -75,18 +75,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     (seed, p); loader process w of W takes every W-th of them, decodes each whole and mixes its images through its
     own seeded shuffle buffer."""
 
-    def __init__(self, uris: list[str], members: dict | None, digests: dict[str, str], mode: str, side: int,
-                 batch: int, buffer: int, seed: int):
-        self.uris, self.members, self.digests, self.mode, self.side = uris, members, digests, mode, side
+    def __init__(self, uris: list[str], names: list[str], members: dict | None, checks: dict[str, str | dict],
+                 mode: str, side: int, batch: int, buffer: int, seed: int):
+        self.uris, self.names, self.members, self.checks, self.mode, self.side = uris, names, members, checks, mode, side
         self.batch, self.buffer, self.seed = batch, buffer, seed
 
     def shard_images(self, worker: int, workers: int) -> Iterator[np.ndarray]:
         for p in itertools.count():  # endless; the engine takes `steps` batches an epoch
             order = np.random.default_rng([self.seed, p]).permutation(len(self.uris))
             for i in order[worker::workers]:
-                uri, name = self.uris[i], shards.name_of(self.uris[i])
+                uri, name = self.uris[i], self.names[i]
                 picks = None if self.members is None else self.members[name]
-                yield shards.load_shard(uri, self.mode, self.side, picks, self.digests[name]).images
+                yield shards.load_shard(uri, self.mode, self.side, picks, self.checks[name], name).images
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
@@ -122,9 +122,10 @@ def ahead(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[tor
 class RankPlan:
     """What one rank trains on: its shards (round-robin) and, under train.sample, the chosen members of each."""
     uris: list[str]
+    names: list[str]  # the manifest's name of each shard
     members: dict[str, np.ndarray] | None  # {shard name: positions}; None = whole shards
     sizes: dict[str, int]  # images the rank trains on, per shard name
-    digests: dict[str, str]  # sha256 per shard name, as the manifest recorded it
+    checks: dict[str, str | dict]  # per shard name, what the manifest recorded to check it by (shards.check_of)
     global_n: int
     mode: str
     side: int
@@ -139,16 +140,15 @@ class RankPlan:
 
 
 def plan_rank(cfg: TrainConfig, manifest: dict, rank: int, world: int) -> RankPlan:
-    uris = shards.rank_shards(shards.shard_uris(cfg.shards, manifest), rank, world)
+    entries = shards.rank_shards(manifest["shards"], rank, world)
     members = shards.sample_members(manifest, cfg.sample, cfg.sample_seed) if cfg.sample else None
     sizes = ({s["name"]: s["samples"] for s in manifest["shards"]} if members is None
              else {name: len(m) for name, m in members.items()})
-    names = {shards.name_of(u) for u in uris}
-    mine = {name: n for name, n in sizes.items() if n and name in names}
-    uris = [u for u in uris if shards.name_of(u) in mine]  # under train.sample, a shard may hold none
+    mine = {s["name"]: sizes[s["name"]] for s in entries if sizes.get(s["name"])}
+    entries = [s for s in entries if s["name"] in mine]  # under train.sample, a shard may hold none
     mode, side = shards.image_spec(manifest, cfg.image_size)
-    digests = {name: sha for name, sha in shards.digests(manifest).items() if name in mine}
-    return RankPlan(uris, members, mine, digests, sum(sizes.values()), mode, side)
+    return RankPlan([shards.shard_uri(cfg.shards, s) for s in entries], [s["name"] for s in entries], members, mine,
+                    {s["name"]: shards.check_of(s) for s in entries}, sum(sizes.values()), mode, side)
 
 
 def rank_sample(plan: RankPlan, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -176,7 +176,7 @@ class StreamInput:
             self.close()
             seed_now = epoch_seed(seed, epoch, rank)
             plan = self.plan
-            data = ShardStream(plan.uris, plan.members, plan.digests, plan.mode, plan.side, batch, self.buffer, seed_now)
+            data = ShardStream(plan.uris, plan.names, plan.members, plan.checks, plan.mode, plan.side, batch, self.buffer, seed_now)
             loader = torch.utils.data.DataLoader(
                 data, batch_size=None, num_workers=self.workers, pin_memory=self.device.type == "cuda",
                 prefetch_factor=4 if self.workers else None, generator=torch.Generator().manual_seed(seed_now),

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import assignments, lease, shards, storage
+from . import assignments, corpus, lease, shards, storage
 from .config import PredictConfig
 from .estimator import DeepClusterer
 from .sources import IMAGE_EXTS, FileListSource, SourceError, open_source
@@ -39,7 +39,7 @@ def tar_part(uri: str, size: int) -> Part:
     def read():
         out = []
         for s in shards.read_shard(uri):
-            out.append((s["__key__"], shards.source_of(s) or f"{uri}#{s['__key__']}", lambda s=s: shards.image_of(s)))
+            out.append((s["__key__"], shards.source_of(s), lambda s=s: shards.image_of(s)))
         return out
     return Part(shards.name_of(uri), None, read, f"{uri}:{size}")
 
@@ -65,6 +65,9 @@ def plan(inputs: list[str], per_part: int) -> list[Part]:
         raise SourceError("no input given: name image files, a folder or s3:// prefix, or WebDataset tars")
     files, tars, parts = [], [], []
     for spec in inputs:
+        if corpus.is_pattern(spec):  # s3://bucket/laion/{00000..00099}.tar
+            tars += corpus.expand(spec)
+            continue
         fs, path = storage.filesystem(spec)
         if is_tar(spec):
             tars.append(spec)

@@ -20,58 +20,73 @@ from PIL import Image  # noqa: E402
 from . import assignments, metrics, shards, storage  # noqa: E402
 from .config import TuneConfig  # noqa: E402
 
-SOURCE_IMAGES = 20_000  # images of the first shards read back for the picture grids and the label-free score
+SOURCE_IMAGES = 20_000  # images of the sampled shards the report reads back: pictures, scores and the embedding
 SCORE_SAMPLE = TuneConfig().score_sample  # of those, the images the label-free score is measured on, as in tune
 
 
-def labels_of(shards_uri: str, manifest: dict) -> pd.Series:
-    """Ground-truth labels by key, read from the shards' .cls members (scoring only)."""
-    keys, labels, sha = [], [], shards.digests(manifest)
-    for uri in shards.shard_uris(shards_uri, manifest):
-        for s in shards.read_shard(uri, sha[shards.name_of(uri)]):
-            if "cls" in s:
-                keys.append(s["__key__"])
-                labels.append(int(s["cls"]))
-    return pd.Series(labels, index=keys, dtype=np.int64)
+@dataclass
+class Sample:
+    """What the report looks at, bounded whatever the corpus' size: a seeded random sample of whole shards (at least
+    `SOURCE_IMAGES` images, or all), their images decoded, their rows of the assignments, and the run's counts
+    over the whole corpus from `_SUCCESS.json` (added up from the parts' footers)."""
+    data: shards.Decoded  # the sampled shards' images, keys and labels (-1 where unknown)
+    table: pd.DataFrame  # their rows, by key: cluster, confidence
+    success: dict  # the label run's _SUCCESS.json
+    shards: int  # shards sampled
+    of_shards: int  # shards in the corpus
+    expected_rows: int  # the corpus' images, as its manifest counts them
 
 
-def first_images(shards_uri: str, limit: int = SOURCE_IMAGES) -> tuple[np.ndarray, list[str]]:
-    """Decoded images and keys of the first shards, at least `limit` images (or all there are). Read once and
-    passed to `summarize` and `montages`, which both look at them."""
-    manifest = shards.read_manifest(shards_uri)
-    mode, side = shards.image_spec(manifest)
-    images, keys, sha = [], [], shards.digests(manifest)
-    for uri in shards.shard_uris(shards_uri, manifest):
-        d = shards.load_shard(uri, mode, side, sha256=sha[shards.name_of(uri)])
-        images.append(d.images)
-        keys += d.keys
-        if len(keys) >= limit:
+def sample_shards(manifest: dict, limit: int, seed: int = 0) -> list[dict]:
+    """Manifest entries of a seeded random sample of shards holding at least `limit` images, in manifest order."""
+    order = np.random.default_rng(seed).permutation(len(manifest["shards"]))
+    taken, count = [], 0
+    for i in order:
+        if count >= limit:
             break
-    return np.concatenate(images), keys
+        taken.append(int(i))
+        count += manifest["shards"][i]["samples"]
+    return [manifest["shards"][i] for i in sorted(taken)]
 
 
-def summarize(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | None = None) -> dict:
-    """Counts per cluster; the label-free modularity of the clusters (metrics.knn_modularity, as the tune job
-    scores trials) on images of the first shards (`seen`, from first_images); and, where the shards carry labels,
-    ACC/NMI/ARI over the corpus."""
+def sample(output: str, shards_uri: str, limit: int = SOURCE_IMAGES, seed: int = 0) -> Sample:
     manifest = shards.read_manifest(shards_uri)
-    table = assignments.read(output, columns=["key", "cluster", "confidence"])
-    images, keys = seen or first_images(shards_uri)
-    clusters = table.set_index("key")["cluster"].reindex(keys)
+    try:
+        success = json.loads(storage.read_bytes(storage.join(output, assignments.SUCCESS)))
+    except storage.StorageError:
+        raise storage.StorageError(f"{output} holds no finished label run ({assignments.SUCCESS} is missing): "
+                                   "run dicl label first") from None
+    entries = sample_shards(manifest, limit, seed)
+    mode, side = shards.image_spec(manifest)
+    data = shards.concat([shards.load_shard(shards.shard_uri(shards_uri, e), mode, side, check=shards.check_of(e),
+                                            name=e["name"]) for e in entries], mode, side)
+    parts = [storage.join(output, assignments.part_name(shards.part_index(e))) for e in entries]
+    table = assignments.read_parts(parts, ["key", "cluster", "confidence"]).set_index("key")
+    return Sample(data, table, success, len(entries), len(manifest["shards"]), manifest["num_samples"])
+
+
+def summarize(output: str, shards_uri: str, seen: Sample | None = None) -> dict:
+    """Counts per cluster over the corpus (from `_SUCCESS.json`); on the sampled shards (`seen`): the mean
+    confidence, the label-free modularity of the clusters (metrics.knn_modularity, as the tune job scores trials)
+    and, where the shards carry labels, ACC/NMI/ARI; with the sample's size beside them."""
+    seen = seen or sample(output, shards_uri)
+    clusters = seen.table["cluster"].reindex(seen.data.keys)
     known = clusters.notna().to_numpy()  # a skipped image has no row
+    success = seen.success
     summary = {
-        "rows": int(len(table)),
-        "unique_keys": int(table["key"].nunique()),
-        "expected_rows": manifest["num_samples"],
-        "cluster_sizes": {int(k): int(v) for k, v in table["cluster"].value_counts().sort_index().items()},
-        "mean_confidence": float(table["confidence"].mean()),
-        "modularity": metrics.knn_modularity(images[known], clusters[known].to_numpy(np.int64), SCORE_SAMPLE),
+        "rows": int(success["rows"]),
+        "expected_rows": int(seen.expected_rows),
+        "skipped": int(success.get("skipped", {}).get("count", 0)),
+        "cluster_sizes": {int(k): int(v) for k, v in sorted(success["counts"].items(), key=lambda kv: int(kv[0]))},
+        "sample_rows": int(known.sum()),
+        "sample_shards": f"{seen.shards} of {seen.of_shards}",
+        "mean_confidence": float(seen.table["confidence"].mean()),
+        "modularity": metrics.knn_modularity(seen.data.images[known], clusters[known].to_numpy(np.int64), SCORE_SAMPLE),
     }
-    if manifest.get("labelled"):
-        truth = labels_of(shards_uri, manifest)
-        joined = table.set_index("key").join(truth.rename("label"), how="inner")
-        summary["scored_rows"] = int(len(joined))
-        summary.update(metrics.scores(joined["label"].to_numpy(), joined["cluster"].to_numpy()))
+    scored = known & (seen.data.labels >= 0)
+    if scored.any():
+        summary["scored_rows"] = int(scored.sum())
+        summary.update(metrics.scores(seen.data.labels[scored], clusters[scored].to_numpy(np.int64)))
     return summary
 
 
@@ -97,34 +112,35 @@ class ClusterView:
     composition: dict[int, int] = field(default_factory=dict)  # label -> images, where labels exist
 
 
-def cluster_views(output: str, shards_uri: str, seen: tuple[np.ndarray, list[str]] | None = None,
+def cluster_views(output: str, shards_uri: str, seen: Sample | None = None,
                   most: int = 12, least: int = 6) -> dict[int, ClusterView]:
-    """Per cluster: its size (over the corpus) and its most and least confident images among the first shards'
+    """Per cluster: its size (over the corpus) and its most and least confident images among the sampled shards'
     (`seen`), with their keys."""
-    table = assignments.read(output, columns=["key", "cluster", "confidence"]).set_index("key")
-    images, keys = seen or first_images(shards_uri)
-    sizes = table["cluster"].value_counts()
-    sub = table.loc[table.index.intersection(keys)]
+    seen = seen or sample(output, shards_uri)
+    keys = seen.data.keys
+    sub = seen.table.loc[seen.table.index.intersection(keys)]
     pos = {k: i for i, k in enumerate(keys)}
     by_cluster = dict(list(sub.groupby("cluster")))
     views = {}
-    for cluster, size in sizes.sort_index().items():
+    for cluster, size in sorted((int(k), int(v)) for k, v in seen.success["counts"].items()):
         rows = by_cluster.get(cluster, sub.iloc[:0]).sort_values("confidence", ascending=False)
-        pick = lambda idx: [(k, float(rows.at[k, "confidence"]), thumbnail(images[pos[k]])) for k in idx]  # noqa: E731
+        pick = lambda idx: [(k, float(rows.at[k, "confidence"]), thumbnail(seen.data.images[pos[k]])) for k in idx]  # noqa: E731
         top = list(rows.index[:most])
         rest = [k for k in rows.index[::-1][:least] if k not in top]
-        views[int(cluster)] = ClusterView(int(size), pick(top), pick(rest[::-1]))
+        views[cluster] = ClusterView(size, pick(top), pick(rest[::-1]))
     return views
 
 
-def add_composition(views: dict[int, ClusterView], output: str, shards_uri: str) -> pd.DataFrame | None:
-    """Where the shards carry labels: each cluster's images by label (also kept in views), as a confusion matrix
-    (clusters x labels)."""
+def add_composition(views: dict[int, ClusterView], output: str, shards_uri: str,
+                    seen: Sample | None = None) -> pd.DataFrame | None:
+    """Where the shards carry labels: each cluster's images by label among the sampled shards (also kept in views),
+    as a confusion matrix (clusters x labels)."""
     manifest = shards.read_manifest(shards_uri)
     if not manifest.get("labelled"):
         return None
-    table = assignments.read(output, columns=["key", "cluster"]).set_index("key")
-    joined = table.join(labels_of(shards_uri, manifest).rename("label"), how="inner")
+    seen = seen or sample(output, shards_uri)
+    truth = pd.Series(seen.data.labels, index=seen.data.keys)
+    joined = seen.table.join(truth[truth >= 0].rename("label"), how="inner")
     matrix = pd.crosstab(joined["cluster"], joined["label"])
     classes = manifest.get("classes")
     if classes:
@@ -158,8 +174,11 @@ def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
     manifest = shards.read_manifest(shards_uri)
     by_shape: dict = {}
     first = manifest["shards"][0]
-    for s in shards.read_shard(storage.join(shards_uri, first["name"]), first["sha256"]):
-        meta = json.loads(s["json"]) if "json" in s else {}
+    for s in shards.read_shard(shards.shard_uri(shards_uri, first), shards.check_of(first)):
+        try:
+            meta = json.loads(s["json"]) if "json" in s else {}
+        except ValueError:  # a corpus' own json, read as it is
+            meta = {}
         by_shape.setdefault((meta.get("width"), meta.get("height")), s)
     picks = list(by_shape.values())[:count]
     fig, axes = plt.subplots(2, len(picks), figsize=(len(picks) * 1.3, 2.8), squeeze=False)
@@ -276,13 +295,14 @@ def render(r: Report) -> str:
 <style>{STYLE}</style></head><body><h1>Clustering report</h1>
 <p><b>{s['rows']:,}</b> images in <b>{len(r.clusters)}</b> clusters by <b>{html.escape(str(run.get('method')))}</b>
 (k={run.get('k')}, run {html.escape(str(run.get('run')))}, images at {run.get('image_size')}x{run.get('image_size')}).
-Mean confidence {s['mean_confidence']:.3f}. Modularity on the images' nearest-neighbour graph {s['modularity']:.3f}
+On a seeded sample of {s['sample_rows']:,} images ({s['sample_shards']} shards), which the pictures below show too:
+mean confidence {s['mean_confidence']:.3f}; modularity on the images' nearest-neighbour graph {s['modularity']:.3f}
 (0: no better than chance, 1: every image's 10 nearest images in its own cluster; no labels used).
-{'Against the labels: ' + scores + '.' if scores else ''}</p>
+{'Against the labels (' + format(s['scored_rows'], ',') + ' labelled images): ' + scores + '.' if scores else ''}</p>
 <p>Assignments: <code>{html.escape(run.get('assignments', ''))}</code>; checkpoint:
 <code>{html.escape(run.get('checkpoint', ''))}</code>.</p>
 <h2>Cluster sizes</h2>{img(sizes_chart(s['cluster_sizes']), 'cluster sizes')}
-{'<h2>Embedding</h2><p>Embeddings of the shown images on their first two principal components.</p>' + img(r.embedding, 'embedding') if r.embedding else ''}
+{'<h2>Embedding</h2><p>Embeddings of images of the sample on their first two principal components.</p>' + img(r.embedding, 'embedding') if r.embedding else ''}
 {'<h2>Clusters against the labels</h2>' + confusion_html(r.confusion) if r.confusion is not None else ''}
 {'<h2>Tune trials</h2>' + trials_html(r.trials) if r.trials else ''}
 {'<h2>Training loss</h2>' + img(curve_chart(r.history), 'loss') if r.history else ''}

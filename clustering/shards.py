@@ -13,13 +13,13 @@ import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 
 import numpy as np
 from PIL import Image
 
-from . import storage
+from . import corpus, storage
 from .sources import GRAY_MODES, BadImage, to_8bit
 
 MANIFEST = "manifest.json"
@@ -79,18 +79,25 @@ def encode_member(ext: str, value) -> bytes:
     raise ValueError(f"no encoding for a {type(value).__name__} under .{ext}")
 
 
-def read_shard(uri: str, sha256: str | None = None) -> list[dict]:
-    """All samples of one shard as dicts: __key__, image bytes under 'png' or 'jpg', 'cls', 'json'. With `sha256`
-    (the manifest's), a shard whose bytes differ is refused rather than read as the corpus."""
+def read_shard(uri: str, check: str | dict | None = None) -> list[dict]:
+    """The samples of one shard that have an image, as dicts: __key__, image bytes under their extension ('png',
+    'jpg', ...), 'cls', 'json'. With `check` (the manifest's), a shard that changed is refused rather than read as
+    the corpus: a sha256 for the shard job's own shards, a fingerprint for a WebDataset corpus indexed in place
+    (whose samples without an image the index counted as skipped, and which are left out here alike)."""
+    if isinstance(check, dict):
+        corpus.check_fingerprint(uri, check)
     data = storage.read_bytes(uri)
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    if isinstance(check, str) and hashlib.sha256(data).hexdigest() != check:
         raise StaleShard(f"{uri} is not the shard {MANIFEST} describes (its sha256 differs): the shards changed after "
                          "the manifest was written, by an interrupted or concurrent shard job. Re-run dicl shard.")
+    if isinstance(check, dict) and len(data) != check["size"]:
+        raise corpus.CorpusError(f"{uri} changed while it was read ({len(data):,} bytes where the index recorded "
+                                 f"{check['size']:,}): re-index it with dicl shard")
     files = plain_tar_members(data)
     if files is None:  # member kinds the fast reader does not know: Python's tarfile reads every kind
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             files = [{"fname": m.name, "data": tar.extractfile(m).read()} for m in tar if m.isfile()]
-    return group_samples(files, uri)
+    return [s for s in group_samples(files, uri) if corpus.image_ext(s)]
 
 
 # webdataset's key rule: a member's key is its path up to the first dot of its file name, the rest its extension.
@@ -161,18 +168,39 @@ def read_manifest(base: str) -> dict:
         ) from None
 
 
+def shard_uri(base: str, entry: dict) -> str:
+    """Where a manifest entry's tar lies: beside the manifest, or (a corpus indexed in place) where it was found."""
+    return entry.get("uri") or storage.join(base, entry["name"])
+
+
 def shard_uris(base: str, manifest: dict) -> list[str]:
-    return [storage.join(base, s["name"]) for s in manifest["shards"]]
+    return [shard_uri(base, s) for s in manifest["shards"]]
 
 
-def digests(manifest: dict) -> dict[str, str]:
-    """{shard name: sha256} as the shard job recorded them; readers check every shard against it."""
-    return {s["name"]: s["sha256"] for s in manifest["shards"]}
+def check_of(entry: dict) -> str | dict:
+    """What a reader checks a shard against: the sha256 the shard job recorded, or an indexed tar's fingerprint."""
+    return entry.get("sha256") or entry["fingerprint"]
 
 
-def rank_shards(uris: list[str], rank: int, world: int) -> list[str]:
-    """Shards of one rank: round-robin, so ranks differ by at most one shard."""
-    return uris[rank::world]
+def checks(manifest: dict) -> dict[str, str | dict]:
+    """{shard name: check_of}; readers check every shard against it."""
+    return {s["name"]: check_of(s) for s in manifest["shards"]}
+
+
+def entries_by_uri(manifest: dict):
+    """uri -> the manifest's entry of that shard: an indexed tar's by its URI, the shard job's by its file name."""
+    table = {s.get("uri") or s["name"]: s for s in manifest["shards"]}
+    return lambda uri: table[uri] if uri in table else table[name_of(uri)]
+
+
+def part_index(entry: dict) -> int:
+    """The number of a shard's Parquet part: the shard's own (shard-000012.tar: 12), or an indexed tar's position."""
+    return entry["index"] if "index" in entry else shard_index(entry["name"])
+
+
+def rank_shards(shards: list, rank: int, world: int) -> list:
+    """Shards (URIs or manifest entries) of one rank: round-robin, so ranks differ by at most one shard."""
+    return shards[rank::world]
 
 
 # The input policy (DESIGN.md §3), the same in training, labelling and the report: every image is converted to the
@@ -210,31 +238,44 @@ class Decoded:
     keys: list[str]
     labels: np.ndarray  # (N,) int64, -1 where unknown
     shards: list[str]  # shard name per sample
+    skipped: list[str] = field(default_factory=list)  # samples whose image did not decode: "TAR#KEY: why"
+    sources: list[str] = field(default_factory=list)  # source_of each sample
 
 
 def image_of(sample: dict) -> bytes:
-    for ext in ("png", "jpg", "jpeg"):
-        if ext in sample:
-            return sample[ext]
-    raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')} has no png/jpg member")
+    ext = corpus.image_ext(sample)
+    if ext is None:
+        raise ValueError(f"sample {sample['__key__']} in {sample.get('__url__')} has no image member")
+    return sample[ext]
 
 
 def source_of(sample: dict) -> str:
-    """The input a sample came from, as the shard job recorded it in KEY.json ("" for shards written elsewhere)."""
-    meta = sample.get("json")
+    """The input a sample came from: as the shard job recorded it in KEY.json (`source`), the `url` of a corpus'
+    own json (img2dataset's), else TAR#KEY."""
     try:
-        return str(json.loads(meta).get("source", "")) if meta else ""
-    except (ValueError, AttributeError):
-        return ""
+        meta = json.loads(sample["json"]) if sample.get("json") else {}
+        found = meta.get("source") or meta.get("url") if isinstance(meta, dict) else None
+    except ValueError:
+        found = None
+    return str(found) if found else f"{sample.get('__url__', '')}#{sample['__key__']}"
 
 
 def decode_samples(samples: list[dict], mode: str, side: int, shard: str) -> Decoded:
+    """Samples -> images by the input policy. A sample whose image does not decode (a corpus indexed in place is
+    read as it is: the shard job decoded its own shards' images once already) is left out and listed in `skipped`."""
     # One thread: for small images Python's per-image overhead dominates, and threads only contend for the GIL.
-    arrays = [decode_image(image_of(s), mode, side) for s in samples]
+    arrays, kept, skipped = [], [], []
+    for s in samples:
+        try:
+            arrays.append(decode_image(image_of(s), mode, side))
+            kept.append(s)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            skipped.append(f"{s.get('__url__', shard)}#{s['__key__']}: not a readable image ({type(e).__name__}: {e})")
     c = 1 if mode == "L" else 3
     images = np.stack(arrays) if arrays else np.zeros((0, side, side, c), np.uint8)
-    labels = np.array([int(s["cls"]) if "cls" in s else -1 for s in samples], dtype=np.int64)
-    return Decoded(images, [s["__key__"] for s in samples], labels, [shard] * len(samples))
+    labels = np.array([int(s["cls"]) if "cls" in s else -1 for s in kept], dtype=np.int64)
+    return Decoded(images, [s["__key__"] for s in kept], labels, [shard] * len(kept), skipped,
+                   [source_of(s) for s in kept])
 
 
 def corpus_side(manifest: dict) -> int:
@@ -249,20 +290,22 @@ def image_spec(manifest: dict, side: int | None = None, channels: int | None = N
     return ("L" if c == 1 else "RGB"), int(side or corpus_side(manifest))
 
 
-def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None, sha256: str | None = None) -> Decoded:
-    """One shard decoded (checked against `sha256`); `members`: only the samples at these positions (a sample
-    drawn across the corpus)."""
-    samples = read_shard(uri, sha256)
+def load_shard(uri: str, mode: str, side: int, members: np.ndarray | None = None, check: str | dict | None = None,
+               name: str | None = None) -> Decoded:
+    """One shard decoded (checked against `check`); `members`: only the samples at these positions (a sample
+    drawn across the corpus); `name`: the shard's manifest name (its file name by default)."""
+    samples = read_shard(uri, check)
     if members is not None:
         samples = [samples[i] for i in members]
-    return decode_samples(samples, mode, side, name_of(uri))
+    return decode_samples(samples, mode, side, name or name_of(uri))
 
 
 def concat(parts: list[Decoded], mode: str, side: int) -> Decoded:
     if not parts:
         return Decoded(np.zeros((0, side, side, 1 if mode == "L" else 3), np.uint8), [], np.zeros(0, np.int64), [])
     return Decoded(np.concatenate([p.images for p in parts]), [k for p in parts for k in p.keys],
-                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards])
+                   np.concatenate([p.labels for p in parts]), [s for p in parts for s in p.shards],
+                   [s for p in parts for s in p.skipped], [s for p in parts for s in p.sources])
 
 
 def load_shards(uris: list[str], manifest: dict, side: int | None = None, workers: int = 1,
@@ -270,16 +313,16 @@ def load_shards(uris: list[str], manifest: dict, side: int | None = None, worker
     """Read and decode whole shards (or the `members` of each, by shard name) into one uint8 array.
     With workers > 1, shards decode in parallel processes (forkserver: safe beside threads and CUDA)."""
     mode, side = image_spec(manifest, side, channels)
-    sha = digests(manifest)
-    picks = [None if members is None else members.get(name_of(u), np.zeros(0, np.int64)) for u in uris]
-    jobs = [(u, p, sha[name_of(u)]) for u, p in zip(uris, picks) if p is None or len(p)]
+    entry = entries_by_uri(manifest)
+    picks = [None if members is None else members.get(entry(u)["name"], np.zeros(0, np.int64)) for u in uris]
+    jobs = [(u, p, check_of(entry(u)), entry(u)["name"]) for u, p in zip(uris, picks) if p is None or len(p)]
     if workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            uris, picks, shas = zip(*jobs)
-            parts = list(pool.map(load_shard, uris, repeat(mode), repeat(side), picks, shas))
+            uris, picks, shas, names_ = zip(*jobs)
+            parts = list(pool.map(load_shard, uris, repeat(mode), repeat(side), picks, shas, names_))
     else:
-        parts = [load_shard(u, mode, side, p, h) for u, p, h in jobs]
+        parts = [load_shard(u, mode, side, p, h, n) for u, p, h, n in jobs]
     return concat(parts, mode, side)
 
 
@@ -309,27 +352,51 @@ def plan_shards(items: list, samples_per_shard: int, max_bytes: int) -> list[lis
     return groups
 
 
-def write_items(source, items: list, uri: str) -> dict:
-    """Load, validate and write one shard of a source's items. An input that cannot be read or decoded, for any
-    reason, is skipped and listed: one bad file (or one key storage cannot serve) never stops the job."""
-    samples, skipped, shapes = [], [], Counter()
+def resized(d, side: int):
+    """shard.store=resized: an image by the input policy at its shorter side or `side`, whichever is smaller (never
+    enlarged), in its own mode, re-encoded: PNG stays lossless, a JPEG becomes a JPEG at quality 95."""
+    from .sources import Decoded as SourceImage
+
+    mode = "L" if d.mode in GRAY_MODES else "RGB"
+    arr = decode_image(d.data, mode, min(side, d.width, d.height))
+    im = Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
+    buf = io.BytesIO()
+    if d.ext == "png":
+        im.save(buf, format="PNG", compress_level=1)
+    else:
+        im.save(buf, format="JPEG", quality=95)
+    return SourceImage(buf.getvalue(), d.ext, im.width, im.height, mode)
+
+
+def write_items(source, items: list, uri: str, store_side: int | None = None) -> dict:
+    """Load, validate and write one shard of a source's items (with `store_side`: resized, shard.store=resized).
+    An input that cannot be read or decoded, for any reason, is skipped and listed: one bad file (or one key
+    storage cannot serve) never stops the job."""
+    samples, skipped, shapes, original, stored = [], [], Counter(), 0, 0
     for it in items:
         try:
             d = source.load(it)
+            original += len(d.data)
+            if store_side:
+                original_size = {"original_width": d.width, "original_height": d.height}
+                d = resized(d, store_side)
         except BadImage as e:
             skipped.append(str(e))
             continue
         except Exception as e:  # noqa: BLE001 - a failed read is this input's fault, counted like a bad image
             skipped.append(f"{source.describe(it)}: could not be read ({type(e).__name__}: {e})")
             continue
+        stored += len(d.data)
         sample = {"__key__": it.key, d.ext: d.data,
-                  "json": {"source": source.describe(it), "width": d.width, "height": d.height}}
+                  "json": {"source": source.describe(it), "width": d.width, "height": d.height,
+                           **(original_size if store_side else {})}}
         if it.label is not None:
             sample["cls"] = it.label
         samples.append(sample)
         shapes[(d.height, d.width, d.mode)] += 1
     stats = write_shard(samples, uri) if samples else None
-    return {"shard": stats, "skipped": skipped, "shapes": shapes, "labelled": sum("cls" in s for s in samples)}
+    return {"shard": stats, "skipped": skipped, "shapes": shapes, "labelled": sum("cls" in s for s in samples),
+            "original_bytes": original, "image_bytes": stored}
 
 
 def shape_summary(shapes: Counter) -> dict:

@@ -120,58 +120,93 @@ class ArraySource:
 
 
 @dataclass
-class FolderSource:
-    """A folder tree of image files; a file's parent folder name (below the root) becomes its label.
+class Listing:
+    """What a walk of (part of) a folder tree found."""
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path relative to the root, size) of images, sorted
+    hidden: list[str] = field(default_factory=list)  # relative names of hidden files and folders left out
+    unlisted: list[str] = field(default_factory=list)  # what the listing saw but cannot read: counted as skipped
+    listed: int = 0  # files seen, images or not
+    folders: list[str] = field(default_factory=list)  # with top_only: the subfolders (relative), not walked
 
-    Hidden names (a leading dot: .git, .DS_Store, ._x.jpg) are not read, and are counted in `hidden`. Symlinked
-    files are read; symlinked folders are not followed, so a link loop cannot make the listing endless."""
+
+def walk_images(uri: str, subs: tuple[str, ...] = ("",), top_only: bool = False) -> Listing:
+    """The image files under `uri` (in its subfolders `subs`; with top_only, its own files and the names of its
+    subfolders). Hidden names (a leading dot: .git, .DS_Store, ._x.jpg) are not read, and are counted in `hidden`.
+    Symlinked files are read; symlinked folders are not followed, so a link loop cannot make the listing endless.
+    Folder by folder (fs.walk), keeping only (path, size) of images: ~100 bytes a file."""
+    fs, root = storage.filesystem(uri)
+    root = root.rstrip("/")
+    out = Listing()
+    for sub in subs:
+        start = f"{root}/{sub}" if sub else root
+        for folder, dirs, found in fs.walk(start, detail=True, maxdepth=1 if top_only else None):  # top-down:
+            rel = folder[len(root) + 1:]  # deleting from dirs prunes the walk
+            if "" in found or "" in dirs:  # an S3 key with '//' lists as an empty name here and cannot be read
+                out.unlisted.append(f"{uri.rstrip('/')}/{rel}/ holds a key with an empty path segment ('//'), "
+                                    "which a folder listing cannot reach: rename it")
+                found.pop("", None)
+                dirs.pop("", None)
+            for name in [d for d in dirs if d.startswith(".")] + [f for f in found if f.startswith(".")]:
+                out.hidden.append(f"{rel}/{name}" if rel else name)
+                dirs.pop(name, None)
+                found.pop(name, None)
+            if top_only:
+                out.folders += sorted(f"{rel}/{d}" if rel else d for d in dirs)
+            out.listed += len(found)
+            out.files += [(f"{rel}/{name}" if rel else name, int(info.get("size") or 0)) for name, info in found.items()
+                          if PurePosixPath(name).suffix.lower() in IMAGE_EXTS]
+    out.files.sort()
+    return out
+
+
+def no_images(uri: str, listed: int) -> SourceError:
+    return SourceError(f"source {uri!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTS))} "
+                       f"among {listed} files): point it at a folder of images")
+
+
+def parent_names(rels) -> tuple[set[str], bool]:
+    """(the names of the files' parent folders, whether any file lies below the root): a folder tree's classes."""
+    parents = {PurePosixPath(rel).parent for rel in rels}
+    return {p.name for p in parents}, any(str(p) != "." for p in parents)
+
+
+def folder_items(uri: str, files: list[tuple[str, int, str]], classes: list[str] | None) -> list[Item]:
+    """Items of a folder tree's (relative path, size, key): a file's parent folder name is its label."""
+    index = {c: i for i, c in enumerate(classes or [])}
+    items = []
+    for rel, size, key in files:
+        path = PurePosixPath(rel)
+        label = index[path.parent.name] if classes and str(path.parent) != "." else None
+        items.append(Item(key, storage.join(uri, rel), size, label))
+    return items
+
+
+@dataclass
+class FolderSource:
+    """A folder tree of image files, listed in this process (`walk_images`); a file's parent folder name (below the
+    root) becomes its label. (The shard job lists a folder in parallel tasks instead: jobs/shard.py.)"""
 
     uri: str
     files: list[tuple[str, int]] = field(default_factory=list)  # (relative path, size)
     classes: list[str] | None = None
-    hidden: list[str] = field(default_factory=list)  # relative names of hidden files and folders left out
-    unlisted: list[str] = field(default_factory=list)  # what the listing saw but cannot read: counted as skipped
+    hidden: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         fs, root = storage.filesystem(self.uri)
         if not fs.exists(root):
             raise SourceError(f"source {self.uri!r} does not exist: give an image folder, MNIST IDX files, a .npz or sklearn:digits")
-        root = root.rstrip("/")
-        self.files, listed = [], 0
-        # Folder by folder (fs.walk), keeping only (path, size) of images: memory stays ~100 bytes a file, where a
-        # listing of the whole tree at once (fs.find with details) held a dict of details for every file.
-        for folder, dirs, found in fs.walk(root, detail=True):  # top-down: deleting from dirs prunes the walk
-            rel = folder[len(root) + 1:]
-            if "" in found or "" in dirs:  # an S3 key with '//' lists as an empty name here and cannot be read
-                self.unlisted.append(f"{self.uri.rstrip('/')}/{rel}/ holds a key with an empty path segment ('//'), "
-                                     "which a folder listing cannot reach: rename it")
-                found.pop("", None)
-                dirs.pop("", None)
-            for name in [d for d in dirs if d.startswith(".")] + [f for f in found if f.startswith(".")]:
-                self.hidden.append(f"{rel}/{name}" if rel else name)
-                dirs.pop(name, None)
-                found.pop(name, None)
-            listed += len(found)
-            self.files += [(f"{rel}/{name}" if rel else name, int(info.get("size") or 0)) for name, info in found.items()
-                           if PurePosixPath(name).suffix.lower() in IMAGE_EXTS]
-        self.files.sort()
+        listing = walk_images(self.uri)
+        self.files, self.hidden, self.unlisted = listing.files, listing.hidden, listing.unlisted
         if not self.files:
-            raise SourceError(
-                f"source {self.uri!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTS))} "
-                f"among {listed} files): point it at a folder of images"
-            )
-        parents = {str(PurePosixPath(rel).parent) for rel, _ in self.files}
-        if parents != {"."}:
-            self.classes = sorted({PurePosixPath(rel).parent.name for rel, _ in self.files})
+            raise no_images(self.uri, listing.listed)
+        names, nested = parent_names(rel for rel, _ in self.files)
+        if nested:
+            self.classes = sorted(names)
 
     def plan(self) -> list[Item]:
-        index = {c: i for i, c in enumerate(self.classes or [])}
-        items = []
-        for (rel, size), key in zip(self.files, unique_keys([rel for rel, _ in self.files])):
-            path = PurePosixPath(rel)
-            label = index[path.parent.name] if self.classes and str(path.parent) != "." else None
-            items.append(Item(key, storage.join(self.uri, rel), size, label))
-        return items
+        keys = unique_keys([rel for rel, _ in self.files])
+        return folder_items(self.uri, [(rel, size, key) for (rel, size), key in zip(self.files, keys)], self.classes)
 
     def load(self, item: Item) -> Decoded:
         return load_file(str(item.ref))
@@ -302,8 +337,9 @@ def digits_source() -> ArraySource:
     return ArraySource("sklearn:digits", "digits", images, d.target.astype(np.int64))
 
 
-def open_source(spec: str):
-    """The source a user names: sklearn:digits, a .npz, MNIST IDX files, or an image folder."""
+def open_source(spec: str, list_files: bool = True):
+    """The source a user names: sklearn:digits, a .npz, MNIST IDX files, or an image folder (listed here; with
+    list_files=False its URI, checked to exist, for a caller that lists it in parallel)."""
     if spec == "sklearn:digits":
         return digits_source()
     fs, path = storage.filesystem(spec)
@@ -317,8 +353,8 @@ def open_source(spec: str):
         )
     if path.endswith(".npz"):
         return npz_source(spec)
-    if "idx3-ubyte" in path or (fs.isdir(path) and any("images-idx3-ubyte" in n for n in fs.ls(path, detail=False))):
+    if "idx3-ubyte" in path or (fs.isdir(path) and any("images-idx3-ubyte" in n for n in storage.first_names(spec))):
         return idx_source(spec)
     if not fs.isdir(path):
         raise SourceError(f"source {spec!r} is a file of an unknown kind: give a folder of images, IDX files or a .npz")
-    return FolderSource(spec)
+    return FolderSource(spec) if list_files else spec

@@ -161,6 +161,27 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
+def first_names(uri: str, n: int = 1000) -> list[str]:
+    """The names of up to n entries directly under a folder/prefix (files and folders, in storage's order): one
+    request on S3, a partial scan on disk, so a glance at what a source holds costs the same at any size."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        with os.scandir(path) as entries:
+            return [e.name for _, e in zip(range(n), entries)]
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+    page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=n)
+    names = [c["Prefix"][len(prefix):].rstrip("/") for c in page.get("CommonPrefixes", [])]
+    return names + [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+
+
+def remove_tree(uri: str) -> None:
+    """A folder/prefix and everything under it (nothing when it is absent)."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Sorted URIs of the files directly under a folder/prefix that end with `suffix`."""
     return [f for f in _children(uri, "file") if f.endswith(suffix)]

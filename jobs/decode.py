@@ -11,10 +11,11 @@ from clustering import shards
 
 
 def decode_shard(batch: dict, mode: str, side: int) -> dict:
-    """A Ray Data task on a CPU: one shard (checked against its manifest sha256) -> one row with its keys, the
-    sources its images came from, and its images by the input policy."""
-    uri = str(batch["shard"][0])
-    samples = shards.read_shard(uri, str(batch["sha256"][0]))
-    data = shards.decode_samples(samples, mode, side, shards.name_of(uri))
-    return {"shard": np.array([uri]), "keys": np.array([json.dumps(data.keys)]),
-            "sources": np.array([json.dumps([shards.source_of(s) for s in samples])]), "images": data.images[None]}
+    """A Ray Data task on a CPU: one shard (checked against its manifest entry's sha256 or fingerprint) -> one row
+    with its keys, the sources its images came from, the images that did not decode, and its images by the input
+    policy."""
+    uri, name = str(batch["shard"][0]), str(batch["name"][0])
+    data = shards.decode_samples(shards.read_shard(uri, json.loads(str(batch["check"][0]))), mode, side, name)
+    return {"shard": np.array([uri]), "name": np.array([name]), "index": np.array([int(batch["index"][0])]),
+            "keys": np.array([json.dumps(data.keys)]), "sources": np.array([json.dumps(data.sources)]),
+            "skipped": np.array([json.dumps(data.skipped)]), "images": data.images[None]}

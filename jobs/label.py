@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import Counter
 
 import numpy as np
 import ray
@@ -35,27 +34,34 @@ class ShardLabeler:
         self.model = DeepClusterer.load(checkpoint, device=device)
 
     def __call__(self, batch: dict) -> dict:
-        rows, counts = [], []
-        for uri, keys, sources, images in zip(batch["shard"], batch["keys"], batch["sources"], batch["images"]):
-            keys = json.loads(str(keys))
-            probs, z = self.model.posteriors(np.ascontiguousarray(images), self.cfg.batch_size)
-            tbl = assignments.table(keys, shards.name_of(uri), probs, z if self.cfg.write_embedding else None,
+        rows = []
+        for uri, name, index, keys, sources, skipped, images in zip(
+                batch["shard"], batch["name"], batch["index"], batch["keys"], batch["sources"], batch["skipped"],
+                batch["images"]):
+            keys, skipped = json.loads(str(keys)), json.loads(str(skipped))
+            if len(set(keys)) != len(keys):  # unique within a shard; the manifest holds them unique across shards
+                raise RuntimeError(f"{uri} holds a key twice: re-run dicl shard, which refuses such a corpus")
+            if len(keys):
+                probs, z = self.model.posteriors(np.ascontiguousarray(images), self.cfg.batch_size)
+            else:  # every image of the shard was skipped: its part still says so
+                probs, z = np.zeros((0, self.writer["k"]), np.float32), np.zeros((0, 1), np.float32)
+            tbl = assignments.table(keys, str(name), probs, z if self.cfg.write_embedding else None,
                                     self.cfg.write_probs, sources=json.loads(str(sources)))
-            assignments.write_part(self.cfg.output, shards.shard_index(uri), tbl, self.writer)
-            rows.append(len(keys))
-            counts.append(np.bincount(probs.argmax(1), minlength=probs.shape[1]))
-        return {"shard": batch["shard"], "rows": np.array(rows), "counts": np.stack(counts)}
+            assignments.write_part(self.cfg.output, int(index), tbl, self.writer, skipped)
+            rows.append(len(keys) + len(skipped))
+        return {"shard": batch["shard"], "rows": np.array(rows)}
 
 
-def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool,
+def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool,
                  writer: dict, progress: bool = False) -> None:
     """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
     mode, side = shards.image_spec(manifest, spec["side"], spec["channels"])  # the policy at the model's input
     ray.data.DataContext.get_current().raise_original_map_exception = True  # a StaleShard, not "UDF failed"
-    sha = shards.digests(manifest)
-    ds = ray.data.from_items([{"shard": u, "sha256": sha[shards.name_of(u)]} for u in todo], override_num_blocks=len(todo))
+    rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
+             "check": json.dumps(shards.check_of(e))} for e in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=len(todo))
     # A decode task asks for the memory it uses, with Ray Data's 25% headroom: a worker process (~200 MiB with its
     # imports, measured on MNIST: jobs.decode keeps torch out) and its shard twice, read and decoded. It schedules
     # where that fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into
@@ -70,8 +76,7 @@ def label_shards(todo: list[str], manifest: dict, checkpoint: str, spec: dict, c
         fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu,
                                "writer": writer},
     )
-    sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
-    with tqdm(total=sum(sizes[shards.name_of(u)] for u in todo), desc="label", unit="img", disable=not progress,
+    with tqdm(total=sum(e["samples"] for e in todo), desc="label", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for done in ds.iter_batches(batch_size=None):  # one block a shard, as the actors finish them
             bar.update(int(np.sum(done["rows"])))
@@ -91,6 +96,57 @@ def run_label(cfg: LabelConfig, checkpoint: str | None = None, runs: str | None 
     manifest = shards.read_manifest(cfg.shards)
     with lease.hold(cfg.output, "dicl label"):
         return label_corpus(cfg, checkpoint, state, manifest, progress)
+
+
+FOOTERS_PER_TASK = 500  # parts whose footers one task reads: ~50 ms of requests each on S3, so a task runs seconds
+
+
+@ray.remote(num_cpus=0.25)
+def _footer_totals(uris: list[str], writer: dict) -> dict:
+    return assignments.totals(uris, writer)
+
+
+@ray.remote(num_cpus=0.25)
+def _footer_writers(uris: list[str]) -> list[dict]:
+    return [assignments.part_writer(u) for u in uris]
+
+
+def groups(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def part_writers(uris: list[str]) -> list[dict]:
+    """The writer of each part, its footer read by tasks of FOOTERS_PER_TASK parts."""
+    return [w for ws in ray.get([_footer_writers.remote(g) for g in groups(uris, FOOTERS_PER_TASK)]) for w in ws]
+
+
+def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
+    """The label run's totals, added up from the parts' footers in parallel tasks (no row is read): every shard of
+    the manifest has its part, every part is this run's, and rows plus skipped images are the corpus' samples.
+    Keys are unique by construction: each part checks its shard's keys, and the manifest holds them unique across
+    shards. Otherwise an error says what is wrong, and `_SUCCESS.json` is not written."""
+    uris = [storage.join(cfg.output, assignments.part_name(shards.part_index(e))) for e in manifest["shards"]]
+    present = set(storage.list_files(cfg.output, ".parquet"))
+    missing = [u for u in uris if u not in present]
+    if missing:
+        raise RuntimeError(f"{cfg.output} lacks {len(missing):,} of its {len(uris):,} parts (e.g. {missing[0]}): "
+                           f"not writing {assignments.SUCCESS}. Re-run dicl label.")
+    total = {"parts": 0, "rows": 0, "skipped": 0, "skipped_examples": [], "counts": [], "foreign": [], "uncounted": []}
+    for part in ray.get([_footer_totals.remote(g, writer) for g in groups(uris, FOOTERS_PER_TASK)]):
+        total = assignments.add_totals(total, part)
+    if total["foreign"]:
+        raise RuntimeError(f"{total['foreign'][0]} is not this run's part: another run wrote into {cfg.output}. "
+                           "Re-run dicl label.")
+    if total["uncounted"]:  # parts of an earlier release, with no counts in their footers: read their rows once
+        table = assignments.read_parts(total["uncounted"], ["cluster"])
+        extra = np.bincount(table["cluster"].to_numpy(), minlength=writer["k"]).tolist()
+        total = assignments.add_totals(total, {"parts": len(total["uncounted"]), "rows": len(table), "skipped": 0,
+                                               "skipped_examples": [], "counts": extra, "foreign": [], "uncounted": []})
+    if total["rows"] + total["skipped"] != manifest["num_samples"]:
+        raise RuntimeError(f"{cfg.output} holds {total['rows']:,} labelled images and {total['skipped']:,} skipped "
+                           f"where {cfg.shards} has {manifest['num_samples']:,}: not writing {assignments.SUCCESS}. "
+                           "Re-run dicl label.")
+    return total
 
 
 def input_warnings(spec: dict, manifest: dict) -> list[str]:
@@ -117,11 +173,11 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
     writer = {"checkpoint": checkpoint, "content_hash": manifest["content_hash"], "method": spec["method"],
               "k": spec["config"]["k"], "image_size": spec["side"], "channels": spec["channels"],
               "run": spec["config"].get("name"), "label_run": uuid.uuid4().hex}
-    uris = shards.shard_uris(cfg.shards, manifest)
-    done = {shards.name_of(p) for p in assignments.start_run(cfg.output, writer)}
-    todo = [u for u in uris if assignments.part_name(shards.shard_index(u)) not in done]
-    if len(todo) < len(uris):
-        print(f"label: {len(uris) - len(todo)} of {len(uris)} shards already labelled at {cfg.output}; doing the rest")
+    entries = manifest["shards"]
+    done = {shards.name_of(p) for p in assignments.start_run(cfg.output, writer, part_writers)}
+    todo = [e for e in entries if assignments.part_name(shards.part_index(e)) not in done]
+    if len(todo) < len(entries):
+        print(f"label: {len(entries) - len(todo)} of {len(entries)} shards already labelled at {cfg.output}; doing the rest")
     warnings = input_warnings(spec, manifest)
     t0 = time.perf_counter()
     gpu = want_gpu(cfg.use_gpu)
@@ -130,15 +186,11 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
                         min(cfg.actors, len(todo)))
         label_shards(todo, manifest, checkpoint, spec, cfg, gpu, writer, progress)
     seconds = time.perf_counter() - t0
-    sizes = {s["name"]: s["samples"] for s in manifest["shards"]}
-    # Counts come from the parts themselves, so a resumed run reports the whole corpus; every part must be ours.
-    table = assignments.read(cfg.output, columns=["key", "cluster"], writer=writer)
-    if table["key"].duplicated().any():
-        raise RuntimeError(f"{cfg.output}: some keys appear more than once; clear the folder and re-run")
-    if len(table) != manifest["num_samples"]:
-        raise RuntimeError(f"{cfg.output} holds {len(table):,} labelled images where {cfg.shards} has "
-                           f"{manifest['num_samples']:,}: not writing {assignments.SUCCESS}. Re-run dicl label.")
-    counts = {int(k): int(v) for k, v in sorted(Counter(table["cluster"]).items())}
+    t1 = time.perf_counter()
+    total = complete(cfg, manifest, writer)
+    counts = {i: n for i, n in enumerate(total["counts"]) if n}
+    if total["skipped"]:
+        warnings.append(f"skipped {total['skipped']:,} images that did not decode, e.g. {total['skipped_examples'][0]}")
     warnings += cluster_warnings(counts, writer["k"])
     for w in warnings:
         print(f"warning: {w}", flush=True)
@@ -149,12 +201,14 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
         "k": writer["k"],
         "shards": cfg.shards,
         "content_hash": manifest["content_hash"],
-        "rows": int(len(table)),
+        "rows": total["rows"],
         "expected_rows": manifest["num_samples"],
+        "skipped": {"count": total["skipped"], "examples": total["skipped_examples"]},
         "counts": counts,
         "warnings": warnings,
         "seconds": seconds,
-        "images_per_second": sum(sizes[shards.name_of(u)] for u in todo) / seconds if todo else None,
+        "completion_seconds": time.perf_counter() - t1,
+        "images_per_second": sum(e["samples"] for e in todo) / seconds if todo else None,
     }
     assignments.write_success(cfg.output, info)
     return info

@@ -52,12 +52,12 @@ def write_report(cfg: PipelineConfig, trained, trials: dict | None, embedded: in
     """The report of a labelled run under work_dir/report; `trials`: the tune job's (metric, trials), where it ran.
     Returns (its summary, the page's URI)."""
     shards_uri, output = cfg.label.shards, cfg.label.output
-    seen = report.first_images(shards_uri)  # read once: the score, the pictures and the embedding look at them
+    seen = report.sample(output, shards_uri)  # read once: the score, the pictures and the embedding look at them
     summary = report.summarize(output, shards_uri, seen)
     model = DeepClusterer.load(trained.checkpoint, device="cpu")
     views = report.cluster_views(output, shards_uri, seen)
-    confusion = report.add_composition(views, output, shards_uri)
-    probs, codes = model.posteriors(seen[0][:embedded])
+    confusion = report.add_composition(views, output, shards_uri, seen)
+    probs, codes = model.posteriors(seen.data.images[:embedded])
     mode, side = shards.image_spec(shards.read_manifest(shards_uri), model.image_size_, model.channels_)
     run = {"method": model.method, "k": model.k, "run": trained.name, "image_size": model.image_size_,
            "assignments": report.shown(output, cfg.work_dir), "checkpoint": report.shown(trained.checkpoint, cfg.work_dir)}
@@ -71,8 +71,10 @@ def format_summary(s: dict) -> str:
     lines = [
         "",
         f"Summary ({s['seconds']:.0f}s)",
-        f"  images labelled  {s['rows']:,} (expected {s['expected_rows']:,}, unique keys {s['unique_keys']:,})",
+        f"  images labelled  {s['rows']:,} (expected {s['expected_rows']:,}"
+        + (f", {s['skipped']:,} skipped" if s.get("skipped") else "") + ")",
         f"  cluster sizes    {sizes}",
+        f"  on a sample of   {s['sample_rows']:,} images ({s['sample_shards']} shards, seeded):",
         f"  mean confidence  {s['mean_confidence']:.3f}",
         f"  modularity       {s['modularity']:.3f} (label-free: clusters keep images with their 10 nearest; 0 chance, 1 all)",
     ]

@@ -153,7 +153,7 @@ def test_shards_are_byte_reproducible_and_a_changed_shard_is_refused(tmp_path):
     assert len(shards.read_shard(uri, a["sha256"])) == 5
     shards.write_shard(samples[:3], uri)  # rewritten after the manifest recorded it
     with pytest.raises(shards.StaleShard, match="sha256 differs"):
-        shards.load_shard(uri, "L", 8, sha256=a["sha256"])
+        shards.load_shard(uri, "L", 8, check=a["sha256"])
 
 
 def _png(i: int) -> bytes:

@@ -43,7 +43,8 @@ def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
     summary = report.summarize(cfg.label.output, cfg.label.shards)
     assert summary["scored_rows"] == 1797 and 0 <= summary["acc"] <= 1
     # the label-free figure: the tune job's score, of each image's own cluster (joined by key; a shuffle scores ~0)
-    images, keys = report.first_images(cfg.label.shards)  # all 1797 here
+    seen = report.sample(cfg.label.output, cfg.label.shards)  # all 1797 here
+    images, keys = seen.data.images, seen.data.keys
     clusters = assignments.read(cfg.label.output).set_index("key").loc[keys, "cluster"].to_numpy()
     assert summary["modularity"] == pytest.approx(metrics.knn_modularity(images, clusters)) and summary["modularity"] > 0.3
 
