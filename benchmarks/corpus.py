@@ -2,6 +2,7 @@
 (this measures per-image overhead); and JPEG decoding at the size the model needs.
 
     python benchmarks/corpus.py --images 100000 1000000 --work /tmp/dicl-corpus
+    python benchmarks/corpus.py --decode-only --out docs/results/corpus-decode-cpu.json
 
 For each N, in a fresh process each (so that its peak resident memory is its own), on a local Ray:
 - shard: N loose PNG files (the digits, 8x8, 1,000 a folder) -> shards; driver peak RSS, wall time, files/s;
@@ -9,7 +10,8 @@ For each N, in a fresh process each (so that its peak resident memory is its own
   of the tars in place; driver peak RSS, wall time, bytes written under the output;
 - label: each of the two, with one small model; driver peak RSS, wall time, and the completion step alone.
 Then the ratios of the largest N to the smallest (targets: driver RSS <= x1.2, wall time <= x11 for x10 images),
-and full against reduced (draft) JPEG decoding of photo-sized JPEGs to a 64 px input, per core (target >= x3).
+and full against reduced (draft) JPEG decoding of photo-sized JPEGs to a 64 px input, per core (target >= x3), with
+the bytes shard.store=resized keeps of each.
 Prints tables and writes JSON. Not part of the test suite.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -77,15 +80,22 @@ def bytes_under(folder: Path) -> int:
 
 def stage(kind: str, source: str, out: str, checkpoint: str, cpus: int) -> dict:
     """One stage in this process; returns its figures (driver peak RSS: this process' own)."""
-    from clustering.config import LabelConfig, ShardConfig
+    from clustering.config import LabelConfig, ShardConfig, TrainConfig
 
     t0 = time.perf_counter()
     with local_ray(cpus):
-        if kind == "shard" or kind == "index":
+        if kind in ("shard", "index"):
             from jobs.shard import run_shard
 
             manifest = run_shard(ShardConfig(source=source, output=out), progress=False)
             row = {"images": manifest["num_samples"], "shards": len(manifest["shards"])}
+        elif kind == "train":  # one small model (ae_kmeans, 1 epoch on a sample) that every label stage uses
+            from jobs.train import run_train
+
+            trained = run_train(TrainConfig.of(shards=source, storage_path=out, name="bench", method="ae_kmeans",
+                                               pretrain_epochs=1, joint_epochs=0, augment=False, cpus_per_worker=1,
+                                               sample=20_000))
+            row = {"checkpoint": trained.checkpoint}
         else:
             from jobs.label import run_label
 
@@ -97,6 +107,9 @@ def stage(kind: str, source: str, out: str, checkpoint: str, cpus: int) -> dict:
 
 
 def in_fresh_process(kind: str, source: str, out: str, checkpoint: str, cpus: int) -> dict:
+    """A stage in a process of its own (this one never starts Ray, so no stage inherits anything of another), into
+    an empty output: a rerun measures the whole stage again, never a resumed one."""
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--stage", kind, source, out, checkpoint, str(cpus)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -104,45 +117,44 @@ def in_fresh_process(kind: str, source: str, out: str, checkpoint: str, cpus: in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def small_model(work: Path, shards_uri: str, cpus: int) -> str:
-    """One small model (ae_kmeans, 1 epoch, on the smallest corpus's shards) that every label stage uses."""
-    from clustering.config import TrainConfig
-    from jobs.train import run_train
-
-    with local_ray(cpus):
-        trained = run_train(TrainConfig.of(shards=shards_uri, storage_path=str(work / "runs"), name="bench",
-                                           method="ae_kmeans", pretrain_epochs=1, joint_epochs=0, augment=False,
-                                           cpus_per_worker=1, sample=20_000))
-    return trained.checkpoint
-
-
 def jpeg_decode(count: int = 40) -> dict:
-    """Photo-sized JPEGs (1024x768, a smooth colour field with noise) to a 64 px input: a full decode then the
-    policy, against PIL's draft mode (decoding at 1/8 scale) then the policy. One core; images per second."""
+    """Photo-sized JPEGs (1024x768, q85: a smooth colour field with grain of three strengths, from a flat photo to a
+    busy one) to a 64 px input: a full decode then the policy, against PIL's draft mode (decoding at 1/8 scale)
+    then the policy. One core; images per second, and the JPEGs' mean size (entropy decoding, which draft cannot
+    skip, grows with it)."""
     from clustering.shards import apply_policy, decode_image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:768, 0:1024]
-    files = []
-    for i in range(8):
-        base = np.stack([np.sin(xx / (50 + 9 * i)), np.cos(yy / (70 + 5 * i)), np.sin((xx + yy) / 90)], -1)
-        arr = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-        files.append(buf.getvalue())
 
     def full(data):
         with Image.open(io.BytesIO(data)) as im:
             return apply_policy(im, "RGB", 64)
 
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:768, 0:1024]
     rows = []
-    for name, fn in [("full decode", full), ("reduced (draft)", lambda d: decode_image(d, "RGB", 64))]:
-        t0 = time.perf_counter()
-        for j in range(count):
-            fn(files[j % len(files)])
-        rows.append({"decode": name, "img_s": round(count / (time.perf_counter() - t0), 1)})
-    return {"rows": rows, "speedup": round(rows[1]["img_s"] / rows[0]["img_s"], 2), "jpeg": "1024x768 RGB q90",
-            "input": "64x64 RGB"}
+    for grain in (0, 6, 12):
+        files = []
+        for i in range(4):
+            base = np.stack([np.sin(xx / (50 + 9 * i)), np.cos(yy / (70 + 5 * i)), np.sin((xx + yy) / 90)], -1)
+            arr = np.clip(127 + 100 * base + rng.normal(0, grain, base.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+            files.append(buf.getvalue())
+        rates = []
+        for fn in (full, lambda d: decode_image(d, "RGB", 64)):
+            t0 = time.perf_counter()
+            for j in range(count):
+                fn(files[j % len(files)])
+            rates.append(count / (time.perf_counter() - t0))
+        stored = []  # what shard.store=resized keeps of each: the 64 px input as a JPEG at quality 95
+        for f in files:
+            buf = io.BytesIO()
+            Image.fromarray(decode_image(f, "RGB", 64)).save(buf, format="JPEG", quality=95)
+            stored.append(len(buf.getvalue()))
+        rows.append({"grain": grain, "jpeg_kib": round(np.mean([len(f) for f in files]) / 1024), "full_img_s": round(rates[0]),
+                     "draft_img_s": round(rates[1]), "speedup": round(rates[1] / rates[0], 2),
+                     "resized_bytes": round(np.mean(stored)),
+                     "resized_over_original": round(np.mean(stored) / np.mean([len(f) for f in files]), 4)})
+    return {"rows": rows, "jpeg": "1024x768 RGB q85", "input": "64x64 RGB"}
 
 
 def main() -> None:
@@ -154,9 +166,14 @@ def main() -> None:
     p.add_argument("--images", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--work", default="/tmp/dicl-corpus", help="where the data and outputs go (data kept, reused)")
     p.add_argument("--cpus", type=int, default=os.cpu_count())
+    p.add_argument("--decode-only", action="store_true", help="only the JPEG decode comparison (seconds)")
     args = p.parse_args()
+    if args.decode_only:
+        decode = jpeg_decode()
+        finish(args.out, {"jpeg_decode": decode}, (decode["rows"], None))
+        return
     work = Path(args.work)
-    rows, checkpoint = [], ""
+    rows = []
     for n in sorted(args.images):
         loose, tars = make_data(work, n)
         for kind, source, out in [("shard", loose, work / f"out-{n}/shards"), ("index", tars, work / f"out-{n}/index")]:
@@ -167,8 +184,9 @@ def main() -> None:
                 row["bytes_written"] = bytes_under(out)
             rows.append(row)
             print(row, flush=True)
-        if not checkpoint:
-            checkpoint = small_model(work, str(work / f"out-{n}/shards"), args.cpus)
+    smallest = min(args.images)
+    checkpoint = in_fresh_process("train", str(work / f"out-{smallest}/shards"), str(work / "runs"), "", args.cpus)["checkpoint"]
+    for n in sorted(args.images):
         for kind, shards_uri in [("label shards", work / f"out-{n}/shards"), ("label index", work / f"out-{n}/index")]:
             out = work / f"out-{n}/{kind.replace(' ', '-')}"
             row = {"stage": kind, "n": n, **in_fresh_process("label", str(shards_uri), str(out), checkpoint, args.cpus)}
@@ -186,7 +204,8 @@ def main() -> None:
     finish(args.out, {"cpus": args.cpus, "rows": rows, "ratios": ratios, "jpeg_decode": decode},
            (rows, ["stage", "n", "images", "wall_s", "driver_peak_mib", "files_s", "bytes_written", "completion_s"]),
            (ratios, None), (decode["rows"], None))
-    print(f"JPEG to 64 px: reduced decode x{decode['speedup']} the full decode's rate (target >= 3)")
+    print("JPEG to 64 px, reduced (draft) over full decode: " + ", ".join(
+        f"x{r['speedup']} at {r['jpeg_kib']} KiB" for r in decode["rows"]) + " (target >= 3)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ the fingerprint before they read, so a tar rewritten after indexing is refused r
 Rules (a user's corpus is taken as it is; nothing is renamed):
 - a sample is a run of consecutive members sharing a key (webdataset's rule, `shards.MEMBER_NAME`); its key is
   that `__key__`, its source the `url` of its json member where there is one, else `TAR#KEY`;
-- a sample without an image member (IMAGE_EXTS) is a counted skip, and so is a tar cut short (all of it);
+- a sample without an image member (IMAGE_EXTS) is a counted skip, and so is a tar cut short or with a damaged
+  header (all of it);
 - the same key twice in one tar, or in two tars, is refused with both places named.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ class CorpusError(ValueError):
     """A WebDataset corpus that cannot be used as it is; the message names the tars and says what to do."""
 
 
-class TruncatedTar(CorpusError):
-    """A tar whose last member is cut short (a download or copy that stopped)."""
+class BrokenTar(CorpusError):
+    """A tar cut short (a download or copy that stopped) or with a damaged header: its samples are a counted skip."""
 
 
 def is_pattern(spec: str) -> bool:
@@ -121,11 +122,11 @@ def check_fingerprint(uri: str, recorded: dict) -> None:
 def tar_members(f, size: int):
     """(name, offset, length) of each regular member of an open tar, reading the headers only: the members' bytes
     are skipped by seeking. PAX and GNU long names are followed. A member that runs past the end, or an end before
-    the end-of-archive blocks, raises TruncatedTar."""
+    the end-of-archive blocks, or a header whose checksum fails, raises BrokenTar."""
     pos, long_name = 0, None
     while True:
         if pos + 512 > size:  # every writer ends a tar with zero blocks: a tar that stops before them was cut
-            raise TruncatedTar(f"it ends at byte {size:,} without the end-of-archive blocks")
+            raise BrokenTar(f"cut short: it ends at byte {size:,} without the end-of-archive blocks")
         f.seek(pos)
         header = f.read(512)
         if header[:1] == b"\0":
@@ -133,12 +134,16 @@ def tar_members(f, size: int):
         kind = header[156:157]
         try:
             length = int(header[124:136].rstrip(b" \0") or b"0", 8)
+            recorded = int(header[148:156].rstrip(b" \0") or b"0", 8)
         except ValueError:
-            raise CorpusError(f"byte {pos} is not a tar header: not a tar file, or a damaged one") from None
+            recorded, length = -1, 0
+        if recorded != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the checksum counts its own field as spaces
+            raise BrokenTar(f"damaged: the header at byte {pos:,} fails its checksum (not a tar, or a corrupted one)")
         body_at = pos + 512
         pos = body_at + (length + 511) // 512 * 512
         if body_at + length > size:
-            raise TruncatedTar(f"member at byte {body_at - 512} needs {length:,} bytes, and the file ends at {size:,}")
+            raise BrokenTar(f"cut short: the member at byte {body_at - 512:,} needs {length:,} bytes, and the file "
+                            f"ends at {size:,}")
         if kind in (b"x", b"L"):
             f.seek(body_at)
             body = f.read(length)
@@ -171,6 +176,8 @@ def grouped(members) -> list[dict]:
         key, ext = match.group(1), match.group(2).lower()
         if not samples or samples[-1]["key"] != key:
             samples.append({"key": key, "exts": {}})
+        if ext in samples[-1]["exts"]:  # webdataset's reader (and ours) refuses it too
+            raise CorpusError(f"{name} appears twice in one sample")
         samples[-1]["exts"][ext] = (offset, length)
     return samples
 
@@ -217,8 +224,8 @@ def index_tar(uri: str) -> dict:
                     offset, length = s["exts"][ext]
                     f.seek(offset)
                     shapes[probe_shape(f.read(min(length, PROBE_BYTES)))] += 1
-    except TruncatedTar as e:
-        return {**entry, "samples": 0, "truncated": f"{uri}: cut short ({e}); none of its samples are read. "
+    except BrokenTar as e:
+        return {**entry, "samples": 0, "truncated": f"{uri}: {e}; none of its samples are read. "
                 "Download or copy it again, then re-run dicl shard"}
     except CorpusError as e:
         raise CorpusError(f"{uri}: {e}") from None

@@ -161,11 +161,25 @@ def write_manifest(base: str, manifest: dict) -> None:
 def read_manifest(base: str) -> dict:
     uri = storage.join(base, MANIFEST)
     try:
-        return json.loads(storage.read_bytes(uri))
+        data = storage.read_bytes(uri)
     except storage.StorageError:
         raise storage.StorageError(
             f"no shards at {base}: {MANIFEST} is missing. Run the shard job first (dicl shard ...)"
         ) from None
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise storage.StorageError(f"{uri} is not a whole manifest ({e}): it was cut short or edited. Re-run "
+                                   "dicl shard") from None
+
+
+def unlisted_shards(base: str, manifest: dict) -> list[str]:
+    """The shard job's tars beside a manifest that it does not list (an edited manifest: their images would go
+    unlabelled). The shard job removes such tars when it writes its manifest, so a whole folder has none."""
+    if manifest.get("layout") == "webdataset":
+        return []
+    listed = {s["name"] for s in manifest["shards"]}
+    return [u for u in storage.list_files(base, ".tar") if is_shard_name(name_of(u)) and name_of(u) not in listed]
 
 
 def shard_uri(base: str, entry: dict) -> str:
@@ -180,11 +194,6 @@ def shard_uris(base: str, manifest: dict) -> list[str]:
 def check_of(entry: dict) -> str | dict:
     """What a reader checks a shard against: the sha256 the shard job recorded, or an indexed tar's fingerprint."""
     return entry.get("sha256") or entry["fingerprint"]
-
-
-def checks(manifest: dict) -> dict[str, str | dict]:
-    """{shard name: check_of}; readers check every shard against it."""
-    return {s["name"]: check_of(s) for s in manifest["shards"]}
 
 
 def entries_by_uri(manifest: dict):

@@ -94,6 +94,10 @@ def run_label(cfg: LabelConfig, checkpoint: str | None = None, runs: str | None 
         print(f"label: label.checkpoint is empty: labelling with the latest finished run's checkpoint {checkpoint}")
     state = checkpoints.load_finished(checkpoint)
     manifest = shards.read_manifest(cfg.shards)
+    if unlisted := shards.unlisted_shards(cfg.shards, manifest):
+        raise shards.StaleShard(f"{unlisted[0]} ({len(unlisted)} tars in all) lies beside the shards but is not in "
+                                f"its {shards.MANIFEST}: the manifest was edited or is not this folder's. Re-run dicl "
+                                "shard, which writes both again")
     with lease.hold(cfg.output, "dicl label"):
         return label_corpus(cfg, checkpoint, state, manifest, progress)
 
@@ -143,9 +147,10 @@ def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
         total = assignments.add_totals(total, {"parts": len(total["uncounted"]), "rows": len(table), "skipped": 0,
                                                "skipped_examples": [], "counts": extra, "foreign": [], "uncounted": []})
     if total["rows"] + total["skipped"] != manifest["num_samples"]:
-        raise RuntimeError(f"{cfg.output} holds {total['rows']:,} labelled images and {total['skipped']:,} skipped "
-                           f"where {cfg.shards} has {manifest['num_samples']:,}: not writing {assignments.SUCCESS}. "
-                           "Re-run dicl label.")
+        raise RuntimeError(f"{cfg.output}'s parts hold {total['rows']:,} labelled images and {total['skipped']:,} "
+                           f"skipped, where {cfg.shards}/{shards.MANIFEST} counts {manifest['num_samples']:,}: the "
+                           "manifest does not describe its shards (edited, or the shards changed without it). Not "
+                           f"writing {assignments.SUCCESS}: re-run dicl shard, then dicl label")
     return total
 
 

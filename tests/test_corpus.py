@@ -56,7 +56,8 @@ def tars_under(folder) -> list[str]:
     return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.endswith(".tar")]
 
 
-def test_an_img2dataset_corpus_goes_through_the_pipeline_in_place(ray_local, tmp_path, capsys):
+def test_an_img2dataset_corpus_goes_through_the_pipeline_in_place_locally_on_s3_and_by_pattern(ray_local, s3, tmp_path,
+                                                                                                capsys):
     src, work = tmp_path / "laion", tmp_path / "work"
     keys = write_corpus(src, extra={1: [{"__key__": "000000999x", "txt": "a caption, no image"}]})
     code, out, err = run(capsys, "pipeline", "configs/demo.yaml", f"shard.source={src}", f"work_dir={work}", *SMALL)
@@ -77,32 +78,24 @@ def test_an_img2dataset_corpus_goes_through_the_pipeline_in_place(ray_local, tmp
     full = table["cluster"].value_counts()  # the counts from footers alone equal a full read of the parts
     assert success["rows"] == len(table) == 480 and success["counts"] == {str(k): int(v) for k, v in full.sort_index().items()}
 
-
-def test_a_corpus_in_s3_by_prefix_and_by_brace_pattern(ray_local, s3, tmp_path, capsys):
-    local = tmp_path / "tars"
-    keys = write_corpus(local, tars=3, per_tar=40)
+    # The same tars from an S3 prefix, then two of them by a brace pattern: indexed in place and labelled with the
+    # run's model (its training on tars is above), every sample once.
     fs, _ = storage.filesystem(f"s3://{BUCKET}/x")
-    for name in sorted(os.listdir(local)):
-        fs.put_file(str(local / name), f"{BUCKET}/corpus/{name}")
-    work = f"s3://{BUCKET}/corpus-run"
-    code, out, err = run(capsys, "pipeline", "configs/demo.yaml", f"shard.source=s3://{BUCKET}/corpus/",
-                         f"work_dir={work}", *SMALL)
-    assert code == 0, err
-    manifest = shards.read_manifest(f"{work}/shards")
-    assert all("etag" in s["fingerprint"] for s in manifest["shards"])
-    table = assignments.read(f"{work}/assignments")
-    assert sorted(table["key"]) == keys and set(table["shard"]) == {"00000.tar", "00001.tar", "00002.tar"}
-    assert not [u for u in storage.list_files(work, ".tar")]
-
-    # Two of the three tars by a brace pattern, labelled with the run's model: only their samples.
-    pattern = f"s3://{BUCKET}/corpus/{{00001..00002}}.tar"
-    code, out, err = run(capsys, "shard", f"shard.source={pattern}", f"shard.output={work}/two")
-    assert code == 0, err
-    code, out, err = run(capsys, "label", f"label.shards={work}/two", f"label.output={work}/two-labels",
-                         f"train.storage_path={work}/runs", "--no-progress")
-    assert code == 0, err
-    two = assignments.read(f"{work}/two-labels")
-    assert sorted(two["key"]) == keys[40:] and two["key"].is_unique
+    for name in sorted(os.listdir(src)):
+        fs.put_file(str(src / name), f"{BUCKET}/corpus/{name}")
+    remote = f"s3://{BUCKET}/corpus-run"
+    run_dir = str(work / "runs")
+    for spec, want in [(f"s3://{BUCKET}/corpus/", keys), (f"s3://{BUCKET}/corpus/{{00001..00002}}.tar", keys[120:360])]:
+        code, out, err = run(capsys, "shard", f"shard.source={spec}", f"shard.output={remote}/shards", "--no-progress")
+        assert code == 0, err
+        manifest = shards.read_manifest(f"{remote}/shards")
+        assert all("etag" in s["fingerprint"] and s["uri"].startswith("s3://") for s in manifest["shards"])
+        code, out, err = run(capsys, "label", f"label.shards={remote}/shards", f"label.output={remote}/labels",
+                             f"train.storage_path={run_dir}", "--no-progress")
+        assert code == 0, err
+        table = assignments.read(f"{remote}/labels")
+        assert sorted(table["key"]) == want and table["key"].is_unique
+    assert not storage.list_files(f"{remote}/shards", ".tar")
 
 
 def test_a_broken_corpus_gets_a_counted_skip_or_a_clear_error(ray_local, tmp_path, capsys):
@@ -122,17 +115,22 @@ def test_a_broken_corpus_gets_a_counted_skip_or_a_clear_error(ray_local, tmp_pat
     code, out, err = run(capsys, "shard", f"shard.source={interleaved}", f"shard.output={tmp_path}/o2")
     assert code == 0 and "indexed 11 samples in 2 tars" in out, err
 
-    # A truncated tar: its samples are skipped, counted and named with what to do; the others are indexed.
+    # A truncated tar, and one with a damaged header: their samples are skipped, counted and named with what to do;
+    # the others are indexed.
     cut = tmp_path / "cut"
-    write_corpus(cut, tars=3, per_tar=10)
+    write_corpus(cut, tars=4, per_tar=10)
     whole = (cut / "00001.tar").read_bytes()
     (cut / "00001.tar").write_bytes(whole[: len(whole) // 2])
+    damaged = bytearray((cut / "00003.tar").read_bytes())
+    damaged[damaged.index(b"000000031.jpg\0") + 3] ^= 0x01  # in a later member's header name: its checksum fails
+    (cut / "00003.tar").write_bytes(bytes(damaged))
     code, out, err = run(capsys, "shard", f"shard.source={cut}", f"shard.output={tmp_path}/o3")
     assert code == 0, err
     manifest = shards.read_manifest(f"{tmp_path}/o3")
     assert manifest["num_samples"] == 20 and [s["name"] for s in manifest["shards"]] == ["00000.tar", "00002.tar"]
-    assert manifest["skipped"]["count"] == 1 and "00001.tar: cut short" in manifest["skipped"]["examples"][0]
-    assert "Download or copy it again" in manifest["skipped"]["examples"][0] and "skipped 1" in out
+    why = manifest["skipped"]["examples"]
+    assert manifest["skipped"]["count"] == 2 and "00001.tar: cut short" in why[0] and "00003.tar: damaged" in why[1]
+    assert "Download or copy it again" in why[0] and "skipped 2" in out
 
     # A sample whose image member does not decode: left out where it is read, and counted.
     entry = manifest["shards"][0]
@@ -146,6 +144,29 @@ def test_a_broken_corpus_gets_a_counted_skip_or_a_clear_error(ray_local, tmp_pat
     (cut / "00002.tar").write_bytes((cut / "00002.tar").read_bytes())  # same bytes, new mtime: a rewrite
     with pytest.raises(corpus.CorpusError, match="changed after the corpus was indexed.*re-index it with dicl shard"):
         shards.read_shard(str(cut / "00002.tar"), manifest["shards"][1]["fingerprint"])
+
+
+def test_tars_in_place_train_streamed_and_on_a_sample_split_by_rank(ray_local, tmp_path):
+    from clustering import inputs
+    from clustering.comm import Comm
+    from clustering.config import ShardConfig, TrainConfig
+    from jobs.shard import run_shard
+
+    keys = write_corpus(tmp_path / "tars", tars=3, per_tar=50)
+    manifest = run_shard(ShardConfig(source=str(tmp_path / "tars"), output=str(tmp_path / "index")), progress=False)
+    base = dict(shards=str(tmp_path / "index"), loader_workers=0, shuffle_buffer=16)
+    halves = [inputs.open_input(TrainConfig(**base, input="memory"), manifest, Comm(r, 2), "cpu", log=lambda s: None)
+              for r in range(2)]
+    assert [h.n for h in halves] == [100, 50] and halves[0].sample.shape == (100, 1, 16, 16)  # 2 tars, 1 tar
+    sampled = inputs.open_input(TrainConfig(**base, input="memory", sample=40), manifest, Comm(0, 1), "cpu",
+                                log=lambda s: None)
+    assert sampled.n == 40
+    stream = inputs.open_input(TrainConfig(**base, input="stream", sample=60, stats_sample=100), manifest, Comm(0, 1),
+                               "cpu", log=lambda s: None)
+    batches = [x for x, _ in stream.batches(0, 5, 32, seed=0, rank=0)]
+    assert stream.n == 60 and len(batches) == 5 and all(x.shape == (32, 1, 16, 16) for x in batches)
+    stream.close()
+    assert len(keys) == 150
 
 
 def test_header_walk_agrees_with_webdataset(tmp_path):

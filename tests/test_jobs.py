@@ -97,6 +97,19 @@ def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
     assert code == 2 and "shard-000000.tar is not the shard manifest.json describes" in err, err
     assert not storage.exists(f"{tmp_path}/stale/{assignments.SUCCESS}")
 
+    # A manifest that lost a shard's entry while the tar stays: refused, naming the tar (else its images go unlabelled).
+    edited = {**manifest, "shards": manifest["shards"][:-1]}
+    shards.write_manifest(cfg.label.shards, edited)
+    code, err = cli(capsys, "label", f"label.shards={cfg.label.shards}", f"label.output={tmp_path}/edited",
+                    f"label.checkpoint={trained.checkpoint}")
+    assert code == 2 and "shard-000003.tar" in err and "not in its manifest.json" in err, err
+    # A manifest cut short: an error naming the file.
+    mf = storage.join(cfg.label.shards, shards.MANIFEST)
+    storage.write_bytes(mf, storage.read_bytes(mf)[:60])
+    code, err = cli(capsys, "label", f"label.shards={cfg.label.shards}", f"label.output={tmp_path}/edited",
+                    f"label.checkpoint={trained.checkpoint}")
+    assert code == 2 and f"{mf} is not a whole manifest" in err, err
+
 
 def cli(capsys, *args) -> tuple[int, str]:
     code = main(list(args))
