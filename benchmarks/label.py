@@ -20,7 +20,8 @@ import torch
 
 from runner import PeakRSS, device, device_name, finish, local_ray, mib, parser, replicated_shards
 
-from clustering import engine, inputs, shards
+from clustering import engine
+from clustering.data import inputs, shards
 from clustering.config import LabelConfig, TrainConfig
 from clustering.methods import predict_all
 

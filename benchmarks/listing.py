@@ -39,8 +39,8 @@ def make_tree(root: Path, n: int) -> None:
 def plan_here(root: str) -> dict:
     """In this process: open the source, plan its items and its shards."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from clustering import shards
-    from clustering.sources import open_source
+    from clustering.data import shards
+    from clustering.data.sources import open_source
 
     t0 = time.perf_counter()
     src = open_source(root)

@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from clustering import shards
-from clustering.sources import ArraySource, open_source
+from clustering.data import shards
+from clustering.data.sources import ArraySource, open_source
 
 
 def load_arrays(spec: str, limit: int | None = None, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:

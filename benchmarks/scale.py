@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner import PeakRSS, device_name, finish, local_ray, mib, parser, replicated_shards
 
-from clustering import shards
+from clustering.data import shards
 from clustering.config import TrainConfig
 
 

@@ -18,7 +18,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
-from clustering.inputs import as_input
+from clustering.data.inputs import as_input
 from clustering.methods import predict_all
 
 

@@ -20,9 +20,10 @@ import torch
 
 from runner import device, device_name, finish, parser
 
-from clustering import engine, shards
+from clustering import engine
+from clustering.data import shards
 from clustering.config import TrainConfig
-from clustering.sources import open_source
+from clustering.data.sources import open_source
 
 
 def write_shards(spec: str, out: str, per_shard: int = 10_000) -> dict:

@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from . import storage
+from .data import storage
 
 CHECKPOINT_FILE = "model.pt"
 

@@ -300,7 +300,7 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _wire_paths(self) -> "PipelineConfig":
         # Paths a user did not set follow work_dir, so one override moves the whole run.
-        from .storage import StorageError, check_uri
+        from .data.storage import StorageError, check_uri
 
         try:
             check_uri(self.work_dir)

@@ -17,7 +17,7 @@ import torch
 from .augment import view_for
 from .comm import Comm
 from .config import TrainConfig
-from .inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
+from .data.inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
 from .methods import build_method, predict_all, to_float
 from .metrics import evenness
 from .schedule import Stage, stage_at, steps_per_epoch

@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from . import checkpoints, engine, shards, storage
+from . import checkpoints, engine
+from .data import shards, storage
 from .config import ConfigError, TrainConfig, describe
-from .inputs import device_images
+from .data.inputs import device_images
 from .methods import predict_all
 
 

@@ -16,7 +16,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
-from . import storage
+from .data import storage
 
 LOCK = "_LOCK.json"
 BEAT_S = 15.0  # how often a holder refreshes its lock

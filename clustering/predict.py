@@ -20,10 +20,11 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import assignments, corpus, lease, shards, storage
+from . import lease
+from .data import assignments, corpus, shards, storage
 from .config import PredictConfig
 from .estimator import DeepClusterer
-from .sources import IMAGE_EXTS, FileListSource, SourceError, open_source
+from .data.sources import IMAGE_EXTS, FileListSource, SourceError, open_source
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """An S3 endpoint on 127.0.0.1 (moto in server mode) for tests and offline demos.
 
     with local_s3("my-bucket") as endpoint:   # sets AWS_ENDPOINT_URL and test credentials in os.environ
-        ...                                    # s3://my-bucket/... now works through clustering.storage
+        ...                                    # s3://my-bucket/... now works through clustering.data.storage
 
 Run it by hand for a demo against s3:// URIs:  python -m infra.local_s3 --bucket demo
 """

@@ -177,8 +177,8 @@ def run_on_ray(ns: argparse.Namespace, cfg) -> None:
 def user_errors() -> tuple[type, ...]:
     """Errors of the user's input (exit 2): a config, a source, storage, a checkpoint, a resource request."""
     from clustering.config import ConfigError
-    from clustering.sources import SourceError
-    from clustering.storage import StorageError
+    from clustering.data.sources import SourceError
+    from clustering.data.storage import StorageError
 
     from .runtime import ResourceError
 

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from clustering import shards
+from clustering.data import shards
 
 
 def decode_shard(batch: dict, mode: str, side: int) -> dict:

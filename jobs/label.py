@@ -14,7 +14,8 @@ import ray
 import torch
 from tqdm import tqdm
 
-from clustering import assignments, lease, shards, storage
+from clustering import lease
+from clustering.data import assignments, shards, storage
 from clustering import checkpoints
 from clustering.config import LabelConfig
 from clustering.estimator import DeepClusterer

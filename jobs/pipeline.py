@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from clustering import lease, report, shards, storage
+from clustering import lease, report
+from clustering.data import shards, storage
 from clustering.config import PipelineConfig, trial_config
 from clustering.estimator import DeepClusterer
 

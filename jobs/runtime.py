@@ -10,7 +10,7 @@ from typing import Iterator
 import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from clustering import storage
+from clustering.data import storage
 
 from .progress import ray_logs_to_file
 

@@ -18,8 +18,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from clustering import corpus, lease, shards, sources, storage
-from clustering.sources import FolderSource, SourceError, open_source
+from clustering import lease
+from clustering.data import corpus, shards, sources, storage
+from clustering.data.sources import SourceError, open_source
 
 if TYPE_CHECKING:  # the shard tasks import this module: the config (which imports the methods, and torch) stays out
     from clustering.config import ShardConfig

@@ -1,5 +1,5 @@
 """Train job: Ray Train's TorchTrainer runs clustering.engine.fit on N workers, each on its own shards, held in
-memory or streamed (`train.input`, clustering/inputs.py).
+memory or streamed (`train.input`, clustering/data/inputs.py).
 
 Each epoch rank 0 writes a checkpoint (model, head, optimizer, epoch, RNG) to the run's storage path;
 a restarted worker group (FailureConfig) or a re-run with the same `train.name` resumes from the latest.
@@ -21,7 +21,8 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clustering import engine, inputs, lease, shards, storage
+from clustering import engine, lease
+from clustering.data import inputs, shards, storage
 from clustering.checkpoints import CHECKPOINT_FILE
 from clustering.comm import Comm
 from clustering.config import TrainConfig

@@ -23,7 +23,8 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.schedulers import ASHAScheduler
 
-from clustering import engine, inputs, lease, metrics, shards, storage
+from clustering import engine, lease, metrics
+from clustering.data import inputs, shards, storage
 from clustering.comm import Comm
 from clustering.config import (
     ConfigError,

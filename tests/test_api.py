@@ -9,7 +9,8 @@ import webdataset as wds
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from clustering import DeepClusterer, assignments, metrics, storage
+from clustering import DeepClusterer, metrics
+from clustering.data import assignments, storage
 from clustering.config import ConfigError
 from jobs.cli import main
 

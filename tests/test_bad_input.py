@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clustering import assignments, lease, shards, storage
+from clustering import lease
+from clustering.data import assignments, shards, storage
 from clustering.config import ConfigError, LabelConfig, PipelineConfig, TrainConfig, load_config
-from clustering.sources import BadImage, FolderSource, open_source
+from clustering.data.sources import BadImage, FolderSource, open_source
 
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]
 

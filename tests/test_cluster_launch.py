@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clustering import assignments, storage
+from clustering.data import assignments, storage
 from infra.local_s3 import free_port
 from jobs.runtime import GPU_NODE_TYPES_MARKER
 

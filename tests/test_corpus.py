@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clustering import assignments, corpus, shards, storage
+from clustering.data import assignments, corpus, shards, storage
 from jobs.cli import main
 
 from conftest import BUCKET
@@ -96,6 +96,13 @@ def test_an_img2dataset_corpus_goes_through_the_pipeline_in_place_locally_on_s3_
         table = assignments.read(f"{remote}/labels")
         assert sorted(table["key"]) == want and table["key"].is_unique
     assert not storage.list_files(f"{remote}/shards", ".tar")
+    # dicl predict takes the same brace pattern (in this process, no manifest)
+    from clustering.checkpoints import latest_finished
+
+    code, out, err = run(capsys, "predict", latest_finished(run_dir), f"s3://{BUCKET}/corpus/{{00001..00002}}.tar",
+                         f"predict.output={tmp_path}/predicted", "--no-progress")
+    assert code == 0, err
+    assert sorted(assignments.read(str(tmp_path / "predicted"))["key"]) == keys[120:360]
 
 
 def test_a_broken_corpus_gets_a_counted_skip_or_a_clear_error(ray_local, tmp_path, capsys):
@@ -147,7 +154,7 @@ def test_a_broken_corpus_gets_a_counted_skip_or_a_clear_error(ray_local, tmp_pat
 
 
 def test_tars_in_place_train_streamed_and_on_a_sample_split_by_rank(ray_local, tmp_path):
-    from clustering import inputs
+    from clustering.data import inputs
     from clustering.comm import Comm
     from clustering.config import ShardConfig, TrainConfig
     from jobs.shard import run_shard

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from sklearn.cluster import KMeans
 
-from clustering import metrics, storage
+from clustering import metrics
+from clustering.data import storage
 from clustering.config import PipelineConfig, load_config
 from clustering.estimator import DeepClusterer
-from clustering.sources import digits_source
+from clustering.data.sources import digits_source
 
 BASE = ["shard.samples_per_shard=450", "train.method=ae_kmeans", "train.method.pretrain_epochs=60", "train.method.augment=false",
         "train.batch_size=256", "train.cpus_per_worker=1", "train.checkpoint_every=5", "train.max_failures=2",

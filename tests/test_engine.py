@@ -8,7 +8,7 @@ from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 from clustering.methods import NMM, RECIPES, predict_all, settings_keys
-from clustering.sources import digits_source
+from clustering.data.sources import digits_source
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from clustering import assignments, shards, storage
+from clustering.data import assignments, shards, storage
 from clustering.engine import build_from_spec
 from clustering.methods import predict_all
 from tests.conftest import BUCKET, kill_session

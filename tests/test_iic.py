@@ -9,7 +9,7 @@ from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config
 from clustering.methods import predict_all
 from clustering.methods.iic import mutual_information_loss
-from clustering.sources import digits_source
+from clustering.data.sources import digits_source
 
 
 def test_mutual_information_loss_is_lowest_when_two_views_agree_on_even_clusters():

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from clustering import inputs, shards
+from clustering.data import inputs, shards
 from clustering.comm import Comm
 from clustering.config import TrainConfig
-from clustering.sources import digits_source
+from clustering.data.sources import digits_source
 
 
 @pytest.fixture(scope="module")

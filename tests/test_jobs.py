@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from clustering import assignments, lease, metrics, report, shards, storage
+from clustering import lease, metrics, report
+from clustering.data import assignments, shards, storage
 from clustering.config import PipelineConfig, load_config
 from jobs.cli import main
 

@@ -6,9 +6,10 @@ import os
 import numpy as np
 from PIL import Image
 
-from clustering import DeepClusterer, metrics, shards, storage
+from clustering import DeepClusterer, metrics
+from clustering.data import shards, storage
 from clustering.config import ShardConfig
-from clustering.sources import FolderSource
+from clustering.data.sources import FolderSource
 
 
 def tree(root, rng) -> None:

@@ -21,8 +21,8 @@ def test_mnist_idx_gives_70000_labelled_samples(ray_local, ram_tmp):
 def test_cifar_jpeg_folders_list_60000_images_labelled_by_folder(ram_tmp):
     """The listing and the labels of all 60,000 files; a spread 3,000 of them are sharded (sharding at scale is the
     shard job's, tested on the digits and MNIST)."""
-    from clustering import shards
-    from clustering.sources import FolderSource
+    from clustering.data import shards
+    from clustering.data.sources import FolderSource
 
     archive = need_shared("cifar10-jpg.tar.gz")
     (ram_tmp / "cifar").mkdir()

@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from clustering import DeepClusterer, shards
+from clustering import DeepClusterer
+from clustering.data import shards
 from clustering.config import PipelineConfig, PredictConfig, load_config
 from clustering.predict import run_predict
-from clustering.sources import digits_source
+from clustering.data.sources import digits_source
 from jobs.pipeline import write_report
 
 TRIALS = {"metric": "modularity", "trials": [

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clustering import assignments, shards
-from clustering.sources import open_source
+from clustering.data import assignments, shards
+from clustering.data.sources import open_source
 from jobs.cli import main
 
 

@@ -1,11 +1,11 @@
 import numpy as np
 
-from clustering import shards
-from clustering.sources import open_source
+from clustering.data import shards
+from clustering.data.sources import open_source
 
 
 def test_plan_respects_count_and_bytes():
-    from clustering.sources import Item
+    from clustering.data.sources import Item
 
     items = [Item(f"k{i}", i, 100) for i in range(10)]
     assert [len(g) for g in shards.plan_shards(items, 4, 10_000)] == [4, 4, 2]

@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from clustering.sources import BadImage, SourceError, open_source
+from clustering.data.sources import BadImage, SourceError, open_source
 
 
 def test_folder_labels_from_class_folders(image_folder):
@@ -61,7 +61,7 @@ def test_npz_and_digits(tmp_path):
 
 
 def test_a_folder_on_s3_lists_and_reads_like_a_local_one(s3, image_folder):
-    from clustering import storage
+    from clustering.data import storage
     from tests.conftest import BUCKET
 
     for p in sorted(image_folder.rglob("*")):

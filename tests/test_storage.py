@@ -1,6 +1,6 @@
 import pytest
 
-from clustering import storage
+from clustering.data import storage
 from tests.conftest import BUCKET
 
 

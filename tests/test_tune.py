@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clustering import storage
+from clustering.data import storage
 from clustering.config import ConfigError, PipelineConfig, load_config
 from jobs.cli import main
 

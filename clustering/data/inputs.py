@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from . import shards
-from .comm import Comm
-from .config import TrainConfig
+from ..comm import Comm
+from ..config import TrainConfig
 
 
 def device_images(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
