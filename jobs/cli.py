@@ -3,6 +3,7 @@ key=value overrides.
 
   dicl pipeline configs/demo.yaml                 shard -> [tune ->] train -> label -> report
   dicl shard configs/mnist.yaml shard.source=DIR  one stage alone
+  dicl shard configs/demo.yaml "shard.source=s3://bucket/laion/{00000..00099}.tar"   index tars in place
   dicl train configs/demo.yaml train.k=12 train.num_workers=2
   dicl tune configs/demo.yaml "tune.space={k: [8, 10, 12]}"   one trial per value; picked without labels
   dicl label configs/demo.yaml                    label every shard (label.checkpoint empty: the latest run)
@@ -26,8 +27,8 @@ import traceback
 COMMANDS = {
     "pipeline": ("shard -> tune (when tune.space is set) -> train -> label -> report, all under work_dir",
                  ("shard", "tune", "train", "label")),
-    "shard": ("write WebDataset shards and manifest.json from an image folder, MNIST IDX, .npz or sklearn:digits",
-              ("shard",)),
+    "shard": ("write WebDataset shards and manifest.json from an image folder, MNIST IDX, .npz or sklearn:digits; "
+              "or index a WebDataset corpus (a folder/prefix of tars, a brace pattern) where it lies", ("shard",)),
     "tune": ("train one trial per point of tune.space and pick the best without labels (trials.json, best.yaml)",
              ("tune", "train")),
     "train": ("train a deep clustering model with Ray Train on train.num_workers workers; prints its checkpoint",

@@ -131,17 +131,7 @@ def write_folder(cfg: ShardConfig, root: str, progress: bool) -> dict:
     total = min(total, cfg.limit or total)
     mean = max(1, sum(b for _, _, b in parts) // max(1, sum(n for _, n, _ in parts)))
     per_shard = max(1, min(cfg.samples_per_shard, cfg.max_shard_bytes // mean))
-    starts = np.cumsum([0] + [n for _, n, _ in parts])
-    groups = []
-    for lo in range(0, total, per_shard):
-        hi = min(lo + per_shard, total)
-        first = int(np.searchsorted(starts, lo, side="right")) - 1
-        ranges = []
-        for j in range(first, len(parts)):
-            if starts[j] >= hi:
-                break
-            ranges.append((parts[j][0], int(max(lo, starts[j]) - starts[j]), int(min(hi, starts[j + 1]) - starts[j])))
-        groups.append((hi - lo, ranges))
+    groups = plan_runs([(uri, n) for uri, n, _ in parts], total, per_shard)
     storage.remove(storage.join(cfg.output, shards.MANIFEST))
     pending = {_write_planned.remote(root, ranges, classes, storage.join(cfg.output, shards.shard_name(i)),
                                      store_side(cfg)): i for i, (_, ranges) in enumerate(groups)}
@@ -151,6 +141,22 @@ def write_folder(cfg: ShardConfig, root: str, progress: bool) -> dict:
     manifest = finish_manifest(cfg, results, unlisted, hidden, classes)
     storage.remove_tree(plan)
     return manifest
+
+
+def plan_runs(parts: list[tuple[str, int]], total: int, per_shard: int) -> list[tuple[int, list[tuple[str, int, int]]]]:
+    """The plan's first `total` files, its parts (URI, files) read in order, cut into shards of `per_shard` files:
+    [(files, [(part URI, first line, end line), ...])], a shard spanning parts where a part ends inside it."""
+    starts = np.cumsum([0] + [n for _, n in parts])
+    groups = []
+    for lo in range(0, total, per_shard):
+        hi = min(lo + per_shard, total)
+        ranges = []
+        for j in range(int(np.searchsorted(starts, lo, side="right")) - 1, len(parts)):
+            if starts[j] >= hi:
+                break
+            ranges.append((parts[j][0], int(max(lo, starts[j]) - starts[j]), int(min(hi, starts[j + 1]) - starts[j])))
+        groups.append((hi - lo, ranges))
+    return groups
 
 
 def store_side(cfg: ShardConfig) -> int | None:

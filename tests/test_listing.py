@@ -45,6 +45,13 @@ def test_a_folder_listed_in_tasks_gives_the_keys_labels_and_counts_of_one_listin
     assert manifest["hidden"]["count"] == 2 and sorted(manifest["hidden"]["examples"]) == [".hidden", "cats/.DS_Store"]
 
 
+def test_a_plan_in_parts_is_cut_into_runs_that_span_parts():
+    from jobs.shard import plan_runs
+
+    runs = plan_runs([("a", 5), ("b", 0), ("c", 4)], 8, 3)  # the first 8 of 9 files (shard.limit), 3 a shard
+    assert runs == [(3, [("a", 0, 3)]), (3, [("a", 3, 5), ("b", 0, 0), ("c", 0, 1)]), (2, [("c", 1, 3)])]
+
+
 def test_resized_shards_hold_the_training_input_and_cluster_as_the_originals(ray_local, tmp_path, capsys):
     from jobs.shard import describe, run_shard
     from sklearn.datasets import load_digits
