@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from . import metrics  # noqa: E402
-from .data import assignments, shards, storage
+from .data import assignments, shards, storage  # noqa: E402
 from .config import TuneConfig  # noqa: E402
 
 SOURCE_IMAGES = 20_000  # images of the sampled shards the report reads back: pictures, scores and the embedding

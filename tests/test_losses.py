@@ -14,7 +14,8 @@ def test_student_t_rows_sum_to_one_and_prefer_nearest():
 
 
 def test_cah_target_sharpens_q():
-    q = torch.softmax(torch.randn(64, 5), 1)
+    # Seeded: dividing by the cluster frequencies f_j may move a near-tied argmax (3 of 200 seeds fail the 0.9)
+    q = torch.softmax(torch.randn(64, 5, generator=torch.Generator().manual_seed(0)), 1)
     p = losses.cah_target(q, q.sum(0))
     torch.testing.assert_close(p.sum(1), torch.ones(64))
     entropy = lambda d: -(d * d.log()).sum(1)
