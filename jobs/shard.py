@@ -47,6 +47,34 @@ def _duplicates(uris):
     return corpus.duplicates(uris)
 
 
+def index_manifest(cfg: ShardConfig, entries: list[dict], cut: list[str]) -> dict:
+    """The manifest of an indexed corpus: its tars where they lie, their sampled shapes, and what was skipped (`cut`:
+    the tars cut short or damaged)."""
+    skipped = cut + [x for e in entries for x in e["skipped_examples"]]
+    shapes = Counter()
+    for e in entries:
+        for shape, n in e.pop("shapes").items():
+            h, w, mode = shape.split("x", 2)
+            shapes[(int(h), int(w), mode)] += n
+    summary = shards.shape_summary(shapes) if shapes else None
+    if summary is None:
+        raise SourceError(f"{cfg.source!r}: none of the probed images could be read (their first bytes are no image)")
+    return {
+        "source": cfg.source,
+        "layout": "webdataset",  # the tars are read where they lie; `uri` in each entry says where
+        "num_samples": sum(e["samples"] for e in entries),
+        "shards": [{k: e[k] for k in ("name", "uri", "index", "samples", "bytes", "fingerprint", "images",
+                                      "first_key", "last_key")} for e in entries],
+        "image": shards.choose_image(summary),
+        "shapes": {**summary, "sampled": f"the first {corpus.SHAPE_PROBES} images of each tar"},
+        "labelled": sum(e["labelled"] for e in entries),
+        "classes": None,
+        "skipped": {"count": len(cut) + sum(e["skipped"] for e in entries), "examples": skipped[:100]},
+        "hidden": {"count": 0, "examples": []},
+        "content_hash": corpus.content_hash(entries),
+    }
+
+
 PLAN_LINES = 100_000  # files per part of a folder's plan (JSON lines): a shard task reads one or two parts
 
 
@@ -214,29 +242,7 @@ def index_corpus(cfg: ShardConfig, progress: bool) -> dict:
     if not entries:
         raise SourceError(f"no readable samples in {cfg.source!r}: " + "; ".join(
             (cut + [x for e in indexed for x in e.get("skipped_examples", [])])[:3]))
-    skipped = cut + [x for e in entries for x in e["skipped_examples"]]
-    shapes = Counter()
-    for e in entries:
-        for shape, n in e.pop("shapes").items():
-            h, w, mode = shape.split("x", 2)
-            shapes[(int(h), int(w), mode)] += n
-    summary = shards.shape_summary(shapes) if shapes else None
-    if summary is None:
-        raise SourceError(f"{cfg.source!r}: none of the probed images could be read (their first bytes are no image)")
-    manifest = {
-        "source": cfg.source,
-        "layout": "webdataset",  # the tars are read where they lie; `uri` in each entry says where
-        "num_samples": sum(e["samples"] for e in entries),
-        "shards": [{k: e[k] for k in ("name", "uri", "index", "samples", "bytes", "fingerprint", "images",
-                                      "first_key", "last_key")} for e in entries],
-        "image": shards.choose_image(summary),
-        "shapes": {**summary, "sampled": f"the first {corpus.SHAPE_PROBES} images of each tar"},
-        "labelled": sum(e["labelled"] for e in entries),
-        "classes": None,
-        "skipped": {"count": len(cut) + sum(e["skipped"] for e in entries), "examples": skipped[:100]},
-        "hidden": {"count": 0, "examples": []},
-        "content_hash": corpus.content_hash(entries),
-    }
+    manifest = index_manifest(cfg, entries, cut)
     shards.write_manifest(cfg.output, manifest)
     indexed_uris = set(uris)
     for uri in storage.list_files(cfg.output, ".tar"):  # shards an earlier shard job wrote here: no manifest names them
