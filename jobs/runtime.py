@@ -139,7 +139,7 @@ def train_storage(uri: str) -> tuple[str, PyFileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train: local paths as absolute paths, remote URIs through
     the same fsspec filesystem the rest of the project uses (so endpoint settings apply alike)."""
     if not storage.is_remote(uri):
-        return os.path.abspath(uri.removeprefix("file://")), None
+        return storage.absolute(uri), None
     fs, path = storage.filesystem(uri)
     return path, PyFileSystem(FSSpecHandler(fs))
 

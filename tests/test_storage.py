@@ -44,3 +44,10 @@ def test_one_s3_filesystem_per_environment_and_listings_never_stale(s3, monkeypa
     assert storage.s3_filesystem() is fs  # made once, not per call
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # another endpoint: another filesystem
     assert storage.s3_filesystem() is not fs
+
+
+def test_a_path_under_home_resolves_alike_where_it_is_written_and_where_it_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    storage.write_bytes("~/x/f.bin", b"1")  # as the shard job writes (fsspec expands ~)
+    assert storage.absolute("~/x") == str(tmp_path / "x")  # as train and label resolve it
+    assert (tmp_path / "x" / "f.bin").read_bytes() == b"1" and storage.exists(storage.join(storage.absolute("~/x"), "f.bin"))

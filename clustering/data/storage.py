@@ -75,10 +75,11 @@ def is_remote(uri: str) -> bool:
 
 
 def absolute(uri: str) -> str:
-    """Local paths made absolute, so Ray workers (whose working folder differs) find them; URIs unchanged."""
+    """Local paths made absolute, so Ray workers (whose working folder differs) find them; `~` expanded, as fsspec
+    expands it where a path is read or written, so every stage resolves a path alike; URIs unchanged."""
     if not uri or is_remote(uri) or uri.startswith("sklearn:"):
         return uri
-    return os.path.abspath(uri.removeprefix("file://"))
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
 def exists(uri: str) -> bool:
