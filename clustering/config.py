@@ -49,7 +49,8 @@ class ShardConfig(Strict):
     output: str = Field("outputs/demo/shards", description="folder or s3:// prefix for the shards")
     samples_per_shard: int = Field(10_000, ge=1, description="most images in one shard (a shard is also the unit of "
                                    "parallel writing, of a worker's share and of one Parquet part)")
-    max_shard_bytes: int = Field(256 * 2**20, ge=1024, description="most encoded bytes in one shard")
+    max_shard_bytes: int = Field(256 * 2**20, ge=1024, description="most encoded bytes in one shard (a folder tree: "
+                                 "by the corpus' mean file size, as no process sees every file's size)")
     limit: int | None = Field(None, ge=1, description="take only the first N samples (for quick runs; a WebDataset "
                               "corpus: whole tars, up to N)")
     store: Literal["original", "resized"] = Field(
