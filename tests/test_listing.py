@@ -1,5 +1,6 @@
 """The shard job lists a folder tree in Ray tasks and keeps its plan in storage (the driver holds no file list), and
 stores images at the training input when asked (shard.store=resized)."""
+import io
 import json
 import os
 
@@ -61,10 +62,14 @@ def test_resized_shards_hold_the_training_input_and_cluster_as_the_originals(ray
     src.mkdir()
     for i, img in enumerate(np.round(d.images * (255 / 16)).astype(np.uint8)):  # 8x8 -> 32x32 PNG files
         Image.fromarray(img).resize((32, 32), Image.BILINEAR).save(src / f"{i:04d}.png")
+    photo = io.BytesIO()
+    Image.fromarray(np.full((300, 400, 3), 128, np.uint8)).save(photo, format="JPEG")
+    (src / "cut.jpg").write_bytes(photo.getvalue()[:400])  # a JPEG cut short: a counted skip in either store
     kept = run_shard(ShardConfig(source=str(src), output=str(tmp_path / "orig"), samples_per_shard=500), progress=False)
     small = run_shard(ShardConfig(source=str(src), output=str(tmp_path / "small"), samples_per_shard=500,
                                   store="resized", image_size=16), progress=False)
     assert small["image"]["side"] == 16 and kept["image"]["side"] == 32
+    assert kept["skipped"]["count"] == small["skipped"]["count"] == 1 and "cut.jpg" in small["skipped"]["examples"][0]
     assert small["store"]["image_bytes"] < 0.6 * kept["store"]["image_bytes"] and small["store"]["bytes"] < kept["store"]["bytes"]
     assert small["store"]["original_bytes"] == kept["store"]["original_bytes"] == kept["store"]["image_bytes"]
     text = describe(small, str(tmp_path / "small"))

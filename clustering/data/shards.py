@@ -384,17 +384,21 @@ def write_items(source, items: list, uri: str, store_side: int | None = None) ->
     samples, skipped, shapes, original, stored = [], [], Counter(), 0, 0
     for it in items:
         try:
-            d = source.load(it)
-            original += len(d.data)
+            d = source.load(it, verify=not store_side)  # resized: the draft-scale decode below is the check
+            size = len(d.data)
             if store_side:
                 original_size = {"original_width": d.width, "original_height": d.height}
-                d = resized(d, store_side)
+                try:
+                    d = resized(d, store_side)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                    raise BadImage(f"{source.describe(it)}: not a readable image ({type(e).__name__}: {e})") from None
         except BadImage as e:
             skipped.append(str(e))
             continue
         except Exception as e:  # noqa: BLE001 - a failed read is this input's fault, counted like a bad image
             skipped.append(f"{source.describe(it)}: could not be read ({type(e).__name__}: {e})")
             continue
+        original += size
         stored += len(d.data)
         sample = {"__key__": it.key, d.ext: d.data,
                   "json": {"source": source.describe(it), "width": d.width, "height": d.height,

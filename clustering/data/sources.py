@@ -110,7 +110,7 @@ class ArraySource:
             start += n
         return items
 
-    def load(self, item: Item) -> Decoded:
+    def load(self, item: Item, verify: bool = True) -> Decoded:
         img = self.images[item.ref]
         h, w = img.shape[:2]
         return Decoded(png_bytes(img), "png", w, h, "L" if img.ndim == 2 else "RGB")
@@ -208,20 +208,22 @@ class FolderSource:
         keys = unique_keys([rel for rel, _ in self.files])
         return folder_items(self.uri, [(rel, size, key) for (rel, size), key in zip(self.files, keys)], self.classes)
 
-    def load(self, item: Item) -> Decoded:
-        return load_file(str(item.ref))
+    def load(self, item: Item, verify: bool = True) -> Decoded:
+        return load_file(str(item.ref), verify)
 
     def describe(self, item: Item) -> str:
         return str(item.ref)
 
 
-def load_file(uri: str) -> Decoded:
+def load_file(uri: str, verify: bool = True) -> Decoded:
     """An image file's bytes as they are when it is an 8-bit L or RGB JPEG/PNG; any other format or mode is
-    converted (to_8bit) and re-encoded losslessly as PNG. `mode` is the file's own, for the manifest."""
+    converted (to_8bit) and re-encoded losslessly as PNG. `mode` is the file's own, for the manifest. With
+    verify=False a JPEG/PNG is not decoded here: the caller decodes it next (shard.store=resized, at draft scale)."""
     raw = storage.read_bytes(uri)
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            im.load()  # decodes fully: catches truncated files, not just bad headers
+            if verify or im.format not in ("JPEG", "PNG") or im.mode not in ("L", "RGB"):
+                im.load()  # decodes fully: catches truncated files, not just bad headers
             w, h, mode = im.width, im.height, im.mode
             ext = ORIGINAL_EXTS.get(PurePosixPath(uri).suffix.lower())
             kept = (ext == "jpg" and im.format == "JPEG") or (ext == "png" and im.format == "PNG")
@@ -257,8 +259,8 @@ class FileListSource:
         names = [PurePosixPath(u.split("://", 1)[-1]).name for u in self.uris]
         return [Item(key, uri, 0) for key, uri in zip(unique_keys(names), self.uris)]
 
-    def load(self, item: Item) -> Decoded:
-        return load_file(str(item.ref))
+    def load(self, item: Item, verify: bool = True) -> Decoded:
+        return load_file(str(item.ref), verify)
 
     def describe(self, item: Item) -> str:
         return str(item.ref)
