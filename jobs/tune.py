@@ -225,6 +225,26 @@ def saved_state_whole(experiment: str) -> bool:
 
 def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
            gpu: bool) -> dict:
+    """Run the experiment (or resume it by tune.name), rank its trials, write trials.json and best.yaml."""
+    tuner = make_tuner(cfg, base, space, trials, gpu)
+    # Ray Tune's newer console output prints boxes and hints even at verbose=0; the older one is silent there, and
+    # TrialLines says what matters.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    with credentials_out_of_runtime_envs():
+        results = tuner.fit()
+    ordered = ranked(results, sorted(space), cfg.tune.metric)
+    best = ordered[0]["values"]
+    storage.write_bytes(storage.join(cfg.tune.output, "trials.json"),
+                        json.dumps({"metric": cfg.tune.metric, "trials": ordered}, indent=1).encode())
+    best_yaml = storage.join(cfg.tune.output, "best.yaml")
+    section = train_section(best, trial_config(base, best).method.name)
+    storage.write_bytes(best_yaml, yaml.safe_dump({"train": section}, sort_keys=True).encode())
+    return {"best": best, "trials": ordered, "best_yaml": best_yaml, "metric": cfg.tune.metric}
+
+
+def make_tuner(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
+               gpu: bool) -> tune.Tuner:
+    """A new experiment, or the one named tune.name restored (its finished and stopped trials kept)."""
     runs = storage.absolute(cfg.train.storage_path)
     path, filesystem = train_storage(runs)
     # A trial of one worker trains in its own actor; a trial of several drives a Ray Train run whose workers ask
@@ -245,48 +265,38 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
         else:  # Ray Tune then logs the error and starts the experiment over, in the same folder
             print(f"tune: the saved state of experiment {name} (tune.name) is cut short, as when a run is killed while "
                   "saving it: every trial runs again", flush=True)
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, param_space=param_space,
-                                   storage_filesystem=filesystem)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", search_alg=searcher(cfg.tune),
-                                        scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
-                                        num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=cfg.tune.max_concurrent or None,
-                                        # a trial's actor trains the next trial (every trial asks the same
-                                        # resources): no new process importing torch and the jobs each time
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=0,
-                                      callbacks=[TrialLines(sorted(space), cfg.tune.metric, trial_count(cfg.tune, space))]))
-    # Ray Tune's newer console output prints boxes and hints even at verbose=0; the older one is silent there, and
-    # TrialLines says what matters.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    with credentials_out_of_runtime_envs():
-        results = tuner.fit()
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, param_space=param_space,
+                                  storage_filesystem=filesystem)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", search_alg=searcher(cfg.tune),
+                                    scheduler=scheduler(cfg.tune, max(map(engine.total_epochs, trials))),
+                                    num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=cfg.tune.max_concurrent or None,
+                                    # a trial's actor trains the next trial (every trial asks the same
+                                    # resources): no new process importing torch and the jobs each time
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=0,
+                                  callbacks=[TrialLines(sorted(space), cfg.tune.metric, trial_count(cfg.tune, space))]))
+
+
+def ranked(results, searched: list[str], metric: str) -> list[dict]:
+    """The trials as rows, finished first by the score, then those the scheduler stopped (their scores are from
+    then), then errors; an error when none has a score."""
     rows = []
     for result in results:
         m = result.metrics or {}
-        values = {key: result.config[key] for key in sorted(space)}
-        if result.error or cfg.tune.metric not in m:
+        values = {key: result.config[key] for key in searched}
+        if result.error or metric not in m:
             cause = str(result.error or "no result").strip().splitlines()[-1]  # Ray's traceback ends with it
             rows.append({"values": values, "error": cause})
             continue
         row = {"values": values, **{key: m[key] for key in m if key in RESULT_KEYS or key.endswith("_vs_labels")}}
         rows.append(row if m["final"] else {**row, "stopped_at_epoch": m["epoch"]})
-    # Finished trials first, by the score; then those the scheduler stopped (their scores are from then); then errors.
-    scored = sorted((r for r in rows if "error" not in r),
-                    key=lambda r: ("stopped_at_epoch" in r, -r[cfg.tune.metric]))
+    scored = sorted((r for r in rows if "error" not in r), key=lambda r: ("stopped_at_epoch" in r, -r[metric]))
     if not scored:
         raise RuntimeError(f"all {len(rows)} tune trials failed: {rows[0]['error']}")
-    ordered = scored + [r for r in rows if "error" in r]
-    best = scored[0]["values"]
-    storage.write_bytes(storage.join(cfg.tune.output, "trials.json"),
-                        json.dumps({"metric": cfg.tune.metric, "trials": ordered}, indent=1).encode())
-    best_yaml = storage.join(cfg.tune.output, "best.yaml")
-    section = train_section(best, trial_config(base, best).method.name)
-    storage.write_bytes(best_yaml, yaml.safe_dump({"train": section}, sort_keys=True).encode())
-    return {"best": best, "trials": ordered, "best_yaml": best_yaml, "metric": cfg.tune.metric}
+    return scored + [r for r in rows if "error" in r]
 
 
 def show(value) -> str:
