@@ -119,67 +119,17 @@ def check_fingerprint(uri: str, recorded: dict) -> None:
                           "re-index it with dicl shard before training or labelling")
 
 
-def tar_members(f, size: int):
-    """(name, offset, length) of each regular member of an open tar, reading the headers only: the members' bytes
-    are skipped by seeking. PAX and GNU long names are followed. A member that runs past the end, or an end before
-    the end-of-archive blocks, or a header whose checksum fails, raises BrokenTar."""
-    pos, long_name = 0, None
-    while True:
-        if pos + 512 > size:  # every writer ends a tar with zero blocks: a tar that stops before them was cut
-            raise BrokenTar(f"cut short: it ends at byte {size:,} without the end-of-archive blocks")
-        f.seek(pos)
-        header = f.read(512)
-        if header[:1] == b"\0":
-            return  # end-of-archive blocks
-        kind = header[156:157]
-        try:
-            length = int(header[124:136].rstrip(b" \0") or b"0", 8)
-            recorded = int(header[148:156].rstrip(b" \0") or b"0", 8)
-        except ValueError:
-            recorded, length = -1, 0
-        if recorded != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the checksum counts its own field as spaces
-            raise BrokenTar(f"damaged: the header at byte {pos:,} fails its checksum (not a tar, or a corrupted one)")
-        body_at = pos + 512
-        pos = body_at + (length + 511) // 512 * 512
-        if body_at + length > size:
-            raise BrokenTar(f"cut short: the member at byte {body_at - 512:,} needs {length:,} bytes, and the file "
-                            f"ends at {size:,}")
-        if kind in (b"x", b"L"):
-            f.seek(body_at)
-            body = f.read(length)
-            if kind == b"L":
-                long_name = body.rstrip(b"\0").decode()
-            else:
-                for record in body.decode("utf-8").splitlines():
-                    key, _, value = record.partition(" ")[2].partition("=")
-                    if key == "path":
-                        long_name = value
-            continue
-        if kind not in (b"0", b"\0"):
-            long_name = None
-            continue  # folders, links, global headers: not members of a sample
-        name = header[:100].rstrip(b"\0").decode()
-        prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
-        yield long_name or (f"{prefix}/{name}" if prefix else name), body_at, length
-        long_name = None
+def walk(f, size: int, uri: str) -> list[dict]:
+    """An open tar's samples from its headers alone: {__key__, ext: (offset, length), ...} by webdataset's rule
+    (shards.group_samples over shards.tar_members, strict: a cut or damaged tar raises BrokenTar)."""
+    from .shards import group_samples, tar_members
 
+    def read_at(at: int, n: int) -> bytes:
+        f.seek(at)
+        return f.read(n)
 
-def grouped(members) -> list[dict]:
-    """Members in tar order -> samples {key, exts: {ext: (offset, length)}}, by webdataset's key rule."""
-    from .shards import MEMBER_NAME
-
-    samples: list[dict] = []
-    for name, offset, length in members:
-        match = MEMBER_NAME.match(name)
-        if match is None:
-            continue
-        key, ext = match.group(1), match.group(2).lower()
-        if not samples or samples[-1]["key"] != key:
-            samples.append({"key": key, "exts": {}})
-        if ext in samples[-1]["exts"]:  # webdataset's reader (and ours) refuses it too
-            raise CorpusError(f"{name} appears twice in one sample")
-        samples[-1]["exts"][ext] = (offset, length)
-    return samples
+    members = tar_members(read_at, size, strict=True)
+    return group_samples([{"fname": name, "data": (at, length)} for name, at, length in members], uri)
 
 
 def image_ext(exts) -> str | None:
@@ -196,39 +146,44 @@ def tar_keys(uri: str) -> list[str]:
     fs, path = storage.filesystem(uri)
     size = int(fs.info(path).get("size") or 0)
     with fs.open(path, "rb", block_size=2**20) as f:
-        return [s["key"] for s in grouped(tar_members(f, size)) if image_ext(s["exts"])]
+        return [s["__key__"] for s in walk(f, size, uri) if image_ext(s)]
 
 
 def index_tar(uri: str) -> dict:
     """One tar's entry of the manifest, from its headers (and the first bytes of a few images, for their shapes).
     A tar cut short is returned as skipped, with the reason."""
+    from .shards import UnknownMember
+
     fp = fingerprint(uri)
     fs, path = storage.filesystem(uri)
     entry = {"uri": uri, "bytes": fp["size"], "fingerprint": fp}
     try:
         with fs.open(path, "rb", block_size=2**20) as f:
-            samples = grouped(tar_members(f, fp["size"]))
             keys, kinds, shapes, skipped, labelled = set(), Counter(), Counter(), [], 0
-            for s in samples:
-                ext = image_ext(s["exts"])
+            for s in walk(f, fp["size"], uri):
+                key, ext = s["__key__"], image_ext(s)
                 if ext is None:
-                    skipped.append(f"{uri}#{s['key']}: no image member (has {', '.join(sorted(s['exts'])) or 'none'})")
+                    exts = sorted(e for e in s if not e.startswith("_"))
+                    skipped.append(f"{uri}#{key}: no image member (has {', '.join(exts) or 'none'})")
                     continue
-                if s["key"] in keys:
-                    raise CorpusError(f"the key {s['key']!r} names two samples (its members are not "
-                                      "consecutive, or repeat): give each sample one run of members")
-                keys.add(s["key"])
+                if key in keys:
+                    raise CorpusError(f"{uri}: the key {key!r} names two samples (its members are not consecutive, "
+                                      "or repeat): give each sample one run of members")
+                keys.add(key)
                 kinds[ext] += 1
-                labelled += "cls" in s["exts"]
+                labelled += "cls" in s
                 if len(keys) <= SHAPE_PROBES:
-                    offset, length = s["exts"][ext]
+                    offset, length = s[ext]
                     f.seek(offset)
                     shapes[probe_shape(f.read(min(length, PROBE_BYTES)))] += 1
     except BrokenTar as e:
         return {**entry, "samples": 0, "truncated": f"{uri}: {e}; none of its samples are read. "
                 "Download or copy it again, then re-run dicl shard"}
-    except CorpusError as e:
-        raise CorpusError(f"{uri}: {e}") from None
+    except ValueError as e:  # a key in two samples, a member twice in one sample (both name the tar)
+        raise CorpusError(str(e)) from None
+    except UnknownMember as e:
+        raise CorpusError(f"{uri}: a member of kind {e} (a sparse file or a device) is not read: repack the tar with "
+                          "webdataset or tar") from None
     entry.update(samples=len(keys), images=dict(kinds), labelled=labelled, skipped=len(skipped),
                  skipped_examples=skipped[:5],
                  first_key=min(keys) if keys else "", last_key=max(keys) if keys else "",

@@ -121,37 +121,68 @@ def group_samples(files: list[dict], uri: str) -> list[dict]:
     return samples
 
 
-def plain_tar_members(data: bytes) -> list[dict] | None:
-    """Fast tar reader for in-memory shards: about 10x faster than tarfile on 30,000 tiny members.
-    Handles ustar members, PAX extended headers (tarfile writes one for a non-ASCII or long name) and GNU long
-    names; returns None at anything else, and the caller falls back to Python's tarfile."""
-    files, pos, end, long_name = [], 0, len(data), None
-    while pos + 512 <= end:
-        header = data[pos:pos + 512]
+class UnknownMember(Exception):
+    """A member kind the header walk does not read (sparse files, devices): the caller reads the tar with tarfile."""
+
+
+def tar_members(read_at, size: int, strict: bool = False):
+    """(name, offset, length) of each regular member of a tar, from its headers alone: `read_at(pos, n)` gives n
+    bytes at pos (a slice of bytes in memory, a seek and read of a file), so members' bytes are never read here.
+    About 10x faster than tarfile on 30,000 tiny members. Follows PAX extended headers and GNU long names; leaves
+    out folders, links and global headers (tarfile's isfile does too); raises UnknownMember at any other kind.
+    strict (a tar indexed in place, which no sha256 vouches for): a header whose checksum fails, a member past the
+    end, or an end before the end-of-archive blocks raise corpus.BrokenTar."""
+    pos, long_name = 0, None
+    while True:
+        if pos + 512 > size:
+            if strict:  # every writer ends a tar with zero blocks: a tar that stops before them was cut
+                raise corpus.BrokenTar(f"cut short: it ends at byte {size:,} without the end-of-archive blocks")
+            return
+        header = read_at(pos, 512)
         if header[:1] == b"\0":
-            break  # end-of-archive blocks
+            return  # end-of-archive blocks
         kind = header[156:157]
-        size = int(header[124:136].rstrip(b" \0") or b"0", 8)
-        body = data[pos + 512:pos + 512 + size]
-        pos += 512 + (size + 511) // 512 * 512
-        if kind == b"x":  # PAX records "LEN key=value\n"; only a path matters here
-            for record in body.decode("utf-8").splitlines():
-                key, _, value = record.partition(" ")[2].partition("=")
-                if key == "path":
-                    long_name = value
+        try:
+            length = int(header[124:136].rstrip(b" \0") or b"0", 8)
+            recorded = int(header[148:156].rstrip(b" \0") or b"0", 8) if strict else 0
+        except ValueError:
+            length, recorded = 0, -1
+        if strict and recorded != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # its own field counts as spaces
+            raise corpus.BrokenTar(f"damaged: the header at byte {pos:,} fails its checksum (not a tar, or a "
+                                   "corrupted one)")
+        body_at = pos + 512
+        pos = body_at + (length + 511) // 512 * 512
+        if strict and body_at + length > size:
+            raise corpus.BrokenTar(f"cut short: the member at byte {body_at - 512:,} needs {length:,} bytes, and the "
+                                   f"file ends at {size:,}")
+        if kind in (b"x", b"L"):  # PAX records "LEN key=value\n" (only a path matters here); a GNU long name
+            body = read_at(body_at, length)
+            if kind == b"L":
+                long_name = body.rstrip(b"\0").decode()
+            else:
+                for record in body.decode("utf-8").splitlines():
+                    key, _, value = record.partition(" ")[2].partition("=")
+                    if key == "path":
+                        long_name = value
             continue
-        if kind == b"L":
-            long_name = body.rstrip(b"\0").decode()
+        if kind in (b"1", b"2", b"5", b"g"):
+            long_name = None
             continue
-        if kind == b"g" or kind == b"5":
-            continue
-        if kind not in (b"0", b"\0"):
-            return None
+        if kind not in (b"0", b"\0", b"7"):
+            raise UnknownMember(kind)
         name = header[:100].rstrip(b"\0").decode()
         prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
-        files.append({"fname": long_name or (f"{prefix}/{name}" if prefix else name), "data": body})
+        yield long_name or (f"{prefix}/{name}" if prefix else name), body_at, length
         long_name = None
-    return files
+
+
+def plain_tar_members(data: bytes) -> list[dict] | None:
+    """An in-memory tar's members as {fname, data} (tar_members); None at a member kind it does not read."""
+    try:
+        members = tar_members(lambda at, n: data[at:at + n], len(data))
+        return [{"fname": name, "data": data[at:at + length]} for name, at, length in members]
+    except UnknownMember:
+        return None
 
 
 def write_manifest(base: str, manifest: dict) -> None:
