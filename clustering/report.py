@@ -58,10 +58,8 @@ def sample(output: str, shards_uri: str, limit: int = SOURCE_IMAGES, seed: int =
         raise storage.StorageError(f"{output} holds no finished label run ({assignments.SUCCESS} is missing): "
                                    "run dicl label first") from None
     entries = sample_shards(manifest, limit, seed)
-    mode, side = shards.image_spec(manifest)
-    data = shards.concat([shards.load_shard(shards.shard_uri(shards_uri, e), mode, side, check=shards.check_of(e),
-                                            name=e["name"]) for e in entries], mode, side)
-    parts = [storage.join(output, assignments.part_name(shards.part_index(e))) for e in entries]
+    data = shards.load_shards([shards.shard_uri(shards_uri, e) for e in entries], manifest)
+    parts = [assignments.part_uri(output, e) for e in entries]
     table = assignments.read_parts(parts, ["key", "cluster", "confidence"]).set_index("key")
     return Sample(data, table, success, len(entries), len(manifest["shards"]), manifest["num_samples"])
 

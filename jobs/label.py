@@ -21,7 +21,7 @@ from clustering.config import LabelConfig
 from clustering.estimator import DeepClusterer
 
 from .decode import decode_shard
-from .runtime import check_resources, want_gpu
+from .runtime import check_resources, chunks, want_gpu
 
 
 class ShardLabeler:
@@ -116,13 +116,9 @@ def _footer_writers(uris: list[str]) -> list[dict]:
     return [assignments.part_writer(u) for u in uris]
 
 
-def groups(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 def part_writers(uris: list[str]) -> list[dict]:
     """The writer of each part, its footer read by tasks of FOOTERS_PER_TASK parts."""
-    return [w for ws in ray.get([_footer_writers.remote(g) for g in groups(uris, FOOTERS_PER_TASK)]) for w in ws]
+    return [w for ws in ray.get([_footer_writers.remote(g) for g in chunks(uris, FOOTERS_PER_TASK)]) for w in ws]
 
 
 def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
@@ -130,14 +126,14 @@ def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
     the manifest has its part, every part is this run's, and rows plus skipped images are the corpus' samples.
     Keys are unique by construction: each part checks its shard's keys, and the manifest holds them unique across
     shards. Otherwise an error says what is wrong, and `_SUCCESS.json` is not written."""
-    uris = [storage.join(cfg.output, assignments.part_name(shards.part_index(e))) for e in manifest["shards"]]
+    uris = [assignments.part_uri(cfg.output, e) for e in manifest["shards"]]
     present = set(storage.list_files(cfg.output, ".parquet"))
     missing = [u for u in uris if u not in present]
     if missing:
         raise RuntimeError(f"{cfg.output} lacks {len(missing):,} of its {len(uris):,} parts (e.g. {missing[0]}): "
                            f"not writing {assignments.SUCCESS}. Re-run dicl label.")
-    total = {"parts": 0, "rows": 0, "skipped": 0, "skipped_examples": [], "counts": [], "foreign": [], "uncounted": []}
-    for part in ray.get([_footer_totals.remote(g, writer) for g in groups(uris, FOOTERS_PER_TASK)]):
+    total = assignments.no_totals()
+    for part in ray.get([_footer_totals.remote(g, writer) for g in chunks(uris, FOOTERS_PER_TASK)]):
         total = assignments.add_totals(total, part)
     if total["foreign"]:
         raise RuntimeError(f"{total['foreign'][0]} is not this run's part: another run wrote into {cfg.output}. "
@@ -145,8 +141,8 @@ def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
     if total["uncounted"]:  # parts of an earlier release, with no counts in their footers: read their rows once
         table = assignments.read_parts(total["uncounted"], ["cluster"])
         extra = np.bincount(table["cluster"].to_numpy(), minlength=writer["k"]).tolist()
-        total = assignments.add_totals(total, {"parts": len(total["uncounted"]), "rows": len(table), "skipped": 0,
-                                               "skipped_examples": [], "counts": extra, "foreign": [], "uncounted": []})
+        total = assignments.add_totals(total, {**assignments.no_totals(), "parts": len(total["uncounted"]),
+                                               "rows": len(table), "counts": extra})
     if total["rows"] + total["skipped"] != manifest["num_samples"]:
         raise RuntimeError(f"{cfg.output}'s parts hold {total['rows']:,} labelled images and {total['skipped']:,} "
                            f"skipped, where {cfg.shards}/{shards.MANIFEST} counts {manifest['num_samples']:,}: the "

@@ -135,6 +135,11 @@ def want_gpu(setting: str) -> bool:
     return cluster_may_have_gpus()
 
 
+def chunks(items: list, size: int) -> list[list]:
+    """Consecutive groups of `size` items (the last may be shorter): the work of one task each."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def train_storage(uri: str) -> tuple[str, PyFileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train: local paths as absolute paths, remote URIs through
     the same fsspec filesystem the rest of the project uses (so endpoint settings apply alike)."""

@@ -22,6 +22,8 @@ from clustering import lease
 from clustering.data import corpus, shards, sources, storage
 from clustering.data.sources import SourceError, open_source
 
+from .runtime import chunks
+
 if TYPE_CHECKING:  # the shard tasks import this module: the config (which imports the methods, and torch) stays out
     from clustering.config import ShardConfig
 
@@ -78,7 +80,7 @@ def index_manifest(cfg: ShardConfig, entries: list[dict], cut: list[str]) -> dic
 PLAN_LINES = 100_000  # files per part of a folder's plan (JSON lines): a shard task reads one or two parts
 
 
-def write_plan(root: str, files: list[tuple[str, int]], base: str) -> list[tuple[str, int, int]]:
+def write_plan(files: list[tuple[str, int]], base: str) -> list[tuple[str, int, int]]:
     """Files (relative path, size) of one listing task, with their keys, as parts of the plan under `base`:
     [(part URI, files, bytes)]. Keys are unique within a task (a clash gets a hash: sources.unique_keys), and the
     tasks split the tree by top-level folder, whose sanitised names differ."""
@@ -103,13 +105,13 @@ def listed(listing: sources.Listing, parts: list) -> dict:
 @ray.remote
 def _list_top(root: str, plan: str) -> dict:
     listing = sources.walk_images(root, top_only=True)
-    return listed(listing, write_plan(root, listing.files, f"{plan}/top"))
+    return listed(listing, write_plan(listing.files, f"{plan}/top"))
 
 
 @ray.remote
 def _list_folders(root: str, subs: list[str], plan: str) -> dict:
     listing = sources.walk_images(root, tuple(subs))
-    return listed(listing, write_plan(root, listing.files, plan))
+    return listed(listing, write_plan(listing.files, plan))
 
 
 @ray.remote
@@ -150,16 +152,15 @@ def write_folder(cfg: ShardConfig, root: str, progress: bool) -> dict:
     tasks = [_list_folders.remote(root, subs, f"{plan}/{i:06d}") for i, subs in enumerate(by_name.values())]
     found = [top] + ray.get(tasks)
     parts = [p for f in found for p in f["parts"]]
-    total = sum(n for _, n, _ in parts)
-    if total == 0:
+    files = sum(n for _, n, _ in parts)
+    if files == 0:
         storage.remove_tree(plan)
         raise sources.no_images(cfg.source, sum(f["listed"] for f in found))
     names = sorted({n for f in found for n in f["names"]})
     classes = names if any(f["nested"] for f in found) else None
-    total = min(total, cfg.limit or total)
-    mean = max(1, sum(b for _, _, b in parts) // max(1, sum(n for _, n, _ in parts)))
+    mean = max(1, sum(b for _, _, b in parts) // files)
     per_shard = max(1, min(cfg.samples_per_shard, cfg.max_shard_bytes // mean))
-    groups = plan_runs([(uri, n) for uri, n, _ in parts], total, per_shard)
+    groups = plan_runs([(uri, n) for uri, n, _ in parts], min(files, cfg.limit or files), per_shard)
     storage.remove(storage.join(cfg.output, shards.MANIFEST))
     pending = {_write_planned.remote(root, ranges, classes, storage.join(cfg.output, shards.shard_name(i)),
                                      store_side(cfg)): i for i, (_, ranges) in enumerate(groups)}
@@ -191,10 +192,10 @@ def store_side(cfg: ShardConfig) -> int | None:
     return cfg.image_size if cfg.store == "resized" else None
 
 
-def gather(pending: dict, sizes: list[int], progress: bool) -> dict:
-    """The shard tasks' results by shard number, a progress bar of their images as they end."""
+def gather(pending: dict, sizes: list[int], progress: bool, desc: str = "shard", unit: str = "img") -> dict:
+    """The tasks' results by number ({ref: number}), a progress bar of their `sizes` as they end."""
     results = {}
-    with tqdm(total=sum(sizes), desc="shard", unit="img", disable=not progress) as bar:
+    with tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress) as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
@@ -209,15 +210,9 @@ def index_corpus(cfg: ShardConfig, progress: bool) -> dict:
     if not uris:
         raise SourceError(f"source {cfg.source!r} names no .tar file")
     storage.remove(storage.join(cfg.output, shards.MANIFEST))  # written again last, when every tar is indexed
-    groups = [uris[i:i + TARS_PER_TASK] for i in range(0, len(uris), TARS_PER_TASK)]
-    pending = {_index_tars.remote(g): i for i, g in enumerate(groups)}
-    found: dict[int, list[dict]] = {}
-    with tqdm(total=len(uris), desc="index", unit="tar", disable=not progress) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            found[i] = ray.get(done[0])
-            bar.update(len(groups[i]))
+    groups = chunks(uris, TARS_PER_TASK)
+    found = gather({_index_tars.remote(g): i for i, g in enumerate(groups)}, [len(g) for g in groups], progress,
+                   "index", "tar")
     indexed = [e for i in sorted(found) for e in found[i]]
     errors = [e["error"] for e in indexed if "error" in e]
     if errors:
@@ -244,10 +239,8 @@ def index_corpus(cfg: ShardConfig, progress: bool) -> dict:
             (cut + [x for e in indexed for x in e.get("skipped_examples", [])])[:3]))
     manifest = index_manifest(cfg, entries, cut)
     shards.write_manifest(cfg.output, manifest)
-    indexed_uris = set(uris)
-    for uri in storage.list_files(cfg.output, ".tar"):  # shards an earlier shard job wrote here: no manifest names them
-        if shards.is_shard_name(shards.name_of(uri)) and uri not in indexed_uris:
-            storage.remove(uri)
+    for uri in shards.unlisted_shards(cfg.output, manifest):  # an earlier shard job's: no manifest names them now
+        storage.remove(uri)
     return manifest
 
 
@@ -297,10 +290,8 @@ def finish_manifest(cfg: ShardConfig, results: dict, unlisted: list[str], hidden
                   "original_bytes": sum(r["original_bytes"] for r in results.values())},
     }
     shards.write_manifest(cfg.output, manifest)
-    kept = {s["name"] for s in written}
-    for uri in storage.list_files(cfg.output, ".tar"):
-        if shards.is_shard_name(shards.name_of(uri)) and shards.name_of(uri) not in kept:
-            storage.remove(uri)  # a shard of an earlier, larger corpus: no manifest names it any more
+    for uri in shards.unlisted_shards(cfg.output, manifest):
+        storage.remove(uri)  # a shard of an earlier, larger corpus: no manifest names it any more
     return manifest
 
 

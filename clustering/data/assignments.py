@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import shards, storage
 
 SUCCESS = "_SUCCESS.json"
 META_KEY = b"dicl"
@@ -28,6 +28,11 @@ WRITER_FIELDS = ("checkpoint", "content_hash")  # what must match for a part to 
 
 def part_name(shard_index: int) -> str:
     return f"part-{shard_index:06d}.parquet"
+
+
+def part_uri(output: str, entry: dict) -> str:
+    """Where the part of a manifest's shard entry lies under `output`."""
+    return storage.join(output, part_name(shards.part_index(entry)))
 
 
 def table(keys: list[str], shard: str, probs: np.ndarray, embedding: np.ndarray | None = None,
@@ -109,21 +114,24 @@ def footer(uri: str) -> tuple[dict, dict | None]:
     return writer_of(kv), stats
 
 
+def no_totals() -> dict:
+    """Totals of no part; `add_totals` adds others to it."""
+    return {"parts": 0, "rows": 0, "skipped": 0, "skipped_examples": [], "counts": [], "foreign": [], "uncounted": []}
+
+
 def totals(uris: list[str], writer: dict) -> dict:
     """Counts of these parts from their footers: rows, skipped images (with a few examples), the cluster histogram,
     and the parts that are not this writer's or carry no counts. Sums: a caller adds up the totals of groups."""
-    out = {"parts": 0, "rows": 0, "skipped": 0, "skipped_examples": [], "counts": [], "foreign": [], "uncounted": []}
+    out = no_totals()
     for uri in uris:
         found, stats = footer(uri)
         if not same_writer(found, writer):
             out["foreign"].append(f"{uri} (written by {found.get('checkpoint')!r})")
-            continue
-        if stats is None:
+        elif stats is None:
             out["uncounted"].append(uri)
-            continue
-        out = add_totals(out, {"parts": 1, "rows": stats["rows"], "skipped": stats["skipped"],
-                               "skipped_examples": stats["skipped_examples"], "counts": stats["counts"],
-                               "foreign": [], "uncounted": []})
+        else:
+            out = add_totals(out, {**no_totals(), "parts": 1, **{k: stats[k] for k in
+                                                              ("rows", "skipped", "skipped_examples", "counts")}})
     return out
 
 

@@ -205,12 +205,13 @@ def read_manifest(base: str) -> dict:
 
 
 def unlisted_shards(base: str, manifest: dict) -> list[str]:
-    """The shard job's tars beside a manifest that it does not list (an edited manifest: their images would go
-    unlabelled). The shard job removes such tars when it writes its manifest, so a whole folder has none."""
-    if manifest.get("layout") == "webdataset":
-        return []
-    listed = {s["name"] for s in manifest["shards"]}
-    return [u for u in storage.list_files(base, ".tar") if is_shard_name(name_of(u)) and name_of(u) not in listed]
+    """The shard job's tars (shard-NNNNNN.tar) beside a manifest that it does not list: an earlier job's, which the
+    shard job removes when it writes its manifest, or an edited manifest's (their images would go unlabelled). An
+    indexed corpus lists its tars by URI (they may lie beside it), the shard job's own by name."""
+    indexed = manifest.get("layout") == "webdataset"
+    listed = {s["uri"] if indexed else s["name"] for s in manifest["shards"]}
+    return [u for u in storage.list_files(base, ".tar")
+            if is_shard_name(name_of(u)) and (u if indexed else name_of(u)) not in listed]
 
 
 def shard_uri(base: str, entry: dict) -> str:

@@ -1,8 +1,8 @@
 """Readers of inputs: image folders (JPEG/PNG/...), MNIST IDX files, NPZ arrays and scikit-learn's digits.
 
 A source is planned once (`plan()`: cheap items with stable keys) and read in parallel tasks (`load(item)`: the
-encoded image bytes); the shard job lists and plans a folder tree in tasks instead (`walk_images`, `folder_items`). Keys derive from the source path, so outputs join back
-to inputs and a re-run gives the same keys.
+encoded image bytes); the shard job lists and plans a folder tree in tasks instead (`walk_images`, `folder_items`).
+Keys derive from the source path, so outputs join back to inputs and a re-run gives the same keys.
 """
 from __future__ import annotations
 
