@@ -44,9 +44,10 @@ def load_finished(uri: str) -> dict:
 
 
 def newest_in_run(run: str) -> str | None:
-    """A run folder's newest checkpoint_* folder, or None."""
+    """A run folder's newest whole checkpoint_* folder (one that holds model.pt: a run killed while writing one
+    leaves it empty), or None."""
     ckpts = [c for c in storage.list_dirs(run) if c.rsplit("/", 1)[-1].startswith("checkpoint_")]
-    return max(ckpts) if ckpts else None
+    return next((c for c in sorted(ckpts, reverse=True) if storage.exists(storage.join(c, CHECKPOINT_FILE))), None)
 
 
 def resolve(uri: str) -> str:
@@ -57,7 +58,8 @@ def resolve(uri: str) -> str:
         return uri
     newest = newest_in_run(uri)
     if newest is None:
-        raise FileNotFoundError(f"{uri} holds no {CHECKPOINT_FILE} and no checkpoint_* folder: run the train job first")
+        raise FileNotFoundError(f"{uri} holds no {CHECKPOINT_FILE} and no checkpoint_* folder with one: run the train "
+                                "job first (or finish this run: dicl train with its train.name resumes it)")
     return newest
 
 

@@ -33,6 +33,24 @@ def path_name(value: str) -> str:
     return value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (YAML itself would keep the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+
+
 UseGpu = Annotated[Literal["auto", "yes", "no"], BeforeValidator(yes_no)]
 RunName = Annotated[str, AfterValidator(path_name)]
 
@@ -394,7 +412,9 @@ def describe(err: ValidationError, source: str) -> str:
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {field}: unknown key (check the spelling; see the configs/ files for valid keys)")
         else:
-            lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")  # a section's own check gets the whole section: not worth echoing
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {field}: {msg}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
     return "\n".join(lines)
 
 
@@ -407,7 +427,7 @@ def load_config(model: type[BaseModel], path: str | Path | None = None, override
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (try configs/demo.yaml)")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.load(p.read_text(), Loader=UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if data is None:

@@ -29,6 +29,37 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+class Diverged(NonFiniteLoss):
+    """A run whose loss grew by orders of magnitude, or that put every image in one of k > 1 clusters: the model
+    is unusable, and the message says what to change."""
+
+
+DIVERGED_GROWTH = 100.0  # a stage's loss this many times its first epoch's scale above it: diverged
+
+
+def check_diverged(history: list[dict]) -> None:
+    """Raise Diverged when the last epoch's loss rose far above its stage's first epoch's (losses that learn
+    shrink, or grow by a small factor at most: a KL toward a sharpening target)."""
+    last = history[-1]
+    first = next(m for m in history if m["stage"] == last["stage"])
+    if last["loss"] - first["loss"] > DIVERGED_GROWTH * max(abs(first["loss"]), 1.0):
+        raise Diverged(f"the run diverged: its {last['stage']} loss grew from {first['loss']:.4g} in epoch "
+                       f"{first['epoch'] + 1} to {last['loss']:.4g} in epoch {last['epoch'] + 1}; the last good "
+                       "checkpoint is kept. Lower train.lr (e.g. by 10x) and train again under a new train.name.")
+
+
+def check_collapsed(model: torch.nn.Module, images: torch.Tensor, k: int, comm: Comm, most: int = 10_000) -> None:
+    """Raise Diverged (on every rank alike) when a model of k > 1 clusters puts every image of the ranks' samples
+    (up to `most` each) in one cluster."""
+    clusters = predict_all(model, images[:most])[0].argmax(1)
+    sizes = comm.sum(torch.bincount(clusters, minlength=k).float())
+    n = int(sizes.sum().item())
+    if k > 1 and n >= 2 * k and int((sizes > 0).sum().item()) == 1:
+        raise Diverged(f"the run collapsed: all {n:,} sampled images fall in one of its {k} clusters, so "
+                       "its labels would say nothing. Lower train.lr (e.g. by 10x) and train again under a new "
+                       "train.name.")
+
+
 def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
     return {"method": cfg.method.name, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
 
@@ -195,6 +226,7 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
 def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: EpochCallback | None) -> None:
     """The method's end-of-run step (k-means on the codes, NMM's normalisers), then the finished checkpoint."""
     final = run.method.finish(run.model, data.sample, comm)
+    check_collapsed(run.model.eval(), data.sample, run.spec["config"]["k"], comm)
     if on_epoch is not None:
         metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
                    "resumed_from": run.resumed_from, **final}
@@ -225,6 +257,7 @@ def fit(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm = Comm(), de
     try:
         for epoch in range(start, end):
             metrics = run.record(train_epoch(run, data, stage_at(stages, epoch), epoch, cfg, comm, steps))
+            check_diverged(run.history)
             log(f"epoch {epoch + 1}/{total} [{metrics['stage']}] loss {metrics['loss']:.5f} ({metrics['seconds']:.1f}s)")
             if on_epoch is not None and epoch < total - 1:
                 on_epoch(epoch, metrics, lambda e=epoch: run.state(e))

@@ -14,6 +14,7 @@ Training is `engine.fit`, the loop every Ray Train worker runs; a saved model is
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 from typing import Any, Callable
 
@@ -38,12 +39,41 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def _as_pil(item: Any) -> Image.Image:
     if isinstance(item, Image.Image):
         return item
-    data = item if isinstance(item, (bytes, bytearray)) else storage.read_bytes(str(item))
-    return Image.open(io.BytesIO(data))
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(_as_uint8_array(item[None])[0].squeeze(-1) if item.ndim == 2 or item.shape[-1] == 1
+                               else _as_uint8_array(item[None])[0])
+    return Image.open(io.BytesIO(_as_bytes(item)))
+
+
+def _as_bytes(item: Any) -> bytes:
+    """An encoded image's bytes: given, or read from a path or URI (naming it when it cannot be read)."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if not isinstance(item, (str, os.PathLike)):
+        raise ValueError(f"an image must be an array, a PIL image, encoded bytes, or a path or URI; got "
+                         f"{type(item).__name__}")
+    return storage.read_bytes(str(item))
+
+
+def as_inputs(images: Any) -> Any:
+    """Images as given, in a form read once: an array stays one (a list of same-shape arrays becomes one), PIL
+    images stay open, paths and URIs are read into bytes."""
+    if isinstance(images, np.ndarray):
+        return images[None] if images.ndim == 2 else images  # (H, W): one gray image
+    if isinstance(images, (Image.Image, str, bytes, os.PathLike)):
+        images = [images]  # one image
+    items = list(images)
+    if not items:
+        raise ValueError("no images given")
+    if all(isinstance(i, np.ndarray) for i in items) and len({i.shape for i in items}) == 1:
+        return np.stack(items)
+    return [i if isinstance(i, Image.Image) else _as_pil(i) if isinstance(i, np.ndarray) else _as_bytes(i)
+            for i in items]
 
 
 def _as_uint8_array(images: np.ndarray) -> np.ndarray:
-    """An array of images as uint8 (N, H, W, C)."""
+    """An array of images as uint8 (N, H, W, C). Floats must be finite and in 0..1: anything else is refused,
+    naming what was found (never a silent mis-scale)."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
@@ -51,9 +81,24 @@ def _as_uint8_array(images: np.ndarray) -> np.ndarray:
         x = x.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1, 3 or 4; got {x.shape}")
-    if x.dtype != np.uint8:
-        x = np.clip(np.round(x * 255.0 if x.size and x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
-    return x
+    if not len(x):
+        raise ValueError("no images given")
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"images must be numbers (uint8, or floats in 0..1); got dtype {x.dtype}")
+    finite = np.isfinite(x).reshape(len(x), -1).all(1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{len(bad)} of {len(x)} images hold NaN or infinite values (the first: image {bad[0]}): "
+                         "clean or drop them first")
+    lo, hi = float(x.min()), float(x.max())
+    if x.dtype.kind == "f" and (lo < 0 or hi > 1):
+        raise ValueError(f"float images must lie in 0..1, and these run {lo:g}..{hi:g}: scale them (e.g. "
+                         f"images / {hi:g}) or pass uint8 0..255")
+    if x.dtype.kind in "biu" and (lo < 0 or hi > 255):
+        raise ValueError(f"integer images must lie in 0..255, and these run {lo:g}..{hi:g}")
+    return np.round(x * 255.0 if x.dtype.kind == "f" else x).astype(np.uint8)
 
 
 def shapes_of(images: Any) -> Counter:
@@ -63,13 +108,16 @@ def shapes_of(images: Any) -> Counter:
         return Counter({(x.shape[1], x.shape[2], {1: "L", 3: "RGB", 4: "RGBA"}[x.shape[3]]): len(x)})
     shapes = Counter()
     for item in images:
-        with _as_pil(item) as im:
-            shapes[(im.height, im.width, im.mode)] += 1
+        im = _as_pil(item)
+        shapes[(im.height, im.width, im.mode)] += 1
+        if im is not item:
+            im.close()  # opened here from bytes: the caller's own images stay open
     return shapes
 
 
 def to_images(images: Any, mode: str, side: int) -> np.ndarray:
     """Images of any accepted kind -> uint8 (N, side, side, C) by the input policy."""
+    images = as_inputs(images)
     if isinstance(images, np.ndarray):
         x = _as_uint8_array(images)
         if x.shape[1:] == (side, side, 1 if mode == "L" else 3):
@@ -77,14 +125,11 @@ def to_images(images: Any, mode: str, side: int) -> np.ndarray:
         return np.stack([shards.apply_policy(Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a), mode, side)
                          for a in x])
     out = []
-    for item in images:
+    for item in as_inputs(images):
         if isinstance(item, Image.Image):
             out.append(shards.apply_policy(item, mode, side))
         else:
-            data = bytes(item) if isinstance(item, (bytes, bytearray)) else storage.read_bytes(str(item))
-            out.append(shards.decode_image(data, mode, side))
-    if not out:
-        raise ValueError("no images given")
+            out.append(shards.decode_image(item, mode, side))
     return np.stack(out)
 
 
@@ -113,8 +158,7 @@ class DeepClusterer:
 
     def fit(self, images: Any, y: Any = None, log: Callable[[str], None] | None = None) -> "DeepClusterer":
         """Train from scratch on the images (y is ignored: clustering uses no labels)."""
-        if not isinstance(images, np.ndarray):
-            images = [_as_pil(item) for item in images]  # each file read once: for its shape, then its pixels
+        images = as_inputs(images)  # each file read once: for its shape, then its pixels
         chosen = shards.choose_image(shards.shape_summary(shapes_of(images)))
         side = self.settings.get("image_size") or chosen["side"]
         cfg = self._config(side)

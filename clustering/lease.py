@@ -63,6 +63,7 @@ def hold(folder: str, what: str) -> Iterator[str]:
         storage.remove(uri)  # its holder is gone: take it over, unless another run does so first
         if not storage.create(uri, json.dumps(me).encode()):
             raise Busy(f"{folder} was just taken by another run; wait for it to finish, or write elsewhere")
+    storage.sweep_temporary(folder)  # ours now: what a killed writer left is stale
     stop = threading.Event()
 
     def beat() -> None:

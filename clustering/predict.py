@@ -24,7 +24,7 @@ from . import lease
 from .data import assignments, corpus, shards, storage
 from .config import PredictConfig
 from .estimator import DeepClusterer
-from .data.sources import IMAGE_EXTS, FileListSource, SourceError, open_source
+from .data.sources import IMAGE_EXTS, BadImage, FileListSource, SourceError, open_source
 
 
 @dataclass
@@ -60,36 +60,79 @@ def is_tar(uri: str) -> bool:
     return uri.endswith(".tar")
 
 
-def plan(inputs: list[str], per_part: int) -> list[Part]:
-    """The parts to label, in a stable order."""
+@dataclass
+class Plan:
+    """The parts to label, in a stable order; what the inputs hold that is not read (counted as skipped); the keys of
+    the inputs other than tars, and where each comes from."""
+    parts: list[Part]
+    left_out: list[str]
+    keys: dict[str, str]
+
+
+def plan(inputs: list[str], per_part: int) -> Plan:
     if not inputs:
         raise SourceError("no input given: name image files, a folder or s3:// prefix, or WebDataset tars")
-    files, tars, parts = [], [], []
+    files, tars, sources = [], [], []
     for spec in inputs:
-        if corpus.is_pattern(spec):  # s3://bucket/laion/{00000..00099}.tar
+        try:
+            kind = input_kind(spec)
+        except Exception as e:  # noqa: BLE001 - missing credentials, a denied bucket: name the input
+            raise storage.no_access(spec, e) from None
+        if kind == "pattern":
             tars += corpus.expand(spec)
-            continue
-        fs, path = storage.filesystem(spec)
-        if is_tar(spec):
+        elif kind == "tar":
             tars.append(spec)
-        elif PurePosixPath(path).suffix.lower() in IMAGE_EXTS and not fs.isdir(path):
+        elif kind == "file":
             files.append(spec)
-        elif fs.isdir(path) and (found := storage.list_files(spec, ".tar")) and not any(
-                PurePosixPath(n).suffix.lower() in IMAGE_EXTS for n in fs.ls(path, detail=False)):
-            tars += found  # a folder of WebDataset tars (dicl's shards or anyone's)
+        elif kind == "tars":
+            tars += storage.list_files(spec, ".tar")
         else:
-            parts += source_parts(open_source(spec), per_part)
-    for uri in tars:
-        fs, path = storage.filesystem(uri)
-        if not fs.exists(path):
-            raise SourceError(f"input {uri!r} does not exist")
-        parts.append(tar_part(uri, int(fs.info(path).get("size") or 0)))
+            sources.append(open_source(spec))
     if files:
         missing = [f for f in files if not storage.exists(f)]
         if missing:
             raise SourceError(f"input {missing[0]!r} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        parts += source_parts(FileListSource(files), per_part)
-    return parts
+        sources.append(FileListSource(files))
+    keys = unique_across(sources)
+    parts = [p for source in sources for p in source_parts(source, per_part)]
+    for uri in dict.fromkeys(tars):  # a tar named twice is read once
+        fs, path = storage.filesystem(uri)
+        if not fs.exists(path):
+            raise SourceError(f"input {uri!r} does not exist")
+        parts.append(tar_part(uri, int(fs.info(path).get("size") or 0)))
+    left_out = [f"{s.uri.rstrip('/')}/{h}: a hidden file, not read" for s in sources for h in getattr(s, "hidden", [])]
+    return Plan(parts, left_out + [u for s in sources for u in getattr(s, "unlisted", [])], keys)
+
+
+def input_kind(spec: str) -> str:
+    """pattern (a brace pattern of tars), tar, file (an image), tars (a folder of WebDataset tars), or source (a
+    folder or prefix of images, MNIST IDX, an .npz)."""
+    if corpus.is_pattern(spec):  # s3://bucket/laion/{00000..00099}.tar
+        return "pattern"
+    if is_tar(spec):
+        return "tar"
+    fs, path = storage.filesystem(spec)
+    if PurePosixPath(path).suffix.lower() in IMAGE_EXTS and not fs.isdir(path):
+        return "file"
+    if fs.isdir(path) and storage.list_files(spec, ".tar") and not any(
+            PurePosixPath(n).suffix.lower() in IMAGE_EXTS for n in fs.ls(path, detail=False)):
+        return "tars"  # a folder of WebDataset tars (dicl's shards or anyone's)
+    return "source"
+
+
+def unique_across(sources: list) -> dict[str, str]:
+    """{key: its input} of the sources. Keys are unique within a folder; across inputs two files may share one
+    (dir/a.png and other/a.png): refused, naming both, since their rows could not be told apart. (A tar's keys are
+    checked as it is read.)"""
+    seen: dict[str, str] = {}
+    for source in sources:
+        for item in source.plan():
+            if item.key in seen:
+                raise SourceError(f"two inputs give the key {item.key!r}: {seen[item.key]} and "
+                                  f"{source.describe(item)}. Keys must be unique across a predict run's inputs: "
+                                  "rename one, or predict them into separate outputs (predict.output=...)")
+            seen[item.key] = source.describe(item)
+    return seen
 
 
 def decode_all(rows: list, mode: str, side: int, readers: int) -> tuple[list[int], np.ndarray, list[str]]:
@@ -98,6 +141,8 @@ def decode_all(rows: list, mode: str, side: int, readers: int) -> tuple[list[int
         key, source, load = row
         try:
             return shards.decode_image(load(), mode, side), None
+        except BadImage as e:  # it names the input
+            return None, str(e)
         except Exception as e:  # noqa: BLE001 - one bad input is a counted skip, as in the shard job
             return None, f"{source}: not a readable image ({type(e).__name__}: {e})"
 
@@ -112,14 +157,14 @@ def decode_all(rows: list, mode: str, side: int, readers: int) -> tuple[list[int
 def run_predict(model: DeepClusterer, inputs: list[str], cfg: PredictConfig, progress: bool = True) -> dict:
     """Label the inputs into cfg.output (holding its lock); returns what `_SUCCESS.json` holds."""
     output = storage.absolute(cfg.output)
-    parts = plan(inputs, cfg.images_per_part)
+    planned = plan(inputs, cfg.images_per_part)
+    parts = planned.parts
     spec = model.state_["spec"]
     writer = {"checkpoint": getattr(model, "checkpoint_", ""), "method": spec["method"], "k": model.k,
               "image_size": model.image_size_, "channels": model.channels_, "run": spec["config"].get("name"),
               "content_hash": hashlib.sha256("\n".join(p.fingerprint for p in parts).encode()).hexdigest(),
               "label_run": uuid.uuid4().hex, "inputs": inputs[:20]}
-    mode = "L" if model.channels_ == 1 else "RGB"
-    t0, skipped = time.perf_counter(), []
+    t0, skipped, owners = time.perf_counter(), list(planned.left_out), dict(planned.keys)
     with lease.hold(output, "dicl predict"):
         done = {shards.name_of(p) for p in assignments.start_run(output, writer)}
         known = sum(p.count or 0 for p in parts)
@@ -128,15 +173,9 @@ def run_predict(model: DeepClusterer, inputs: list[str], cfg: PredictConfig, pro
                 if assignments.part_name(i) in done:
                     bar.update(part.count or 0)
                     continue
-                listed = part.read()
-                kept, images, why = decode_all(listed, mode, model.image_size_, cfg.readers)
+                read, why = label_part(model, part, i, cfg, output, writer, owners)
                 skipped += why
-                probs, z = model.posteriors(images, cfg.batch_size) if len(images) else (np.zeros((0, model.k)), None)
-                tbl = assignments.table([listed[j][0] for j in kept], part.shard, probs,
-                                        z if cfg.write_embedding else None, cfg.write_probs,
-                                        sources=[listed[j][1] for j in kept])
-                assignments.write_part(output, i, tbl, writer)
-                bar.update(len(listed))
+                bar.update(read)
         table = assignments.read(output, columns=["cluster"], writer=writer)
         counts = Counter(int(c) for c in table["cluster"])
         info = {"run_id": writer["label_run"], "checkpoint": writer["checkpoint"], "method": writer["method"],
@@ -147,10 +186,36 @@ def run_predict(model: DeepClusterer, inputs: list[str], cfg: PredictConfig, pro
     return info
 
 
+def label_part(model: DeepClusterer, part: Part, i: int, cfg: PredictConfig, output: str, writer: dict,
+               owners: dict[str, str]) -> tuple[int, list[str]]:
+    """Label one part into part i of the output; returns (inputs read, what was skipped and why). A tar that is not
+    whole is a counted skip (an empty part); a tar's key that another input gave already is refused."""
+    try:
+        listed = part.read()
+    except corpus.BrokenTar as e:
+        listed, broken = [], [str(e)]
+    else:
+        broken = []
+    if part.shard:  # a tar's keys are known once it is read
+        for key, source, _ in listed:
+            if owners.setdefault(key, source) != source:
+                raise SourceError(f"two inputs give the key {key!r}: {owners[key]} and {source}. Keys must be "
+                                  "unique across a predict run's inputs: predict them into separate outputs "
+                                  "(predict.output=...)")
+    mode = "L" if model.channels_ == 1 else "RGB"
+    kept, images, why = decode_all(listed, mode, model.image_size_, cfg.readers)
+    probs, z = model.posteriors(images, cfg.batch_size) if len(images) else (np.zeros((0, model.k)), None)
+    tbl = assignments.table([listed[j][0] for j in kept], part.shard, probs, z if cfg.write_embedding else None,
+                            cfg.write_probs, sources=[listed[j][1] for j in kept])
+    assignments.write_part(output, i, tbl, writer)
+    return len(listed), broken + why
+
+
 def describe(info: dict, output: str) -> str:
     lines = [f"predicted {info['rows']:,} images into {info['k']} clusters in {info['seconds']:.1f}s: "
              f"{output}/part-*.parquet",
              "  sizes " + " ".join(f"{c}:{n}" for c, n in info["counts"].items())]
     if info["skipped"]["count"]:
-        lines.append(f"  skipped {info['skipped']['count']} unreadable inputs, e.g. {info['skipped']['examples'][0]}")
+        lines.append(f"  skipped {info['skipped']['count']} inputs (unreadable, hidden, or not a regular file), e.g. "
+                     f"{info['skipped']['examples'][0]}")
     return "\n".join(lines)

@@ -12,7 +12,8 @@ key=value overrides.
   dicl COMMAND --help                             what a command does, and its keys
 
 exit codes: 0 done; 1 a failure of ours (the traceback is in the log file named); 2 the input cannot work (a config,
-a source, storage, credentials, a checkpoint, a resource request: the message says which); 130 interrupted.
+a source, storage, credentials, a checkpoint, a resource request: the message says which); 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM, as schedulers and `ray job stop` send it). After 130 or 143, the same command resumes.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import os
 import sys
 import time
 import traceback
+
+from .signals import EXIT_TERMINATED, resume_hint, terminate_as_interrupt, was_terminated
 
 # command -> (what it does, the config sections it reads)
 COMMANDS = {
@@ -181,9 +184,10 @@ def user_errors() -> tuple[type, ...]:
     from clustering.data.sources import SourceError
     from clustering.data.storage import StorageError
 
-    from .runtime import ResourceError
+    from .runtime import ClusterError, ResourceError
 
-    return ConfigError, SourceError, StorageError, ResourceError, FileNotFoundError, PermissionError, ValueError
+    return (ConfigError, SourceError, StorageError, ResourceError, ClusterError, FileNotFoundError, PermissionError,
+            ValueError)
 
 
 def root_cause(e: BaseException) -> BaseException:
@@ -214,19 +218,26 @@ def log_error(path: str, e: BaseException) -> str:
     return path
 
 
+def interrupted(e: KeyboardInterrupt) -> int:
+    """Ctrl-C (130) or SIGTERM (143): one line, and the exit code a shell would report."""
+    term = was_terminated(e)
+    print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: {resume_hint()} (finished shards, parts and "
+          "checkpoints are kept)", file=sys.stderr)
+    return EXIT_TERMINATED if term else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse(sys.argv[1:] if argv is None else argv)
     ns.log = log_path(ns.command)
+    terminate_as_interrupt()
     try:
         run(ns)
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume (finished shards and checkpoints are kept)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return interrupted(e)
     except Exception as e:  # noqa: BLE001 - every error ends as one line, the traceback in a log file
         cause = root_cause(e)
         if isinstance(cause, KeyboardInterrupt):
-            return 130
+            return interrupted(cause)
         code = 2 if isinstance(cause, user_errors()) else 1
         log = log_error(ns.log, e)
         if ns.verbose:

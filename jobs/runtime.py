@@ -13,10 +13,15 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from clustering.data import storage
 
 from .progress import ray_logs_to_file
+from .signals import terminate_as_interrupt
 
 
 class ResourceError(RuntimeError):
     """A resource request the cluster cannot meet; the message says what was asked and what there is."""
+
+
+class ClusterError(RuntimeError):
+    """A Ray that cannot be joined or started as things are; the message says why and what to do."""
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into: str | None = None,
@@ -35,14 +40,68 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into
         ray_logs_to_file(quiet_into)
     kwargs = {"log_to_driver": not quiet_into, "logging_level": logging.WARNING if quiet_into else logging.INFO}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**kwargs)
+        join_cluster(kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, **kwargs)
+        start_private(num_cpus or os.cpu_count(), dashboard, kwargs)
+    terminate_as_interrupt()  # Ray's own SIGTERM handler dumps a native stack and aborts
     if quiet_into:
         from ray.data import DataContext  # Ray Data sets up its loggers when first imported: before they move
 
         ray_logs_to_file(quiet_into)
         DataContext.get_current().enable_progress_bars = False
+
+
+def start_private(num_cpus: int, dashboard: bool, kwargs: dict) -> None:
+    """A private Ray on this machine alone: every process of it listens on 127.0.0.1 only (Ray's default is every
+    interface, for nodes that may join; none may join this one). Its start is tried twice: two Rays starting at once
+    on a loaded machine can miss Ray's fixed 30 s wait for the node ("timed out during startup")."""
+    for attempt in (1, 2):
+        try:
+            with loopback_only():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            if attempt == 2:
+                raise ClusterError(f"the private Ray did not start, twice ({e}): the machine may be overloaded; "
+                                   "try again, or start fewer jobs at once") from None
+            print("Ray's start timed out (a loaded machine?): trying once more", flush=True)
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """While a private Ray starts: Ray's own switch to loopback addresses (its macOS/Windows default), in this process
+    and in the processes it starts (they keep the environment they started with). Put back after, so that a process
+    this one starts later (`ray start` of a cluster's node) is not refused."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[1]
+
+
+def join_cluster(kwargs: dict) -> None:
+    """Join the cluster of RAY_ADDRESS; a refusal for want of its token is named, with the fix."""
+    try:
+        ray.init(**kwargs)
+    except Exception as e:
+        if "InvalidAuthToken" not in str(e) and "AuthenticationError" not in str(e):
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        raise ClusterError(f"the Ray cluster at {os.environ['RAY_ADDRESS']} refused this process: it requires token "
+                           f"auth, and this shell has RAY_AUTH_MODE={mode} or no token. export RAY_AUTH_MODE=token, "
+                           "with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (infra/RUNBOOK.md, "
+                           "Token auth)") from None
 
 
 def ray_train_environment() -> None:

@@ -28,6 +28,7 @@ from clustering.comm import Comm
 from clustering.config import TrainConfig
 
 from .progress import poster, training_lines
+from .signals import resume_with
 from .runtime import check_resources, ray_train_environment, remote_uri, train_storage, want_gpu
 
 
@@ -99,6 +100,8 @@ def run_train(cfg: TrainConfig, progress: bool = False) -> TrainResult:
     manifest = shards.read_manifest(cfg.shards)  # fails early, naming the folder, when shards are missing
     check_run(cfg, manifest)
     name = cfg.name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.name:
+        resume_with("train.name", name)
     cfg = cfg.model_copy(update={"name": name})
     gpu = want_gpu(cfg.use_gpu)
     ray_train_environment()

@@ -39,6 +39,7 @@ from clustering.config import (
 )
 from clustering.methods import predict_all
 
+from .signals import resume_with
 from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu
 from .train import check_run, worker_input
 
@@ -232,6 +233,8 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with credentials_out_of_runtime_envs():
         results = tuner.fit()
+    if unfinished(results):  # Ray Tune ends the experiment on Ctrl-C itself, keeping its state to resume
+        raise KeyboardInterrupt
     ordered = ranked(results, sorted(space), cfg.tune.metric)
     best = ordered[0]["values"]
     storage.write_bytes(storage.join(cfg.tune.output, "trials.json"),
@@ -257,6 +260,8 @@ def make_tuner(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | d
                    "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
                    "report_every": cfg.tune.report_every}
     name = cfg.tune.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.tune.name:
+        resume_with("tune.name", name)
     experiment = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         # Trials that finished, or that the scheduler stopped, stay as they are; the others run (from the start).
@@ -278,6 +283,12 @@ def make_tuner(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | d
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, verbose=0,
                                   callbacks=[TrialLines(sorted(space), cfg.tune.metric, trial_count(cfg.tune, space))]))
+
+
+def unfinished(results) -> bool:
+    """Whether some trial neither finished nor failed: the experiment was interrupted."""
+    trials = results._experiment_analysis.trials  # Ray 2.60's ResultGrid has no public status of a trial
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def ranked(results, searched: list[str], metric: str) -> list[dict]:

@@ -59,7 +59,9 @@ def ray_local(ray_session):
     cluster shuts it down, and the next test here starts it again)."""
     if not ray_session.is_initialized():  # never a cluster someone else started; no dashboard (its processes cost
         # seconds of CPU at each start, and no test reads it: the Jobs API's is test_cluster_launch's own head)
-        ray_session.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+        from jobs.runtime import start_private  # on 127.0.0.1 only, as dicl's own private Ray
+
+        start_private(2, False, {"log_to_driver": False})
     return ray_session
 
 

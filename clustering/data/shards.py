@@ -93,10 +93,13 @@ def read_shard(uri: str, check: str | dict | None = None) -> list[dict]:
     if isinstance(check, dict) and len(data) != check["size"]:
         raise corpus.CorpusError(f"{uri} changed while it was read ({len(data):,} bytes where the index recorded "
                                  f"{check['size']:,}): re-index it with dicl shard")
-    files = plain_tar_members(data)
-    if files is None:  # member kinds the fast reader does not know: Python's tarfile reads every kind
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            files = [{"fname": m.name, "data": tar.extractfile(m).read()} for m in tar if m.isfile()]
+    try:  # strict where no sha256 vouches for the bytes: a cut or damaged tar is named, not misread
+        files = plain_tar_members(data, strict=not isinstance(check, str))
+        if files is None:  # member kinds the fast reader does not know: Python's tarfile reads every kind
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                files = [{"fname": m.name, "data": tar.extractfile(m).read()} for m in tar if m.isfile()]
+    except (corpus.BrokenTar, tarfile.TarError) as e:
+        raise corpus.BrokenTar(f"{uri} is not a whole tar ({e}): download or copy it again") from None
     return [s for s in group_samples(files, uri) if corpus.image_ext(s)]
 
 
@@ -176,10 +179,10 @@ def tar_members(read_at, size: int, strict: bool = False):
         long_name = None
 
 
-def plain_tar_members(data: bytes) -> list[dict] | None:
+def plain_tar_members(data: bytes, strict: bool = False) -> list[dict] | None:
     """An in-memory tar's members as {fname, data} (tar_members); None at a member kind it does not read."""
     try:
-        members = tar_members(lambda at, n: data[at:at + n], len(data))
+        members = tar_members(lambda at, n: data[at:at + n], len(data), strict)
         return [{"fname": name, "data": data[at:at + length]} for name, at, length in members]
     except UnknownMember:
         return None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -150,6 +152,10 @@ def walk_images(uri: str, subs: tuple[str, ...] = ("",), top_only: bool = False)
                 out.hidden.append(f"{rel}/{name}" if rel else name)
                 dirs.pop(name, None)
                 found.pop(name, None)
+            for name in [f for f, info in found.items() if not regular(info)]:  # a pipe would block a read
+                out.unlisted.append(f"{uri.rstrip('/')}/{rel + '/' if rel else ''}{name}: not a regular file (a pipe, "
+                                    "socket or device), not read")
+                found.pop(name)
             if top_only:
                 out.folders += sorted(f"{rel}/{d}" if rel else d for d in dirs)
             out.listed += len(found)
@@ -157,6 +163,19 @@ def walk_images(uri: str, subs: tuple[str, ...] = ("",), top_only: bool = False)
                           if PurePosixPath(name).suffix.lower() in IMAGE_EXTS]
     out.files.sort()
     return out
+
+
+def regular(info: dict) -> bool:
+    """Whether a listed entry reads as a file: a regular file, or a link to one (a dangling link reads as an error,
+    counted when read). A pipe, socket or device would block or mislead a read."""
+    if info.get("type") == "file":
+        return True
+    if not info.get("islink"):
+        return False
+    try:
+        return stat.S_ISREG(os.stat(info["name"]).st_mode)
+    except OSError:
+        return True  # dangling: its read fails, and is counted
 
 
 def no_images(uri: str, listed: int) -> SourceError:

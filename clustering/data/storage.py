@@ -6,6 +6,7 @@ AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, AWS_REGION.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -17,6 +18,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 CREDENTIALS_HINT = ("For s3://, check the bucket name, the credentials in the environment "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), and AWS_ENDPOINT_URL for non-AWS endpoints.")
+
+
+TMP_MARK = ".tmp-"  # in the name of write_bytes' temporary file beside its target
 
 
 class StorageError(OSError):
@@ -82,9 +86,20 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
+def no_access(uri: str, e: Exception) -> Exception:
+    """A StorageError naming `uri` for an error of access (missing credentials, access denied), else `e` as it is."""
+    if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "NoRegionError") or \
+            isinstance(e, PermissionError):
+        return StorageError(f"cannot read {uri}: {type(e).__name__}: {e}. {CREDENTIALS_HINT}")
+    return e
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except Exception as e:
+        raise no_access(uri, e) from None
 
 
 def modified(uri: str) -> float:
@@ -101,6 +116,8 @@ def read_bytes(uri: str) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError:
         raise StorageError(f"{uri} does not exist") from None
+    except Exception as e:
+        raise no_access(uri, e) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -114,12 +131,30 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         if parent:
             os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, an interrupt: leave no part-written file behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(path, data)
+
+
+def sweep_temporary(folder: str) -> int:
+    """Remove the temporary files that a killed writer left in a local folder (`write_bytes`'s); returns how many.
+    Only for a folder this process holds the lease of: no other writer's file is in flight there."""
+    fs, path = filesystem(folder)
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(path):
+        return 0
+    stale = [e.path for e in os.scandir(path) if TMP_MARK in e.name and e.is_file(follow_symlinks=False)]
+    for p in stale:
+        with contextlib.suppress(OSError):
+            os.remove(p)
+    return len(stale)
 
 
 def create(uri: str, data: bytes) -> bool:
