@@ -77,7 +77,7 @@ def plan(inputs: list[str], per_part: int) -> Plan:
         try:
             kind = input_kind(spec)
         except Exception as e:  # noqa: BLE001 - missing credentials, a denied bucket: name the input
-            raise storage.no_access(spec, e) from None
+            raise storage.named_error(spec, e) from None
         if kind == "pattern":
             tars += corpus.expand(spec)
         elif kind == "tar":

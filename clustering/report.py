@@ -54,7 +54,7 @@ def sample(output: str, shards_uri: str, limit: int = SOURCE_IMAGES, seed: int =
     manifest = shards.read_manifest(shards_uri)
     try:
         success = json.loads(storage.read_bytes(storage.join(output, assignments.SUCCESS)))
-    except storage.StorageError:
+    except storage.Missing:
         raise storage.StorageError(f"{output} holds no finished label run ({assignments.SUCCESS} is missing): "
                                    "run dicl label first") from None
     entries = sample_shards(manifest, limit, seed)

@@ -138,3 +138,86 @@ def test_source_column_in_parts(tmp_path):
     uri = assignments.write_part(str(tmp_path), 0, tbl, {"checkpoint": "c", "content_hash": "h"})
     got = pq.read_table(uri)
     assert got["source"].to_pylist() == ["s3://b/a.jpg", "x", "y"] and got.column_names[:3] == ["key", "source", "shard"]
+
+
+def test_fit_reads_paths_bytes_pil_images_and_arrays_alike(digits, tmp_path):
+    """Every input form of the README gives the same model: files are read once (their shape, then their pixels),
+    and the caller's PIL images stay open."""
+    x = digits[0][:120]
+    paths = []
+    for i, a in enumerate(x):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    pil = [Image.open(p) for p in paths]
+    forms = {"paths": paths, "bytes": [open(p, "rb").read() for p in paths], "pil": pil, "arrays": list(x),
+             "array": x}
+    labels = {name: DeepClusterer("kmeans", k=4).fit(form).labels_ for name, form in forms.items()}
+    assert all(np.array_equal(labels["array"], got) for got in labels.values()), labels
+    assert pil[0].load() is not None  # still open
+    est = DeepClusterer("kmeans", k=4).fit(x)
+    assert est.predict(x[0]).shape == (1,) and est.predict(paths[0]) == est.predict(pil[0]) == est.predict(x[0])
+
+
+@pytest.mark.parametrize("images, message", [
+    ([], "no images given"),
+    (np.full((10, 8, 8), np.nan), "10 of 10 images hold NaN or infinite values"),
+    (np.where(np.arange(10)[:, None, None] == 3, np.inf, np.zeros((10, 8, 8))), "1 of 10 images .* image 3"),
+    (load_digits().images[:20], r"float images must lie in 0..1, and these run 0..16"),
+    (np.full((10, 8, 8), 300, np.int64), "integer images must lie in 0..255"),
+    ([object()], "an image must be an array, a PIL image"),
+])
+def test_inputs_that_cannot_be_images_are_refused_naming_what_was_found(images, message):
+    with pytest.raises(ValueError, match=message):
+        DeepClusterer("kmeans", k=2).fit(images)
+
+
+def test_predict_counts_what_it_leaves_out_and_refuses_a_key_given_twice(kmeans_model, digits, tmp_path, capsys):
+    """Hidden files and a named pipe in a folder are counted skips (the pipe would block a read); a damaged tar is
+    a counted skip naming it; two inputs that give the same key are refused, naming both."""
+    import os
+
+    _, ckpt = kmeans_model
+    x = digits[0]
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(x[i]).save(folder / f"img_{i:04d}.png")
+    Image.fromarray(x[9]).save(folder / ".hidden.png")
+    os.mkfifo(folder / "pipe.png")
+    damaged = tmp_path / "damaged.tar"
+    foreign_tar(damaged, x[20:23])
+    raw = bytearray(damaged.read_bytes())
+    raw[124:136] = b"zzzzzzzzzzz\0"  # the first member's size field: not octal
+    damaged.write_bytes(bytes(raw))
+    out = tmp_path / "pred"
+    assert main(["predict", ckpt, str(folder), str(damaged), f"predict.output={out}", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    success = json.loads((out / assignments.SUCCESS).read_text())
+    assert success["rows"] == 4 and success["skipped"]["count"] == 3, success
+    examples = " ".join(success["skipped"]["examples"])
+    assert ".hidden.png: a hidden file" in examples and "pipe.png: not a regular file" in examples
+    assert f"{damaged} is not a whole tar" in examples and "skipped 3 inputs" in said
+
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(x[5]).save(other / "img_0000.png")
+    code = main(["predict", ckpt, str(folder), str(other / "img_0000.png"), f"predict.output={tmp_path}/p2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "two inputs give the key 'img_0000'" in err and str(other / "img_0000.png") in err, err
+    assert not (tmp_path / "p2" / "_LOCK.json").exists()
+
+
+def test_an_unfinished_run_or_an_empty_newest_checkpoint_falls_back_to_the_newest_whole_one(kmeans_model, tmp_path):
+    """A run killed while writing a checkpoint leaves its folder empty: the run resolves to its newest whole one, and
+    the label job's choice of the latest finished run passes over runs with nothing whole."""
+    from clustering import checkpoints
+
+    est, _ = kmeans_model
+    runs = tmp_path / "runs"
+    whole = est.save(str(runs / "done" / "checkpoint_000003"))
+    (runs / "done" / "checkpoint_000004").mkdir()  # newest, empty
+    (runs / "killed" / "checkpoint_000000").mkdir(parents=True)  # a newer run with nothing whole
+    assert checkpoints.resolve(str(runs / "done")) == whole
+    assert checkpoints.latest_finished(str(runs)) == whole
+    with pytest.raises(FileNotFoundError, match="no checkpoint_\\* folder with one"):
+        checkpoints.resolve(str(runs / "killed"))

@@ -103,3 +103,16 @@ def test_shipped_configs_use_per_method_settings(capsys):
     for name in ("demo", "mnist", "cifar10"):
         load_config(PipelineConfig, f"configs/{name}.yaml")
     assert "deprecated" not in capsys.readouterr().err
+
+
+def test_a_key_given_twice_in_a_yaml_is_refused_naming_it(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  k: 5\n  lr: 0.001\n  k: 7\n")
+    with pytest.raises(ConfigError, match=r"key 'k' appears twice \(lines 2 and 4\)"):
+        load_config(PipelineConfig, path)
+
+
+def test_a_refused_work_dir_is_named_without_the_whole_config():
+    with pytest.raises(ConfigError) as e:
+        load_config(PipelineConfig, None, ["work_dir=s3://"])
+    assert "names no bucket" in str(e.value) and "samples_per_shard" not in str(e.value) and len(str(e.value)) < 200

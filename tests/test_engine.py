@@ -189,3 +189,19 @@ def test_nmm_contrastive_pretraining_trains_features_then_em_the_mixture(digits)
         torch.testing.assert_close(states[1]["model"][key], built[key])  # the instance loss alone leaves it
         assert not torch.equal(states[2]["model"][key], built[key])  # EM trains it
     assert not torch.equal(states[1]["model"]["net.net.0.0.weight"], built["net.net.0.0.weight"])  # features learn
+
+
+def test_a_loss_grown_by_orders_of_magnitude_is_a_diverged_run():
+    stage = [{"stage": "em", "epoch": e, "loss": loss} for e, loss in enumerate([9.0, 8.0, 120.0])]
+    engine.check_diverged(stage[:2])  # learning
+    engine.check_diverged([{"stage": "em", "epoch": 0, "loss": 1e-4}, {"stage": "em", "epoch": 1, "loss": 0.5}])
+    with pytest.raises(engine.Diverged, match="em loss grew from 9 in epoch 1 to 4.4e\\+07 in epoch 3"):
+        engine.check_diverged(stage[:2] + [{"stage": "em", "epoch": 2, "loss": 4.4e7}])
+    # another stage starts its own scale: a pretraining loss of 0.01, then a clustering loss of 5
+    engine.check_diverged([{"stage": "pretrain", "epoch": 0, "loss": 0.01}, {"stage": "joint", "epoch": 1, "loss": 5}])
+
+
+def test_a_run_that_collapses_to_one_cluster_is_a_diverged_run(digits):
+    images, _ = digits
+    with pytest.raises(engine.Diverged, match="collapsed: all 1,797 sampled images fall in one of its 10 clusters"):
+        engine.fit(images, small("iic", lr=1000.0, joint_epochs=3), log=lambda s: None)

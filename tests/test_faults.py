@@ -266,3 +266,27 @@ def test_missing_credentials_and_a_missing_bucket_are_input_errors(s3, tmp_path,
     code = main(["shard", f"shard.source={image_folder}", "shard.output=s3://no-such-bucket-dicl/x", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "no-such-bucket-dicl" in err, err
+
+
+def test_missing_credentials_name_the_location_in_train_label_and_predict(s3, ray_local, tmp_path, capsys):
+    from clustering import DeepClusterer
+    from clustering.data.sources import digits_source
+    from jobs.cli import main
+
+    work = f"s3://{BUCKET}/creds-jobs"
+    assert main(["shard", "configs/demo.yaml", f"work_dir={work}", "--no-progress"]) == 0
+    ckpt = DeepClusterer("kmeans", k=3).fit(digits_source().images[:60]).save(str(tmp_path / "ckpt"))
+    saved = {k: os.environ.pop(k, None) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    try:
+        runs = [(["train", "configs/demo.yaml", f"work_dir={work}"], f"{work}/shards"),
+                (["label", "configs/demo.yaml", f"work_dir={work}", f"label.checkpoint={work}/runs/x"], f"{work}/runs/x"),
+                (["predict", ckpt, f"{work}/shards", f"predict.output={tmp_path}/p"], f"{work}/shards")]
+        for args, where in runs:
+            code = main([*args, "--no-progress"])
+            err = capsys.readouterr().err
+            assert code == 2 and where in err and "credentials" in err.lower() and "Traceback" not in err, err
+    finally:
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        os.environ.pop("AWS_SHARED_CREDENTIALS_FILE")

@@ -51,3 +51,40 @@ def test_a_path_under_home_resolves_alike_where_it_is_written_and_where_it_is_ma
     storage.write_bytes("~/x/f.bin", b"1")  # as the shard job writes (fsspec expands ~)
     assert storage.absolute("~/x") == str(tmp_path / "x")  # as train and label resolve it
     assert (tmp_path / "x" / "f.bin").read_bytes() == b"1" and storage.exists(storage.join(storage.absolute("~/x"), "f.bin"))
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_a_lease_sweeps_a_killed_writers(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from clustering import lease
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", full)
+        with pytest.raises(OSError, match=f"No space left on device: {tmp_path}/shard-000000.tar"):
+            storage.write_bytes(str(tmp_path / "shard-000000.tar"), b"x" * 1000)
+    assert list(tmp_path.iterdir()) == []
+    # what a SIGKILLed writer leaves: swept by the next holder of the folder's lease, and nothing else
+    for name in ["shard-000001.tar.tmp-1a2b3c4d", "_LOCK.json.tmp-5e6f7a8b", "shard-000002.tar"]:
+        (tmp_path / name).write_bytes(b"1")
+    with lease.hold(str(tmp_path), "test"):
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["_LOCK.json", "shard-000002.tar"]
+
+
+def test_an_error_of_the_device_names_the_object(tmp_path, monkeypatch):
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    (tmp_path / "shard-000003.tar").write_bytes(b"1")
+
+    def remote_io(self, path, *args, **kwargs):
+        raise OSError(errno.EREMOTEIO, "Remote I/O error")
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", remote_io)
+    with pytest.raises(OSError, match=f"Remote I/O error: {tmp_path}/shard-000003.tar") as e:
+        storage.read_bytes(str(tmp_path / "shard-000003.tar"))
+    assert e.value.errno == errno.EREMOTEIO

@@ -196,7 +196,7 @@ def read_manifest(base: str) -> dict:
     uri = storage.join(base, MANIFEST)
     try:
         data = storage.read_bytes(uri)
-    except storage.StorageError:
+    except storage.Missing:
         raise storage.StorageError(
             f"no shards at {base}: {MANIFEST} is missing. Run the shard job first (dicl shard ...)"
         ) from None

@@ -27,6 +27,10 @@ class StorageError(OSError):
     """A storage location that cannot be used; the message names it and says what to check."""
 
 
+class Missing(StorageError):
+    """An object that does not exist."""
+
+
 def s3_options() -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     opts: dict[str, Any] = {}
@@ -86,11 +90,15 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
-def no_access(uri: str, e: Exception) -> Exception:
-    """A StorageError naming `uri` for an error of access (missing credentials, access denied), else `e` as it is."""
+def named_error(uri: str, e: Exception, doing: str = "read") -> Exception:
+    """The error `e` of reading or writing `uri`, naming it: a StorageError for an error of access (missing
+    credentials, access denied: the user's to fix), the same OSError with the URI for one of the device or network
+    (EIO, EREMOTEIO), else `e` as it is."""
     if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "NoRegionError") or \
             isinstance(e, PermissionError):
-        return StorageError(f"cannot read {uri}: {type(e).__name__}: {e}. {CREDENTIALS_HINT}")
+        return StorageError(f"cannot {doing} {uri}: {type(e).__name__}: {e}. {CREDENTIALS_HINT}")
+    if isinstance(e, OSError) and e.errno is not None and uri not in str(e):  # EIO, EREMOTEIO: name the object
+        return type(e)(e.errno, f"{e.strerror or e}: {uri}")
     return e
 
 
@@ -99,7 +107,7 @@ def exists(uri: str) -> bool:
     try:
         return fs.exists(path)
     except Exception as e:
-        raise no_access(uri, e) from None
+        raise named_error(uri, e) from None
 
 
 def modified(uri: str) -> float:
@@ -115,9 +123,9 @@ def read_bytes(uri: str) -> bytes:
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
-        raise StorageError(f"{uri} does not exist") from None
+        raise Missing(f"{uri} does not exist") from None
     except Exception as e:
-        raise no_access(uri, e) from None
+        raise named_error(uri, e) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -136,12 +144,15 @@ def write_bytes(uri: str, data: bytes) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:  # a full disk, an interrupt: leave no part-written file behind
+        except BaseException as e:  # a full disk, an interrupt: leave no part-written file behind
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            raise
+            raise named_error(uri, e, "write") if isinstance(e, Exception) else e from None
     else:
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except Exception as e:
+            raise named_error(uri, e, "write") from None
 
 
 def sweep_temporary(folder: str) -> int:
@@ -235,6 +246,8 @@ def check_writable(uri: str) -> None:
         write_bytes(probe, b"")
         fs, path = filesystem(probe)
         fs.rm_file(path)
+    except StorageError as e:  # named already, with the hint
+        raise StorageError(str(e).replace(probe, uri)) from None
     except Exception as e:  # botocore and OS errors differ; the user needs the location and the cause
         raise StorageError(
             f"cannot write to {uri}: {type(e).__name__}: {e}. Check the path. {CREDENTIALS_HINT}") from None
