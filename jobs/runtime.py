@@ -1,10 +1,10 @@
 """What every job needs from Ray: a connection, a device choice, and storage Ray Train can write to."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from contextlib import contextmanager
 from typing import Iterator
 
 import ray
@@ -70,7 +70,7 @@ def start_private(num_cpus: int, dashboard: bool, kwargs: dict) -> None:
             print("Ray's start timed out (a loaded machine?): trying once more", flush=True)
 
 
-@contextmanager
+@contextlib.contextmanager
 def loopback_only() -> Iterator[None]:
     """While a private Ray starts: Ray's own switch to loopback addresses (its macOS/Windows default), in this process
     and in the processes it starts (they keep the environment they started with). Put back after, so that a process
@@ -91,14 +91,19 @@ def loopback_only() -> Iterator[None]:
 
 
 def join_cluster(kwargs: dict) -> None:
-    """Join the cluster of RAY_ADDRESS; a refusal for want of its token is named, with the fix."""
+    """Join the cluster of RAY_ADDRESS; a refusal for want of its token is named, with the fix. A cluster at a
+    loopback address (a private Ray of this machine, which listens there only) is joined on loopback: Ray would
+    otherwise swap 127.0.0.1 for this machine's address."""
+    address = os.environ["RAY_ADDRESS"]
     try:
-        ray.init(**kwargs)
+        with loopback_only() if address.startswith(("127.0.0.1:", "localhost:")) else contextlib.nullcontext():
+            ray.init(**kwargs)
     except Exception as e:
-        if "InvalidAuthToken" not in str(e) and "AuthenticationError" not in str(e):
+        said = " ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)  # Ray wraps it twice
+        if "InvalidAuthToken" not in said and "AuthenticationError" not in said:
             raise
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-        raise ClusterError(f"the Ray cluster at {os.environ['RAY_ADDRESS']} refused this process: it requires token "
+        raise ClusterError(f"the Ray cluster at {address} refused this process: it requires token "
                            f"auth, and this shell has RAY_AUTH_MODE={mode} or no token. export RAY_AUTH_MODE=token, "
                            "with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (infra/RUNBOOK.md, "
                            "Token auth)") from None
@@ -149,7 +154,7 @@ def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: flo
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-@contextmanager
+@contextlib.contextmanager
 def credentials_out_of_runtime_envs() -> Iterator[None]:
     """Ray Tune copies AWS_* credentials from the driver's environment into every trial's runtime_env, and Ray writes
     runtime envs in clear text to its session logs. Trials do not need the copy: their workers inherit the node's

@@ -168,8 +168,13 @@ class TrialLines(tune.Callback):
 
     def __init__(self, space: list[str], metric: str, total: int):
         self.space, self.metric, self.total, self.ended = space, metric, total, 0
+        self.running: set[str] = set()  # trials started in this process and not yet ended: left so by Ctrl-C
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
 
     def line(self, trial, what: str) -> None:
+        self.running.discard(trial.trial_id)
         self.ended += 1
         values = " ".join(f"{k}={show(trial.config[k])}" for k in self.space)
         print(f"trial {self.ended}/{self.total} {values}: {what}", flush=True)
@@ -233,7 +238,7 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with credentials_out_of_runtime_envs():
         results = tuner.fit()
-    if unfinished(results):  # Ray Tune ends the experiment on Ctrl-C itself, keeping its state to resume
+    if interrupted(tuner, results, trial_count(cfg.tune, space)):
         raise KeyboardInterrupt
     ordered = ranked(results, sorted(space), cfg.tune.metric)
     best = ordered[0]["values"]
@@ -285,10 +290,12 @@ def make_tuner(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | d
                                   callbacks=[TrialLines(sorted(space), cfg.tune.metric, trial_count(cfg.tune, space))]))
 
 
-def unfinished(results) -> bool:
-    """Whether some trial neither finished nor failed: the experiment was interrupted."""
-    trials = results._experiment_analysis.trials  # Ray 2.60's ResultGrid has no public status of a trial
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+def interrupted(tuner: tune.Tuner, results, expected: int) -> bool:
+    """Whether Ray Tune ended the experiment on Ctrl-C (it does so itself, keeping its state to resume, and returns
+    as if done): some trial started and never ended, or some was never made."""
+    # The TrialLines that ran: a restored experiment's is unpickled from its state (Ray 2.60 has no public getter).
+    lines = next(c for c in tuner._local_tuner.get_run_config().callbacks if isinstance(c, TrialLines))
+    return bool(lines.running) or len(results) < expected
 
 
 def ranked(results, searched: list[str], metric: str) -> list[dict]:

@@ -85,7 +85,8 @@ def ray_cli(env: dict, *args: str, timeout: float) -> subprocess.CompletedProces
 @pytest.fixture
 def two_nodes(s3, tmp_path):
     """A head (1 CPU, the GPU-types marker of ray_cluster.yaml's head) and a worker (1 CPU), both with token auth
-    and the S3 endpoint in their environment, as a cluster's nodes have their credentials. Yields (address, env)."""
+    and the S3 endpoint in their environment, as a cluster's nodes have their credentials. Yields (the dashboard's
+    address, env, the GCS address)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}{os.pathsep}{env['PATH']}",
                DICL_RESOURCE_WAIT_S="60")
@@ -107,7 +108,7 @@ def two_nodes(s3, tmp_path):
             time.sleep(1)
         else:
             pytest.fail(f"two nodes did not come up: {listed.stderr[-2000:]}\n{log.read_text()[-3000:]}")
-        yield address, env
+        yield address, env, f"127.0.0.1:{gcs}"
     finally:
         stop(nodes)
         for temp_dir in temp_dirs:
@@ -115,11 +116,18 @@ def two_nodes(s3, tmp_path):
 
 
 def test_pipeline_submitted_through_the_jobs_api_to_a_head_and_a_worker_node(two_nodes):
-    address, env = two_nodes
+    address, env, gcs = two_nodes
     work_dir = f"s3://{BUCKET}/rehearsal-{secrets.token_hex(3)}"
-    without_token = ray_cli({k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}, "job", "list",
-                            f"--address={address}", timeout=60)
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    without_token = ray_cli(no_token, "job", "list", f"--address={address}", timeout=60)
     assert without_token.returncode != 0  # the Jobs API refuses a client without the token
+    # So does the cluster, to a driver without it: one line naming the cause and the fix, exit 2.
+    joined = subprocess.run(["dicl", "train", "configs/demo.yaml", f"work_dir={work_dir}", "--address", gcs],
+                            env=no_token, cwd=REPO, capture_output=True, text=True, timeout=120)
+    said = joined.stderr.splitlines()
+    assert joined.returncode == 2 and said[-2].startswith(f"error: the Ray cluster at {gcs} refused this process: "
+                                                          "it requires token auth"), joined.stderr[-3000:]
+    assert "RAY_AUTH_MODE=token" in said[-2] and "RUNBOOK" in said[-2] and "Traceback" not in joined.stderr
     # The marker on the head (as in ray_cluster.yaml) makes use_gpu=auto count GPU nodes an autoscaler could add;
     # this machine has none to add, so the pipeline itself runs with use_gpu=no.
     probe = "python -c 'import ray; from jobs.runtime import want_gpu; ray.init(); print(\"auto wants a GPU:\", want_gpu(\"auto\"))'"

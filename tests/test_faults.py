@@ -290,3 +290,38 @@ def test_missing_credentials_name_the_location_in_train_label_and_predict(s3, ra
     finally:
         os.environ.update({k: v for k, v in saved.items() if v is not None})
         os.environ.pop("AWS_SHARED_CREDENTIALS_FILE")
+
+
+def test_a_schedulers_sigterm_during_train_and_during_label_ends_as_an_interrupt_and_the_rerun_finishes(ray_local, tmp_path):
+    """SIGTERM, as a scheduler, `timeout` or `ray job stop` sends it, to `dicl pipeline` (its own private Ray) while it
+    trains, then to the rerun (joined to the session's Ray) while it labels: each ends with 143 and one line naming
+    the train.name the run chose, with which the third run finishes, every key once."""
+    args = ["pipeline", *[a for a in DIGITS if not a.startswith("train.name")], f"work_dir={tmp_path}/w"]
+    private = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    joined = {**private, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    output = f"{tmp_path}/w/assignments"
+    assert joined["RAY_ADDRESS"].startswith("127.0.0.1:"), joined["RAY_ADDRESS"]  # the session's Ray, on loopback
+
+    def text(name):
+        return (tmp_path / f"{name}.log").read_text()
+
+    def terminated(name, env, ready, extra=()) -> str:  # the line that says how to resume
+        with open(tmp_path / f"{name}.log", "wb") as f:
+            proc = start(*args, *extra, env=env, log=f)
+            wait_for(ready, proc)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert finish(proc, 120) == 143, text(name)
+        said = text(name)
+        assert "PC: @" not in said and "Traceback" not in said, said  # no native stack dump, no traceback
+        return next(line for line in said.splitlines() if line.startswith("terminated (SIGTERM): "))
+
+    first = terminated("first", private, lambda: "epoch 3/20" in text("first"))
+    name = re.fullmatch(r"terminated \(SIGTERM\): re-run the same command with (train\.name=nmm-\S+) to resume .*",
+                        first).group(1)  # the name the run chose: the same command alone would start another run
+    second = terminated("second", joined, lambda: len(storage.list_files(output, ".parquet")) >= 1, [name])
+    assert second.startswith("terminated (SIGTERM): re-run the same command to resume"), second
+    with open(tmp_path / "third.log", "wb") as f:
+        assert finish(start(*args, name, env=joined, log=f)) == 0, text("third")
+    success = check_output(output, f"{tmp_path}/w/shards")
+    history = torch.load(f"{success['checkpoint']}/model.pt", weights_only=True)["history"]
+    assert [m["epoch"] for m in history] == list(range(20))  # resumed, not started over

@@ -157,14 +157,18 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
 
 
 def test_unreadable_images_are_counted_not_fatal(ray_local, image_folder, tmp_path, capsys):
+    import os
+
     (image_folder / "cats" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    os.mkfifo(image_folder / "dogs" / "pipe.png")  # a read of it would wait forever for a writer
     out = tmp_path / "shards"
     code = main(["shard", f"shard.source={image_folder}", f"shard.output={out}", "--no-progress"])
     assert code == 0
     manifest = shards.read_manifest(str(out))
-    assert manifest["num_samples"] == 6 and manifest["skipped"]["count"] == 1
-    assert "corrupt.jpg" in manifest["skipped"]["examples"][0]
-    assert "skipped 1 unreadable" in capsys.readouterr().out
+    assert manifest["num_samples"] == 6 and manifest["skipped"]["count"] == 2
+    examples = " ".join(manifest["skipped"]["examples"])
+    assert "corrupt.jpg" in examples and "pipe.png: not a regular file" in examples
+    assert "skipped 2 unreadable" in capsys.readouterr().out
 
     # A shard job that fails part-way into a folder of shards leaves no manifest that could describe a mix of old
     # and new shards: readers then say the shards are missing.
@@ -197,3 +201,58 @@ def test_use_gpu_auto_counts_the_gpu_nodes_an_autoscaler_can_add(ray_local):
     finally:
         internal_kv._internal_kv_del(**where)
     assert not want_gpu("auto")
+
+
+def listening_sockets(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes listen on, from Linux's /proc."""
+    import os
+    import socket
+
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # ended meanwhile
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in open(table).read().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                address, port = fields[1].split(":")
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    import os
+
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def test_the_private_ray_listens_on_loopback_only(ray_local):
+    """The Ray that dicl starts for itself (as the tests' own, through the same start_private) accepts no connection
+    from another machine: every process of it listens on 127.0.0.1."""
+    import os
+
+    @ray_local.remote
+    def node_ip() -> str:
+        return ray_local.util.get_node_ip_address()
+
+    assert ray_local.get(node_ip.remote()) == "127.0.0.1"
+    sockets = listening_sockets(descendants(os.getpid()))
+    assert len(sockets) >= 3, sockets  # the GCS, the raylet, the object manager at least
+    assert {address for address, _ in sockets} <= {"127.0.0.1", "::ffff:127.0.0.1"}, sockets

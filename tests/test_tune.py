@@ -225,3 +225,42 @@ def test_a_trial_of_two_workers_is_a_ray_train_run(ray_local, tmp_path):
     (trial,) = run_tune(cfg)["trials"]
     assert "error" not in trial and trial["workers"] == 2  # trained data-parallel, scored by rank 0
     assert 0 < trial["stability"] <= 1 and trial["clusters_used"] > 1
+
+
+def test_ctrl_c_during_tune_names_the_experiment_to_resume_and_the_rerun_resumes_it(ray_local, tmp_path, capsys):
+    """Ray Tune ends an experiment on Ctrl-C itself, with trials never started: `dicl tune` exits 130 and names the
+    tune.name it chose, with which the same command resumes the experiment."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jobs.tune import run_tune
+
+    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=6", "tune.space={k: [6, 8, 10]}",
+            "tune.max_concurrent=1"]
+    assert main(["shard", *args, "--no-progress"]) == 0
+    joined = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = tmp_path / "tune.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "tune", *args, "--no-progress"],
+                                start_new_session=True, stdout=f, stderr=subprocess.STDOUT, env=joined)
+    try:
+        deadline = time.time() + 180
+        while "trial 1/3" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    said = log.read_text()
+    assert "Traceback" not in said and "TypeError" not in said, said
+    name = re.search(r"interrupted: re-run the same command with tune\.name=(tune-\S+) to resume", said).group(1)
+    capsys.readouterr()
+    summary = run_tune(load_config(PipelineConfig, args[0], [*args[1:], f"tune.name={name}"]))
+    assert f"tune: resuming experiment {name}" in capsys.readouterr().out
+    assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8, 10]
