@@ -5,8 +5,9 @@
     est.labels_, est.predict(new_images), est.predict_proba(paths), est.transform(pil_images)
     est.save("runs/mine");  DeepClusterer.load("outputs/demo/runs/nmm-20261203-101500")  # a run or checkpoint
 
-Images are an array (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or floats in 0..1; or a list of file paths or
-s3:// URIs, encoded bytes, or PIL images. All go through the shards' input policy (shards.POLICY) to the model's
+Images are an array (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or floats in 0..1 (other ranges, NaN and infinity
+are refused, naming what was found); one (H, W) image; or a list of arrays, file paths or s3:// URIs, encoded bytes,
+or PIL images (each file read once). All go through the shards' input policy (shards.POLICY) to the model's
 mode and side, which `fit` chooses from the images as the shard job does (or `image_size=`).
 Training is `engine.fit`, the loop every Ray Train worker runs; a saved model is the train job's checkpoint, so
 `dicl label` and `dicl predict` take it, and `load` takes the train job's runs.

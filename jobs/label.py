@@ -143,8 +143,8 @@ def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
         extra = np.bincount(table["cluster"].to_numpy(), minlength=writer["k"]).tolist()
         total = assignments.add_totals(total, {**assignments.no_totals(), "parts": len(total["uncounted"]),
                                                "rows": len(table), "counts": extra})
-    if total["rows"] + total["skipped"] != manifest["num_samples"]:
-        raise RuntimeError(f"{cfg.output}'s parts hold {total['rows']:,} labelled images and {total['skipped']:,} "
+    if total["rows"] + total["skipped"] != manifest["num_samples"]:  # the input's fault: exit 2
+        raise storage.StorageError(f"{cfg.output}'s parts hold {total['rows']:,} labelled images and {total['skipped']:,} "
                            f"skipped, where {cfg.shards}/{shards.MANIFEST} counts {manifest['num_samples']:,}: the "
                            "manifest does not describe its shards (edited, or the shards changed without it). Not "
                            f"writing {assignments.SUCCESS}: re-run dicl shard, then dicl label")

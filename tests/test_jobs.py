@@ -98,6 +98,14 @@ def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
     assert code == 2 and "shard-000000.tar is not the shard manifest.json describes" in err, err
     assert not storage.exists(f"{tmp_path}/stale/{assignments.SUCCESS}")
 
+    # A manifest whose count disagrees with the finished parts: no _SUCCESS.json, and what to do.
+    shards.write_manifest(cfg.label.shards, {**manifest, "num_samples": manifest["num_samples"] + 5})
+    storage.remove(storage.join(cfg.label.output, assignments.SUCCESS))
+    code, err = cli(capsys, "label", f"label.shards={cfg.label.shards}", f"label.output={cfg.label.output}",
+                    f"label.checkpoint={trained.checkpoint}")
+    assert code == 2 and "counts 1,802" in err and "re-run dicl shard, then dicl label" in err, err
+    assert not storage.exists(storage.join(cfg.label.output, assignments.SUCCESS))
+
     # A manifest that lost a shard's entry while the tar stays: refused, naming the tar (else its images go unlabelled).
     edited = {**manifest, "shards": manifest["shards"][:-1]}
     shards.write_manifest(cfg.label.shards, edited)
