@@ -68,5 +68,51 @@ def rgb_view(x: torch.Tensor) -> torch.Tensor:
     return random_grayscale(color_jitter(random_resized_crop(x)))
 
 
-def view_for(channels: int):
-    return digits_view if channels == 1 else rgb_view
+# RGB -> YIQ and back: a hue shift is a rotation of the (I, Q) plane.
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def hue_jitter(x: torch.Tensor, strength: float = 0.1, p: float = 0.8) -> torch.Tensor:
+    """Rotate each image's hue by up to `strength` of a full turn, with probability p."""
+    b = len(x)
+    on = (torch.rand(b, device=x.device) < p).float()
+    angle = (torch.rand(b, device=x.device) * 2 - 1) * strength * 2 * math.pi * on
+    yiq = _YIQ.to(x.device)
+    cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
+    rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
+                       torch.stack([zero, sin, cos], 1)], 1)  # (B, 3, 3)
+    m = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)) -> torch.Tensor:
+    """SimCLR's blur: a kernel of about a tenth of the side, sigma drawn per image, with probability p. Images
+    under 32 px are left as they are (SimCLR leaves blur out on CIFAR: it erases what little there is)."""
+    b, c, h, w = x.shape
+    if min(h, w) < 32:
+        return x
+    size = max(3, (min(h, w) // 10) | 1)  # odd
+    s = sigma[0] + torch.rand(b, device=x.device) * (sigma[1] - sigma[0])
+    t = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+    k = torch.exp(-(t[None] ** 2) / (2 * s[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, size)
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (size // 2, size // 2, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, size // 2, size // 2), mode="reflect"), k[:, None, :, None], groups=b * c)
+    on = torch.rand(b, 1, 1, 1, device=x.device) < p
+    return torch.where(on, flat.reshape(b, c, h, w).clamp_(0, 1), x)
+
+
+def simclr_view(x: torch.Tensor) -> torch.Tensor:
+    """SimCLR's augmentations at full strength, for learning a representation: crop (0.08..1 of the area) + flip,
+    colour jitter (0.4) with hue (0.1) at p 0.8, grayscale at p 0.2, blur where the size allows."""
+    x = random_resized_crop(x, scale=(0.08, 1.0))
+    return gaussian_blur(random_grayscale(hue_jitter(color_jitter(x, 0.4, 0.8), 0.1, 0.8)))
+
+
+def view_for(channels: int, strength: str = "clustering"):
+    """The augmentation of a method: 'clustering' (the views its clustering objective compares) or
+    'representation' (full-strength SimCLR for colour images, to learn features that ignore colour and layout)."""
+    if channels == 1:
+        return digits_view
+    return simclr_view if strength == "representation" else rgb_view

@@ -37,13 +37,13 @@ from clustering.config import (
     train_section,
     trial_config,
 )
-from clustering.methods import predict_all
+from clustering.methods import build_method, embed_all, predict_all
 
 from .signals import resume_with
 from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu
 from .train import check_run, worker_input
 
-RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds")
+RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds", "space")
 
 
 def run_trial(config: dict) -> None:
@@ -96,10 +96,21 @@ def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: to
     views = engine.views_of(x[torch.from_numpy(scores.index).to(device)])  # the same views in every trial
     t0 = time.perf_counter()
 
+    features = build_method(cfg, 1, 8).representation  # the model's learnt features, where it has some
+
+    labels = data.sample_labels
+    known = labels >= 0
+
     def scored(model, names=None) -> tuple:  # (the clusters of x, their scores)
         clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
         view_clusters = predict_all(model, views)[0].argmax(1).cpu().numpy()
-        return clusters, scores(clusters, cfg.k, names, view_clusters)
+        fn = features(model)
+        space = scores if fn is None else metrics.LabelFreeScores(  # neighbours in the model's representation
+            embed_all(model, x, fn=fn).cpu().numpy(), config["score_sample"])
+        found = {**space(clusters, cfg.k, names, view_clusters), "space": space.space}
+        if names is None and known.any():  # for information: how often the neighbours that score share a class
+            found["neighbour_purity_vs_labels"] = space.purity(labels)
+        return clusters, found
 
     def report_along(epoch: int, state: dict) -> None:
         found = scored(engine.model_now(state, x, comm), names=(config["metric"],))[1]
@@ -110,8 +121,6 @@ def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: to
     clusters, found = scored(model)
     final = {"epoch": engine.total_epochs(cfg), "final": True, "seconds": time.perf_counter() - t0,
              "workers": comm.world, **found}
-    labels = data.sample_labels
-    known = labels >= 0
     if known.any():  # shown beside the label-free scores; never used to choose
         final.update({f"{name}_vs_labels": v for name, v in metrics.scores(labels[known], clusters[known]).items()})
     report(final)

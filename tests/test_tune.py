@@ -264,3 +264,17 @@ def test_ctrl_c_during_tune_names_the_experiment_to_resume_and_the_rerun_resumes
     summary = run_tune(load_config(PipelineConfig, args[0], [*args[1:], f"tune.name={name}"]))
     assert f"tune: resuming experiment {name}" in capsys.readouterr().out
     assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8, 10]
+
+
+def test_trials_that_learn_a_representation_are_scored_on_its_neighbours(ray_local, tmp_path):
+    """NMM with a representation stage: each trial's modularity and silhouette come from its own features'
+    neighbours, and the trials say so; where labels exist, those neighbours' purity is reported beside."""
+    from jobs.tune import run_tune
+
+    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=2",
+            "train.method.contrast_epochs=2", "train.method.neighbours=5", "tune.space={k: [8, 10]}"]
+    assert main(["shard", *args, "--no-progress"]) == 0
+    summary = run_tune(load_config(PipelineConfig, args[0], args[1:]))
+    assert len(summary["trials"]) == 2
+    for trial in summary["trials"]:
+        assert trial["space"] == "representation" and 0 < trial["neighbour_purity_vs_labels"] <= 1, trial

@@ -97,6 +97,11 @@ class Recipe:
         """Whether a run stopped in this stage would already cluster (after `finish`)."""
         return True
 
+    def representation(self, model: Clusterer):
+        """The function of float images giving the features the method learnt as a representation (a stage of
+        its own trained them), in which the label-free scores should find neighbours; None where it learnt none."""
+        return None
+
 
 def fit_head(model: Clusterer, images: torch.Tensor, comm: Comm, seed: int) -> dict:
     """k-means on every image's code (all ranks), as the centres of the model's head."""

@@ -5,16 +5,18 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from .. import losses
+from ..model import neighbours as nbrs
 from ..augment import view_for
 from ..comm import Comm
 from ..encoders import ConvNet, ResNet18, Trunk
 from ..heads import MixtureHead
 from ..schedule import Stage, make_stages
-from .base import Clusterer, Recipe, Settings, embed_all
+from .base import Clusterer, Recipe, Settings, embed_all, predict_all
 
 
 class NMMSettings(Settings):
@@ -30,10 +32,25 @@ class NMMSettings(Settings):
                                             "labelling nothing (IIC); 0 = none")
     contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before EM (SimCLR "
                                  "pretraining, as SCAN's first step); 0 = none")
+    neighbours: int = Field(0, ge=0, description="after contrast_epochs: each image's N nearest images in the learnt "
+                            "features are mined once (SCAN's 20), and its posterior should agree with a neighbour's; "
+                            "0 = none. Images held in memory only (not train.input=stream)")
+    neighbour_weight: float = Field(1.0, ge=0, description="weight of the agreement with a mined neighbour")
+    selflabel_epochs: int = Field(0, ge=0, description="epochs of self-labelling after EM: the confident images' "
+                                  "clusters train the net as labels (SCAN's last step); 0 = none")
+    selflabel_threshold: float = Field(0.99, gt=0, lt=1, description="self-labelling: the posterior an image needs "
+                                       "to count as confident")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="how much of the old π each epoch keeps; 1 keeps π uniform, "
                                "which favours even clusters (docs/results/HISTORY.md)")
     conv_widths: tuple[int, int] = Field((32, 64), description="the conv net (encoder conv): channels of its two "
                                          "conv blocks")
+
+    @model_validator(mode="after")
+    def _neighbours_need_a_representation(self) -> "NMMSettings":
+        if self.neighbours and not self.contrast_epochs:
+            raise ValueError("neighbours are mined in the features that contrast_epochs learn: set contrast_epochs "
+                             "(e.g. 100), or neighbours=0")
+        return self
 
 
 class MixtureNet(Clusterer):
@@ -84,7 +101,12 @@ class NMM(Recipe):
     With over_k > 0, one more mixture of over_k components trains alongside and labels nothing (IIC's
     over-clustering head): it asks the net to keep finer distinctions than K clusters need.
     With contrast_epochs > 0, a first stage ("pretrain") trains the net's features on the instance loss alone
-    (SimCLR pretraining, SCAN's first step), so EM starts from features that already group similar images.
+    (SimCLR pretraining with its augmentations at full strength, SCAN's first step: the representation stage), so
+    EM starts from features that already group similar images. With neighbours > 0, each image's nearest images in
+    those features are mined once (over every worker, `model/neighbours.py`), and EM adds SCAN's consistency with a
+    neighbour: the image's posterior should agree with the posterior a mined neighbour had at the start of the epoch
+    (a target, as EM's responsibilities are). With selflabel_epochs > 0, a last stage trains on the confident
+    images' clusters as labels (SCAN's self-labelling).
     """
 
     Settings = NMMSettings
@@ -92,6 +114,10 @@ class NMM(Recipe):
     def __init__(self, cfg, channels: int, side: int):
         super().__init__(cfg, channels, side)
         self.view = view_for(channels)
+        self.strong_view = view_for(channels, "representation")  # the representation stage's: SimCLR's in full
+        self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours
+        self.bank: torch.Tensor | None = None  # (N, K) every image's posterior at the start of the epoch (all ranks)
+        self.first = 0  # the global id of this rank's first image
         self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
         self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
 
@@ -105,14 +131,32 @@ class NMM(Recipe):
         return MixtureNet(net, MixtureHead(c.k, s.heads), PROJECTION_DIM if projected else 0)
 
     def stages(self) -> list[Stage]:
-        return make_stages(pretrain=self.cfg.method.contrast_epochs, em=self.cfg.joint_epochs)
+        s = self.cfg.method
+        return make_stages(pretrain=s.contrast_epochs, em=self.cfg.joint_epochs, selflabel=s.selflabel_epochs)
 
     def clusters_in(self, stage: Stage) -> bool:
-        return stage.name == "em"  # before EM the mixture's outputs are untrained and their clusters say nothing
+        return stage.name != "pretrain"  # before EM the mixture's outputs are untrained and their clusters say nothing
+
+    def representation(self, model: MixtureNet):
+        return model.net.features if self.cfg.method.contrast_epochs else None
+
+    def start_epoch(self, stage, epoch, model: MixtureNet, images: torch.Tensor, comm: Comm) -> None:
+        """Before an epoch that needs them: the neighbours, mined once in the features the representation stage
+        learnt (again after a resume, in the features as they are then), and every image's posterior now, which
+        the epoch's steps read as their targets."""
+        s = self.cfg.method
+        if stage.name == "pretrain" or not (s.neighbours or stage.name == "selflabel"):
+            return
+        if s.neighbours and self.knn is None:
+            self.knn = nbrs.mine(embed_all(model, images, fn=model.net.features), comm, s.neighbours)
+            self.first = nbrs.offset(len(images), comm, images.device)
+        model.fit_normaliser(images, comm)
+        posteriors = predict_all(model, images)[0]
+        self.bank = nbrs.gather_all(posteriors, comm) if s.neighbours else posteriors
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
-        if stage.name == "pretrain":  # π and the sub-head are EM's
+        if stage.name != "em":  # π and the sub-head are EM's
             return {}
         model.head.set_weights(comm.sum(self.resp_sum), self.cfg.method.pi_momentum)
         model.head.choice_.fill_(int(comm.sum(self.head_loss_sum).argmin()))
@@ -136,15 +180,37 @@ class NMM(Recipe):
             per_head = per_head + weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
         return per_head, (gamma_a + gamma_b).sum(0).detach()
 
+    def neighbour_agreement(self, logits_a: torch.Tensor, log_pi: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(H,) −log Σ_k p_k(x) q_k(n) per sub-head (SCAN's consistency), where n is one of x's mined neighbours
+        drawn at random and q its posterior at the start of the epoch. logits_a: (B, H, K) of one view of x."""
+        pick = self.knn[idx, torch.randint(self.knn.shape[1], (len(idx),), device=idx.device)]  # global ids
+        log_p = (losses.batch_densities(logits_a) + log_pi).log_softmax(-1)  # (B, H, K)
+        return -(log_p.exp() * self.bank[pick][:, None]).sum(-1).clamp_min(1e-8).log().mean(0)
+
+    def selflabel_loss(self, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of a view's posterior against the cluster of each confident image (posterior above the
+        threshold at the start of the epoch): SCAN's self-labelling."""
+        k, head = self.cfg.k, model.head.choice_
+        out = model.net(self.view(x))[:, :self.cfg.method.heads * k].unflatten(1, (-1, k))[:, head]  # (B, K)
+        log_p = (losses.batch_densities(out) + model.head.log_pi_[head]).log_softmax(-1)
+        confidence, target = self.bank[idx].max(1)
+        keep = confidence > self.cfg.method.selflabel_threshold
+        return F.nll_loss(log_p[keep], target[keep]) if keep.any() else log_p.sum() * 0.0
+
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        views = torch.cat([self.view(x), self.view(x)])  # two views of each image, one pass (shared BN)
         if stage.name == "pretrain":  # SimCLR: the instance loss alone, on projections of the net's features
-            proj = model.projector(model.net.features(views))
+            proj = model.projector(model.net.features(torch.cat([self.strong_view(x), self.strong_view(x)])))
             return losses.instance_contrast(*proj.chunk(2))
+        if stage.name == "selflabel":
+            return self.selflabel_loss(model, x, idx)
+        views = torch.cat([self.view(x), self.view(x)])  # two views of each image, one pass (shared BN)
         logits, proj = model.outputs_and_projections(views)
         k, s = self.cfg.k, self.cfg.method
         main, over = logits[:, :s.heads * k], logits[:, s.heads * k:]
         per_head, resp = self.mixture_loss(main.unflatten(1, (-1, k)), model.head.log_pi_)
+        if s.neighbours and idx is not None:  # held images: their neighbours' posteriors are in the bank
+            per_head = per_head + s.neighbour_weight * self.neighbour_agreement(
+                main[:len(x)].unflatten(1, (-1, k)), model.head.log_pi_, idx)
         with torch.no_grad():
             h = per_head.detach().float()
             self.resp_sum = resp if self.resp_sum is None else self.resp_sum + resp

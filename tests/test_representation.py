@@ -1,0 +1,94 @@
+"""The representation path (issue 35): SimCLR's views, neighbours mined across workers, and NMM clustering in the
+learnt features with its mined neighbours and self-labelling; all on CPU with small data."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clustering import engine
+from clustering.augment import gaussian_blur, hue_jitter, simclr_view
+from clustering.comm import Comm
+from clustering.config import TrainConfig
+from clustering.data.sources import digits_source
+from clustering.model import neighbours
+from infra.local_s3 import free_port
+
+
+def features(n: int = 300, d: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def mine_on_rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo workers on 127.0.0.1: it holds half the rows and mines their neighbours over both halves."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rows = features()[rank * 150:(rank + 1) * 150]  # rank 0 the first half, rank 1 the second: global ids alike
+        found = neighbours.mine(rows, Comm(rank, 2, dist.all_reduce), 7, chunk=64)
+        torch.save(found, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_neighbours_mined_across_two_workers_equal_those_of_one_process(tmp_path):
+    alone = neighbours.mine(features(), Comm(), 7, chunk=100)
+    assert alone.shape == (300, 7) and not (alone == torch.arange(300)[:, None]).any()  # never itself
+    sim = torch.nn.functional.normalize(features(), dim=1) @ torch.nn.functional.normalize(features(), dim=1).T
+    sim.fill_diagonal_(-2)
+    assert torch.equal(alone, sim.topk(7, dim=1).indices)  # the nearest by cosine, nearest first
+    out = str(tmp_path / "found")
+    mp.start_processes(mine_on_rank, args=(free_port(), out), nprocs=2, start_method="spawn")
+    both = torch.cat([torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)])
+    assert torch.equal(both, alone)
+
+
+def test_purity_counts_neighbours_of_the_same_class():
+    labels = np.array([0, 0, 1, 1, -1])
+    nbrs = np.array([[1, 2], [0, 1], [3, 0], [2, 4], [0, 1]])
+    assert neighbours.purity(nbrs, labels) == pytest.approx((1 + 0.5 + 0.5 + 0.5) / 4)
+
+
+def test_simclr_views_at_full_strength_keep_gray_gray_and_blur_only_where_the_size_allows():
+    gray = torch.full((4, 3, 40, 40), 0.5)
+    assert torch.allclose(hue_jitter(gray, 0.5, 1.0), gray, atol=1e-5)  # a hue turn leaves gray as it is
+    small = torch.rand(2, 3, 16, 16)
+    assert torch.equal(gaussian_blur(small, p=1.0), small)  # CIFAR-sized and smaller: no blur, as SimCLR
+    big = torch.rand(2, 3, 64, 64)
+    blurred = gaussian_blur(big, p=1.0)
+    assert blurred.std() < big.std() and blurred.min() >= 0 and blurred.max() <= 1
+    view = simclr_view(torch.rand(8, 3, 32, 32))
+    assert view.shape == (8, 3, 32, 32) and 0 <= view.min() and view.max() <= 1
+
+
+def test_nmm_learns_a_representation_then_clusters_with_its_neighbours_then_self_labels():
+    src = digits_source()
+    images = src.images[:600, ..., None]
+    cfg = TrainConfig.of(method="nmm", k=10, joint_epochs=3, batch_size=128, contrast_epochs=2, neighbours=5,
+                         selflabel_epochs=2)
+    seen = []
+    model = engine.fit(images, cfg, log=lambda s: None, on_epoch=lambda e, m, f: seen.append(m))
+    # the last epoch reports as "final", after the end-of-run step
+    assert [m["stage"] for m in seen] == ["pretrain"] * 2 + ["em"] * 3 + ["selflabel"] + ["final"]
+    assert all(np.isfinite(m["loss"]) for m in seen)
+    x = engine.device_images(images, "cpu")
+    clusters = engine.predict_all(model, x)[0].argmax(1)
+    assert len(clusters.unique()) > 3
+    with pytest.raises(ValueError, match="neighbours are mined in the features that contrast_epochs learn"):
+        TrainConfig.of("test", method="nmm", neighbours=5)
+
+
+def test_modularity_on_representation_neighbours_follows_the_representation_not_the_pixels():
+    """Pixels that group by brightness, features that group by class: the label-free scores on the features find the
+    classes, and say which space they scored in; the neighbours' purity is there for information."""
+    from clustering import metrics
+
+    rng = np.random.default_rng(0)
+    classes = np.repeat([0, 1], 100)
+    bright = rng.permutation(classes)  # brightness, unrelated to class
+    pixels = (bright[:, None, None, None] * 200 + rng.integers(0, 40, (200, 4, 4, 1))).astype(np.uint8)
+    feats = (np.eye(2)[classes] * 5 + rng.normal(size=(200, 2))).astype(np.float32)
+    on_pixels, on_features = metrics.LabelFreeScores(pixels), metrics.LabelFreeScores(feats)
+    assert (on_pixels.space, on_features.space) == ("pixels", "representation")
+    assert on_features.modularity(classes) > 0.4 > on_pixels.modularity(classes)
+    assert on_features.purity(classes) > 0.95 and on_pixels.purity(classes) < 0.7
