@@ -23,7 +23,7 @@ from runner import PeakRSS, device, device_name, finish, local_ray, mib, parser,
 from clustering import engine
 from clustering.data import inputs, shards
 from clustering.config import LabelConfig, TrainConfig
-from clustering.methods import predict_all
+from clustering.model.methods import predict_all
 
 
 def write_checkpoint(folder: str, cfg: TrainConfig, channels: int, side: int) -> str:

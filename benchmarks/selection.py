@@ -37,7 +37,7 @@ from clustering.config import (
     load_config,
     trial_config,
 )
-from clustering.methods import predict_all
+from clustering.model.methods import predict_all
 
 PICKS = ("modularity", "silhouette", "evenness", "stability")  # stability needs the model: not in --rescore
 

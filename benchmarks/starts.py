@@ -19,7 +19,7 @@ from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import PipelineConfig, load_config
 from clustering.data.inputs import as_input
-from clustering.methods import predict_all
+from clustering.model.methods import predict_all
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from .methods import DEFAULT_METHOD, RECIPES, MethodSettings, methods_with, settings_keys
+from .model.methods import DEFAULT_METHOD, RECIPES, MethodSettings, methods_with, settings_keys
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,7 @@ class TrainConfig(Strict):
     method: MethodSettings = Field(
         default_factory=lambda: RECIPES[DEFAULT_METHOD].Settings(),
         description="the method and its own settings: `method: nmm`, or `method: {name: nmm, heads: 5}` "
-                    "(train.method.heads=5). The methods are clustering/methods/' registry: dcec (seed 001), vc (seed "
+                    "(train.method.heads=5). The methods are clustering/model/methods/' registry: dcec (seed 001), vc (seed "
                     "000), nmm (seed 002), iic, and the baselines idec, dec, ae_kmeans, kmeans (on pixels). `dicl "
                     "config train.method=NAME` lists a method's settings")
     k: int = Field(10, ge=2, description="number of clusters")

@@ -14,11 +14,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .augment import view_for
+from .model.augment import view_for
 from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
-from .methods import build_method, predict_all, to_float
+from .model.methods import build_method, predict_all, to_float
 from .metrics import evenness
 from .schedule import Stage, stage_at, steps_per_epoch
 

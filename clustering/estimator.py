@@ -28,7 +28,7 @@ from . import checkpoints, engine
 from .data import shards, storage
 from .config import ConfigError, TrainConfig, describe
 from .data.inputs import device_images
-from .methods import predict_all
+from .model.methods import predict_all
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -136,7 +136,7 @@ def to_images(images: Any, mode: str, side: int) -> np.ndarray:
 
 class DeepClusterer:
     """A deep clustering model: `method` and `k`, and any other train setting as a keyword: a shared one
-    (clustering/config.py's TrainConfig) or one of the method's own (clustering/methods/), e.g.
+    (clustering/config.py's TrainConfig) or one of the method's own (clustering/model/methods/), e.g.
     DeepClusterer("dcec", k=10, pretrain_epochs=20, joint_epochs=20, seed=1). A setting the method does not have
     is refused, naming it.
 

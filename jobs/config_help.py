@@ -7,7 +7,7 @@ import typing
 
 from pydantic import BaseModel
 
-from clustering.methods import RECIPES
+from clustering.model.methods import RECIPES
 
 
 def type_name(annotation) -> str:

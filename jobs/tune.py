@@ -37,7 +37,7 @@ from clustering.config import (
     train_section,
     trial_config,
 )
-from clustering.methods import build_method, embed_all, predict_all
+from clustering.model.methods import build_method, embed_all, predict_all
 
 from .signals import resume_with
 from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu

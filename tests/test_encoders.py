@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clustering.encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18
+from clustering.model.encoders import ConvAutoencoder, ConvNet, MLPAutoencoder, ResNet18
 
 
 @pytest.mark.parametrize("channels,side", [(1, 8), (1, 28), (3, 32), (1, 7)])

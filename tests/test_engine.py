@@ -7,7 +7,7 @@ import torch
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import TrainConfig
-from clustering.methods import NMM, RECIPES, predict_all, settings_keys
+from clustering.model.methods import NMM, RECIPES, predict_all, settings_keys
 from clustering.data.sources import digits_source
 
 

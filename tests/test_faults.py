@@ -20,7 +20,7 @@ import torch
 
 from clustering.data import assignments, shards, storage
 from clustering.engine import build_from_spec
-from clustering.methods import predict_all
+from clustering.model.methods import predict_all
 from tests.conftest import BUCKET, kill_session
 from tests.test_tune import CANARY, files_holding
 

@@ -1,6 +1,6 @@
 import torch
 
-from clustering.heads import KMeansHead, MixtureHead, kmeans
+from clustering.model.heads import KMeansHead, MixtureHead, kmeans
 
 
 def blobs(n=300, k=3, seed=0):

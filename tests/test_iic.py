@@ -1,4 +1,4 @@
-"""IIC (clustering/methods/iic.py): its loss, and a run on the digits through the config, resumable like any."""
+"""IIC (clustering/model/methods/iic.py): its loss, and a run on the digits through the config, resumable like any."""
 import copy
 import math
 
@@ -7,8 +7,8 @@ from torch.nn.functional import one_hot
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config
-from clustering.methods import predict_all
-from clustering.methods.iic import mutual_information_loss
+from clustering.model.methods import predict_all
+from clustering.model.methods.iic import mutual_information_loss
 from clustering.data.sources import digits_source
 
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from clustering import losses
+from clustering.model import losses
 
 
 def test_student_t_rows_sum_to_one_and_prefer_nearest():

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clustering import engine
-from clustering.augment import gaussian_blur, hue_jitter, simclr_view
+from clustering.model.augment import gaussian_blur, hue_jitter, simclr_view
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 from clustering.data.sources import digits_source

@@ -12,7 +12,7 @@ from .. import losses
 from ..augment import view_for
 from ..encoders import ConvAutoencoder, ConvNet
 from ..heads import SoftmaxHead
-from ..schedule import Stage, make_stages
+from ...schedule import Stage, make_stages
 from .base import Clusterer, Recipe, Settings
 
 

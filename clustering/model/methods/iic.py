@@ -16,7 +16,7 @@ from pydantic import Field
 from ..augment import view_for
 from ..encoders import ConvNet, ResNet18, Trunk
 from ..heads import SoftmaxHead
-from ..schedule import Stage, make_stages
+from ...schedule import Stage, make_stages
 from .base import Clusterer, Recipe, Settings
 
 

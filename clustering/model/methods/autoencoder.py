@@ -21,9 +21,9 @@ from torch import nn
 
 from .. import losses
 from ..augment import view_for
-from ..comm import Comm
+from ...comm import Comm
 from ..encoders import ConvAutoencoder, MLPAutoencoder
-from ..schedule import Stage, make_stages
+from ...schedule import Stage, make_stages
 from ..heads import StudentTHead
 from .base import Clusterer, Recipe, Settings, embed_all, fit_head
 

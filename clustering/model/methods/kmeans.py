@@ -5,7 +5,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..comm import Comm
+from ...comm import Comm
 from ..heads import KMeansHead
 from .base import Clusterer, Recipe, Settings, fit_head
 

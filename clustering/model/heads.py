@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .comm import Comm
+from ..comm import Comm
 from .losses import sq_distances, student_t_assign
 
 

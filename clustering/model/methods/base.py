@@ -1,24 +1,30 @@
 """What every method shares: its settings' base, the recipe's hooks, and the model's two verbs (embed, predict)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..comm import Comm
-from ..schedule import Stage
-
-if TYPE_CHECKING:  # the config holds the settings (config.py imports this package)
-    from ..config import TrainConfig
-
+from ...comm import Comm
+from ...schedule import Stage
 
 class Settings(BaseModel):
     """A method's own settings (`train.method.KEY`); `name` selects the method. Unknown keys are refused."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # train.encoder values this method can build; None: it builds no encoder (the setting does not apply)
     encoders: ClassVar[tuple[str, ...] | None] = ("conv",)
+
+
+class TrainSettings(Protocol):
+    """What a recipe reads of the train config: config.py's TrainConfig, which holds the methods' settings and so
+    imports this package (the methods do not import it back)."""
+    k: int
+    seed: int
+    encoder: str
+    joint_epochs: int
+    method: Settings
 
 
 def method_name(settings: type[Settings]) -> str:
@@ -66,7 +72,7 @@ class Recipe:
 
     Settings: ClassVar[type[Settings]]
 
-    def __init__(self, cfg: TrainConfig, channels: int, side: int):
+    def __init__(self, cfg: TrainSettings, channels: int, side: int):
         self.cfg, self.channels, self.side = cfg, channels, side
 
     def build(self) -> Clusterer:

@@ -10,12 +10,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from .. import losses
-from ..model import neighbours as nbrs
+from .. import neighbours as nbrs
 from ..augment import view_for
-from ..comm import Comm
+from ...comm import Comm
 from ..encoders import ConvNet, ResNet18, Trunk
 from ..heads import MixtureHead
-from ..schedule import Stage, make_stages
+from ...schedule import Stage, make_stages
 from .base import Clusterer, Recipe, Settings, embed_all, predict_all
 
 
