@@ -3,10 +3,14 @@ import pytest
 from clustering.config import ConfigError, PipelineConfig, TrainConfig, load_config, train_section, trial_config
 
 
-def test_unknown_key_names_the_field(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  kk: 3\n", r"train\.kk: unknown key"),
+    ("train:\n  k: 5\n  lr: 0.001\n  k: 7\n", r"key 'k' appears twice \(lines 2 and 4\)"),  # YAML keeps the last
+])
+def test_an_unknown_or_repeated_key_is_refused_naming_it(tmp_path, text, message):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  kk: 3\n")
-    with pytest.raises(ConfigError, match=r"train\.kk: unknown key"):
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_config(PipelineConfig, f)
 
 
@@ -103,13 +107,6 @@ def test_shipped_configs_use_per_method_settings(capsys):
     for name in ("demo", "mnist", "cifar10"):
         load_config(PipelineConfig, f"configs/{name}.yaml")
     assert "deprecated" not in capsys.readouterr().err
-
-
-def test_a_key_given_twice_in_a_yaml_is_refused_naming_it(tmp_path):
-    path = tmp_path / "twice.yaml"
-    path.write_text("train:\n  k: 5\n  lr: 0.001\n  k: 7\n")
-    with pytest.raises(ConfigError, match=r"key 'k' appears twice \(lines 2 and 4\)"):
-        load_config(PipelineConfig, path)
 
 
 def test_a_refused_work_dir_is_named_without_the_whole_config():
