@@ -42,6 +42,61 @@ def load_arrays(spec: str, limit: int | None = None, sample: int | None = None) 
     return imgs, labels
 
 
+def imbalanced(images: np.ndarray, labels: np.ndarray, ratio: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Classes subsampled to frequencies from 1x to `ratio`x (seeded): in a random order of the classes, class i keeps
+    a share of its images rising evenly from 1/ratio (the rarest) to all of them (the most frequent)."""
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.unique(labels[labels >= 0]))
+    keep = []
+    for i, c in enumerate(classes):
+        rows = np.flatnonzero(labels == c)
+        share = (1 + (ratio - 1) * i / max(1, len(classes) - 1)) / ratio
+        keep.append(rng.choice(rows, max(1, round(share * len(rows))), replace=False))
+    keep = np.sort(np.concatenate(keep))
+    return images[keep], labels[keep]
+
+
+def messy(images: np.ndarray, seed: int = 0, sizes: tuple[float, float] = (1.0, 4.0),
+          quality: tuple[int, int] = (30, 95), tinted: float = 0.5) -> list[bytes]:
+    """The same content however it was captured: each image (seeded) resized by a factor in `sizes`, tinted into a
+    colour image with probability `tinted` (a random colour cast, gray stays gray otherwise), and saved as a JPEG
+    of a quality in `quality`. Returns the encoded files, to go through the input policy as any collection does."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in images:
+        im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+        side = max(8, round(im.width * rng.uniform(*sizes)))
+        im = im.resize((side, side), Image.BILINEAR)
+        if rng.random() < tinted:
+            tint = rng.uniform(0.5, 1.0, 3)
+            im = Image.fromarray(np.clip(np.asarray(im.convert("RGB"), np.float32) * tint, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(rng.integers(*quality)))
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_collection(files: list[bytes]) -> np.ndarray:
+    """Encoded images -> uint8 (N, side, side, C) by the input policy, the mode and side chosen from the images
+    as the shard job chooses them."""
+    import io
+    from collections import Counter
+
+    from PIL import Image
+
+    shapes = Counter()
+    for data in files:
+        with Image.open(io.BytesIO(data)) as im:
+            shapes[(im.height, im.width, im.mode)] += 1
+    chosen = shards.choose_image(shards.shape_summary(shapes))
+    mode = "L" if chosen["channels"] == 1 else "RGB"
+    return np.stack([shards.decode_image(data, mode, chosen["side"]) for data in files])
+
+
 def parser(doc: str, out: str, data: str | None | bool = "sklearn:digits", config: bool = False
            ) -> argparse.ArgumentParser:
     """The arguments every benchmark takes: --out (its JSON); --data (a source, with this default; None: it is

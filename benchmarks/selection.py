@@ -3,7 +3,8 @@
     python benchmarks/selection.py --config configs/demo.yaml --space "{k: [6, 8, 10, 12, 14, 16]}" --seeds 0 1
 
 Trains every combination of --space (the syntax of `tune.space`) for each seed, in this process, and scores each
-run with the tune job's label-free scores (clustering.metrics.LabelFreeScores) and with ACC. For each seed it shows
+run with the tune job's label-free scores (clustering.metrics.LabelFreeScores; a run that learnt a representation,
+NMM with contrast_epochs, on its own features' neighbours, with their purity beside) and with ACC. For each seed it shows
 the run each score picks and its ACC against the best ACC among the runs (DESIGN target: within 0.02, and k = 10
 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of the test suite.
 
@@ -37,7 +38,7 @@ from clustering.config import (
     load_config,
     trial_config,
 )
-from clustering.model.methods import predict_all
+from clustering.model.methods import build_method, embed_all, predict_all
 
 PICKS = ("modularity", "silhouette", "evenness", "stability")  # stability needs the model: not in --rescore
 
@@ -103,8 +104,13 @@ class Scorer:
     def __init__(self, scores: metrics.LabelFreeScores, labels: np.ndarray):
         self.scores, self.labels = scores, labels
 
-    def __call__(self, run: dict, pred: np.ndarray, k: int, view_pred: np.ndarray | None = None) -> dict:
-        found = {**self.scores(pred, k, view_clusters=view_pred), "acc": metrics.cluster_acc(self.labels, pred)}
+    def __call__(self, run: dict, pred: np.ndarray, k: int, view_pred: np.ndarray | None = None,
+                 scores: metrics.LabelFreeScores | None = None) -> dict:
+        """scores: the run's own (on its learnt representation's neighbours), else the pixels' shared ones."""
+        scores = scores or self.scores
+        found = {**scores(pred, k, view_clusters=view_pred), "acc": metrics.cluster_acc(self.labels, pred)}
+        if scores.space == "representation":  # for information: how often those neighbours share a class
+            found["neighbour_purity"] = scores.purity(self.labels)
         out = {**run, **{key: round(v, 4) for key, v in found.items()}}
         print("  " + " ".join(f"{key} {v}" for key, v in out.items()), flush=True)
         return out
@@ -139,7 +145,9 @@ def trained(args, pipeline: PipelineConfig, space: dict, images: np.ndarray, sco
             preds.append(predict_all(model, x)[0].argmax(1).cpu().numpy().astype(np.int16))
             view_pred = predict_all(model, views)[0].argmax(1).cpu().numpy()
             run = {"seed": seed, **{key: cfg.value(key) for key in values}, "seconds": round(time.perf_counter() - t0, 1)}
-            run = score(run, preds[-1].astype(np.int64), cfg.k, view_pred)
+            fn = build_method(cfg, 1, 8).representation(model)  # as the tune job scores: on learnt features
+            own = None if fn is None else metrics.LabelFreeScores(embed_all(model, x, fn=fn).cpu().numpy(), args.sample)
+            run = score(run, preds[-1].astype(np.int64), cfg.k, view_pred, own)
             if args.along:  # epochs tried by the starts before the pick (train.restarts) are not on the epoch axis
                 run.update(along=along, epochs=engine.total_epochs(cfg),
                            start_epochs=(cfg.restarts - 1) * cfg.restart_epochs if cfg.restarts > 1 else 0)
