@@ -4,8 +4,8 @@
 
 def __getattr__(name: str):
     # Lazy, so that `import clustering.config` (the CLI's first step) does not import torch.
-    if name == "DeepClusterer":
-        from .estimator import DeepClusterer
+    if name in ("DeepClusterer", "modularity_scorer"):
+        from . import estimator
 
-        return DeepClusterer
+        return getattr(estimator, name)
     raise AttributeError(name)

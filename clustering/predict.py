@@ -160,7 +160,7 @@ def run_predict(model: DeepClusterer, inputs: list[str], cfg: PredictConfig, pro
     planned = plan(inputs, cfg.images_per_part)
     parts = planned.parts
     spec = model.state_["spec"]
-    writer = {"checkpoint": getattr(model, "checkpoint_", ""), "method": spec["method"], "k": model.k,
+    writer = {"checkpoint": getattr(model, "checkpoint_", ""), "method": spec["method"], "k": model.config_.k,
               "image_size": model.image_size_, "channels": model.channels_, "run": spec["config"].get("name"),
               "content_hash": hashlib.sha256("\n".join(p.fingerprint for p in parts).encode()).hexdigest(),
               "label_run": uuid.uuid4().hex, "inputs": inputs[:20]}
@@ -204,7 +204,7 @@ def label_part(model: DeepClusterer, part: Part, i: int, cfg: PredictConfig, out
                                   "(predict.output=...)")
     mode = "L" if model.channels_ == 1 else "RGB"
     kept, images, why = decode_all(listed, mode, model.image_size_, cfg.readers)
-    probs, z = model.posteriors(images, cfg.batch_size) if len(images) else (np.zeros((0, model.k)), None)
+    probs, z = model.posteriors(images, cfg.batch_size) if len(images) else (np.zeros((0, model.config_.k)), None)
     tbl = assignments.table([listed[j][0] for j in kept], part.shard, probs, z if cfg.write_embedding else None,
                             cfg.write_probs, sources=[listed[j][1] for j in kept])
     assignments.write_part(output, i, tbl, writer)

@@ -60,7 +60,7 @@ def write_report(cfg: PipelineConfig, trained, trials: dict | None, embedded: in
     confusion = report.add_composition(views, output, shards_uri, seen)
     probs, codes = model.posteriors(seen.data.images[:embedded])
     mode, side = shards.image_spec(shards.read_manifest(shards_uri), model.image_size_, model.channels_)
-    run = {"method": model.method, "k": model.k, "run": trained.name, "image_size": model.image_size_,
+    run = {"method": model.method, "k": model.config_.k, "run": trained.name, "image_size": model.image_size_,
            "assignments": report.shown(output, cfg.work_dir), "checkpoint": report.shown(trained.checkpoint, cfg.work_dir)}
     page = report.Report(summary, views, run, model.history_, report.policy_chart(shards_uri, mode, side),
                          report.embedding_chart(codes, probs.argmax(1)), confusion, trials)

@@ -8,6 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 from sklearn.datasets import load_digits
+from sklearn.exceptions import NotFittedError
 
 from clustering import DeepClusterer, metrics
 from clustering.data import assignments, storage
@@ -39,7 +40,7 @@ def test_fit_predict_save_load(digits, tmp_path):
     # A run folder (the newest checkpoint_* in it) loads like the train job's; predictions are the same.
     est.save(str(tmp_path / "run" / "checkpoint_000007"))
     again = DeepClusterer.load(str(tmp_path / "run"))
-    assert (again.predict(x) == est.labels_).all() and again.method == "nmm" and again.k == 10
+    assert (again.predict(x) == est.labels_).all() and again.method == "nmm" and again.n_clusters == 10
     # Every accepted kind of image gives the same answer: floats in 0..1, PIL images, files, encoded bytes.
     paths = []
     for i in range(4):
@@ -50,13 +51,13 @@ def test_fit_predict_save_load(digits, tmp_path):
 
 
 def test_api_errors(digits):
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         DeepClusterer().predict(digits[0][:2])
     with pytest.raises(ConfigError, match="joint_epoch"):
         DeepClusterer("nmm", joint_epoch=3).fit(digits[0][:20])
     with pytest.raises(ConfigError, match="'heads' is not a setting of method dcec"):  # nmm's, not dcec's
         DeepClusterer("dcec", heads=2).fit(digits[0][:20])
-    with pytest.raises(ValueError, match="more than the 5 images"):
+    with pytest.raises(ValueError, match="n_samples=5 images, and n_clusters=10"):
         DeepClusterer("kmeans", k=10).fit(digits[0][:5])
 
 
@@ -162,8 +163,6 @@ def test_fit_reads_paths_bytes_pil_images_and_arrays_alike(digits, tmp_path):
     ([], "no images given"),
     (np.full((10, 8, 8), np.nan), "10 of 10 images hold NaN or infinite values"),
     (np.where(np.arange(10)[:, None, None] == 3, np.inf, np.zeros((10, 8, 8))), "1 of 10 images .* image 3"),
-    (load_digits().images[:20], r"float images must lie in 0..1, and these run 0..16"),
-    (np.full((10, 8, 8), 300, np.int64), "integer images must lie in 0..255"),
     ([object()], "an image must be an array, a PIL image"),
 ])
 def test_inputs_that_cannot_be_images_are_refused_naming_what_was_found(images, message):
