@@ -309,7 +309,8 @@ class TuneConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    work_dir: str = Field("outputs/demo", description="folder or s3:// prefix; shards/, runs/, assignments/ go under it")
+    work_dir: str = Field("outputs/demo", description="folder or s3:// prefix; shards/, runs/, assignments/, report/, "
+                          "tune/ and predictions/ go under it")
     shard: ShardConfig = Field(default_factory=ShardConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     label: LabelConfig = Field(default_factory=LabelConfig)

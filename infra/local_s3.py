@@ -23,6 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_free(port: int) -> None:
+    """Fail at once, naming the port, when something listens on it (moto's server would print "Address already in
+    use" and wait forever)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise OSError(e.errno, f"port {port} on 127.0.0.1 is taken ({e.strerror}): give another with --port, or "
+                                   "--port 0 for a free one") from None
+
+
 @contextmanager
 def local_s3(*buckets: str, port: int | None = None):
     """Start moto's S3 server on loopback, point the environment at it, create buckets; undo all on exit."""
@@ -31,6 +42,7 @@ def local_s3(*buckets: str, port: int | None = None):
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     port = port or free_port()
+    check_free(port)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -55,8 +67,12 @@ def local_s3(*buckets: str, port: int | None = None):
 def main() -> None:
     p = argparse.ArgumentParser(description="Serve S3 on 127.0.0.1 until interrupted.")
     p.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
-    p.add_argument("--port", type=int, default=5055)
+    p.add_argument("--port", type=int, default=5055, help="the port to serve on (0: a free one, printed)")
     args = p.parse_args()
+    try:
+        check_free(args.port or free_port())
+    except OSError as e:
+        raise SystemExit(f"error: {e.strerror}") from None
     with local_s3(*args.bucket, port=args.port) as endpoint:
         print(f"S3 at {endpoint} with buckets {args.bucket}. In another shell:\n"
               f"  export AWS_ENDPOINT_URL={endpoint} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n"

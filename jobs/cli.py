@@ -18,7 +18,6 @@ a source, storage, credentials, a checkpoint, a resource request: the message sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,15 +44,20 @@ COMMANDS = {
 }
 
 
-def options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None, help="join this Ray cluster (as RAY_ADDRESS does); without either, "
-                                                   "a private Ray starts in this process")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the private Ray (ignored on a cluster)")
-    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the private Ray "
-                                                            "(http://127.0.0.1:8265; a cluster has its own)")
+NO_RAY = ("predict", "config")  # commands that start no Ray: they take none of its options
+
+
+def options(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    if ray:
+        p.add_argument("--address", default=None, help="join this Ray cluster (as RAY_ADDRESS does); without either, "
+                                                       "a private Ray starts in this process")
+        p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the private Ray (ignored on a cluster)")
+        p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with the private Ray "
+                                                                "(http://127.0.0.1:8265; a cluster has its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (there are none when stderr is "
                                                                "not a terminal)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the full traceback of an error")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the full traceback of an error, and let Ray's own "
+                                                              "output through to the terminal")
     p.add_argument("--version", action="version", version=f"dicl {package_version()}")
 
 
@@ -62,20 +66,23 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     usage = "RUN_OR_CHECKPOINT INPUT [INPUT ...] " if command == "predict" else ""
     p = argparse.ArgumentParser(prog=f"dicl {command}", description=what,
                                 usage=f"%(prog)s {usage}[CONFIG.yaml] [key=value ...] [options]",
-                                epilog=keys_help(sections, brief=command != "config"),
+                                epilog=keys_help(sections, brief=command != "config", names_only=command == "pipeline"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="ARG", help="a YAML config and dotted overrides, e.g. train.k=12 "
                                                           "work_dir=s3://bucket/run1" +
                    ("; first the run or checkpoint, then the inputs" if command == "predict" else ""))
-    options(p)
+    options(p, ray=command not in NO_RAY)
     return p
 
 
-def keys_help(sections: tuple[str, ...], brief: bool = True) -> str:
+def keys_help(sections: tuple[str, ...], brief: bool = True, names_only: bool = False) -> str:
     from clustering.config import PipelineConfig
 
-    from .config_help import describe_keys
+    from .config_help import describe_keys, key_names
 
+    if names_only:  # the pipeline reads every section: their meaning is a stage's --help, or dicl config, away
+        return ("config keys (`dicl config` prints each with its value, default and meaning; `dicl STAGE --help` "
+                "a stage's):\n" + key_names(PipelineConfig(), sections))
     return "config keys (dicl config prints them with their values):\n" + describe_keys(PipelineConfig(), sections,
                                                                                      brief=brief)
 
@@ -173,9 +180,9 @@ def run_on_ray(ns: argparse.Namespace, cfg) -> None:
 
         print(format_table(run_tune(cfg)))
     elif ns.command == "label":
-        from .label import run_label
+        from .label import describe, run_label
 
-        print(json.dumps(run_label(cfg.label, runs=cfg.train.storage_path, progress=progress), indent=1))
+        print(describe(run_label(cfg.label, runs=cfg.train.storage_path, progress=progress), cfg.label.output))
 
 
 def user_errors() -> tuple[type, ...]:

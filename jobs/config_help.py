@@ -40,7 +40,9 @@ def wrapped(text: str | None) -> list[str]:
 
 def method_lines(prefix: str, field, settings: BaseModel, brief: bool) -> list[str]:
     """train.method: the method chosen and its settings; brief (--help): every method's settings, by method."""
-    lines = [f"  {prefix} ({'|'.join(RECIPES)}) = {settings.name}", *wrapped(field.description)]
+    default = default_of(field).name
+    marker = f"   [default {default}]" if not brief and settings.name != default else ""
+    lines = [f"  {prefix} ({'|'.join(RECIPES)}) = {settings.name}{marker}", *wrapped(field.description)]
     chosen = [recipe.Settings() for recipe in RECIPES.values()] if brief else [settings]
     for method in chosen:
         lines.append(f"  {prefix}.* of {method.name}:" + ("" if set(type(method).model_fields) - {"name"} else " none"))
@@ -75,4 +77,14 @@ def describe_keys(cfg: BaseModel, sections: tuple[str, ...], brief: bool = True)
     for section in sections:
         lines.append(f"{section}:")
         lines += key_lines(f"{section}.", getattr(cfg, section), brief)
+    return "\n".join(lines)
+
+
+def key_names(cfg: BaseModel, sections: tuple[str, ...]) -> str:
+    """The keys of each section by name alone, a few lines per section (the pipeline's --help, which reads them
+    all): `dicl config` and each stage's --help give their meaning."""
+    lines = [f"  {', '.join(n for n in type(cfg).model_fields if not isinstance(getattr(cfg, n), BaseModel))}"]
+    for section in sections:
+        names = ", ".join(f"{section}.{n}" for n in type(getattr(cfg, section)).model_fields)
+        lines += textwrap.wrap(names, 110, initial_indent="  ", subsequent_indent="    ")
     return "\n".join(lines)

@@ -160,6 +160,8 @@ def searcher(cfg: TuneConfig):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory": TrialLines say it
+
     found = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     return ConcurrencyLimiter(found, cfg.max_concurrent) if cfg.max_concurrent else found
 
@@ -327,8 +329,11 @@ def ranked(results, searched: list[str], metric: str) -> list[dict]:
 
 
 def show(value) -> str:
-    """A value as an override takes it: lists without spaces, so the shell keeps `train.key=[a,b]` one word."""
-    return json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
+    """A value as an override takes it and a person reads it: lists without spaces, so the shell keeps
+    `train.key=[a,b]` one word; floats in 4 significant digits (an lr drawn from a distribution has 16)."""
+    if isinstance(value, list):
+        return json.dumps(value, separators=(",", ":"))
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def format_table(summary: dict) -> str:

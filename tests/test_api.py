@@ -128,6 +128,17 @@ def test_cli_help_and_config(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "train.k (int) = 7   [default 10]" in text and f"label.output (str) = {tmp_path}/assignments" in text
     assert "predict.images_per_part" in text and "number of clusters" in text
+    for command, ray in [("pipeline", True), ("predict", False), ("config", False)]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert ("--address" in text) == ray, command  # predict and config start no Ray
+    assert len(text.splitlines()) > 100 and "train.method.heads" in text  # config --help: every key's meaning
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    assert len(capsys.readouterr().out.splitlines()) < 60  # every key by name; meanings one command away
+    assert main(["config", "configs/mnist.yaml"]) == 0
+    assert "train.method (dcec|vc|nmm|idec|dec|ae_kmeans|kmeans|iic) = nmm   [default dcec]" in capsys.readouterr().out
     assert main(["config", "train.kk=7"]) == 2
     assert main(["config", "not-an-override"]) == 2
     assert "neither a YAML config nor a key=value" in capsys.readouterr().err

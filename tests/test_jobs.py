@@ -87,7 +87,9 @@ def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
 
     # label.checkpoint empty: the latest finished run under work_dir/runs labels.
     code = main(["label", f"work_dir={tmp_path}", f"label.output={tmp_path}/latest"])
-    assert code == 0 and "labelling with the latest finished run's checkpoint" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0 and "labelling with the latest finished run's checkpoint" in out
+    assert "labelled 1,797 images into 10 clusters" in out and f"{tmp_path}/latest/part-*.parquet" in out  # a summary
     assert assignments.part_writer(f"{tmp_path}/latest/part-000000.parquet")["checkpoint"] == trained.checkpoint
 
     # A shard rewritten after its manifest (an interrupted or concurrent shard job) is refused where it is read.
