@@ -109,7 +109,7 @@ class TrainConfig(Strict):
     encoder: Literal["conv", "mlp", "resnet18"] = Field(
         "conv", description="conv (a conv autoencoder or conv net), mlp (DEC's autoencoder: dcec, idec, dec, "
                             "ae_kmeans), resnet18 (CIFAR stem; nmm)")
-    joint_epochs: int = Field(40, ge=0, description="epochs of the clustering stage (nmm: EM, vc: the ELBO, iic: the "
+    joint_epochs: int = Field(50, ge=0, description="epochs of the clustering stage (nmm: EM, vc: the ELBO, iic: the "
                               "mutual information, dcec/idec/dec: the joint stage after pretraining; ae_kmeans and "
                               "kmeans have none)")
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")

@@ -141,10 +141,10 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/nothing")
     assert code == 2 and "manifest.json is missing" in err
 
-    # refused on the driver, before any worker trains (the defaults: dcec, 60 + 40 epochs)
+    # refused on the driver, before any worker trains (the defaults: nmm, 50 epochs)
     cli(capsys, "shard", f"work_dir={tmp_path}/demo")
-    code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.restarts=2", "train.restart_epochs=100")
-    assert code == 2 and "train.restart_epochs=100 must be fewer than the run's 100 epochs" in err
+    code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.restarts=2", "train.restart_epochs=50")
+    assert code == 2 and "train.restart_epochs=50 must be fewer than the run's 50 epochs" in err
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.k=5000")
     assert code == 2 and "train.k=5000 is more than the 1,797 images" in err
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.cpus_per_worker=8")
@@ -159,7 +159,7 @@ def test_cli_errors_name_the_input(ray_local, tmp_path, capsys):
     # A failure inside a worker (here a loss gone to infinity) ends as one line naming the cause; exit 1, and the
     # traceback in the log file it names.
     code, err = cli(capsys, "train", f"work_dir={tmp_path}/demo", "train.lr=1e30", "train.max_failures=0",
-                    "train.method.pretrain_epochs=1", "train.joint_epochs=2", "train.name=nan")
+                    "train.method=dcec", "train.method.pretrain_epochs=1", "train.joint_epochs=2", "train.name=nan")
     lines = err.strip().splitlines()
     assert code == 1 and lines[0].startswith("error: NonFiniteLoss:") and len(lines) == 2, err
     log = lines[1].split("full traceback in ", 1)[1].split(";")[0]
