@@ -1,4 +1,4 @@
-"""Deep image clustering: pure PyTorch / numpy blocks. Never imports Ray (DESIGN.md §2). The Python API is
+"""Deep image clustering: pure PyTorch / numpy blocks. Never imports Ray (docs/DESIGN.md §2). The Python API is
 `DeepClusterer` (clustering/estimator.py)."""
 
 

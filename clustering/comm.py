@@ -1,4 +1,4 @@
-"""The one seam between one process and N workers: an injected all-reduce (DESIGN.md §2).
+"""The one seam between one process and N workers: an injected all-reduce (docs/DESIGN.md §2).
 
 In one process every collective is the identity; under Ray Train the job passes
 `torch.distributed.all_reduce`, and the same code computes global statistics.

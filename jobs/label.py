@@ -1,7 +1,7 @@
 """Label job: Ray Data decodes every shard in CPU tasks and labels it in an actor pool holding the trained model
 (GPU when present), which writes one Parquet part per shard; then `_SUCCESS.json`.
 
-Re-running with the same arguments finishes only the shards whose part is missing (DESIGN.md §6).
+Re-running with the same arguments finishes only the shards whose part is missing (docs/DESIGN.md §6).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Assignments as Parquet (DESIGN.md §3): one part per input shard, `_SUCCESS.json` written last.
+"""Assignments as Parquet (docs/DESIGN.md §3): one part per input shard, `_SUCCESS.json` written last.
 
 Every part names, in its Parquet metadata (key `dicl`), the model and corpus that wrote it: the checkpoint, its
 method and k, and the shards' content hash. A rerun keeps only the parts of the same model and corpus, and

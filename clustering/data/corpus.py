@@ -1,4 +1,4 @@
-"""Existing WebDataset corpora, read where they lie (DESIGN.md §3): tars written by webdataset's `TarWriter`,
+"""Existing WebDataset corpora, read where they lie (docs/DESIGN.md §3): tars written by webdataset's `TarWriter`,
 img2dataset or `tar` itself, named by a folder or prefix of `*.tar`, one tar, or a brace pattern
 (`s3://bucket/laion/{00000..09999}.tar`).
 

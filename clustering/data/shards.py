@@ -1,6 +1,6 @@
 """WebDataset shards: write them from decoded sources, read them back (whole, or split by rank).
 
-Layout (DESIGN.md §3): `shard-000000.tar` ... with members grouped and sorted by key
+Layout (docs/DESIGN.md §3): `shard-000000.tar` ... with members grouped and sorted by key
 (`KEY.png|jpg`, optional `KEY.cls`, `KEY.json`) and a `manifest.json` beside them.
 """
 from __future__ import annotations
@@ -247,7 +247,7 @@ def rank_shards(shards: list, rank: int, world: int) -> list:
     return shards[rank::world]
 
 
-# The input policy (DESIGN.md §3), the same in training, labelling and the report: every image is converted to the
+# The input policy (docs/DESIGN.md §3), the same in training, labelling and the report: every image is converted to the
 # corpus' mode (L or RGB), its shorter side resized to `side` and its centre cropped to a square side x side.
 # Nothing is stretched, and photos of any size and aspect ratio train together.
 POLICY = "convert to the corpus' mode (L or RGB); resize the shorter side to image_size; centre-crop a square"

@@ -1,1 +1,2 @@
-"""Model code of the representation path (DESIGN.md §2): what learns a representation and clusters in it."""
+"""What learns (docs/DESIGN.md §2): encoders, augmentations, losses, heads, neighbours in a representation, and the
+methods (one file each)."""

@@ -1,6 +1,6 @@
 """Clustering heads with scikit-learn's verbs (fit, predict, predict_proba); fitted state ends in `_`.
 
-Statistics over the dataset go through `Comm` (DESIGN.md §2), so `fit` on N workers, each holding
+Statistics over the dataset go through `Comm` (docs/DESIGN.md §2), so `fit` on N workers, each holding
 its own rows, gives the same centres as `fit` in one process on all rows.
 """
 from __future__ import annotations
