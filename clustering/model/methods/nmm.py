@@ -118,7 +118,7 @@ class NMM(Recipe):
         self.strong_view = view_for(channels, "representation")  # the representation stage's: SimCLR's in full
         self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours
         self.bank: torch.Tensor | None = None  # (N, K) every image's posterior at the start of the epoch (all ranks)
-        self.first = 0  # the global id of this rank's first image
+        self.own: torch.Tensor | None = None  # (N_local, K) the same for this rank's images
         self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
         self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
 
@@ -150,10 +150,9 @@ class NMM(Recipe):
             return
         if s.neighbours and self.knn is None:
             self.knn = nbrs.mine(embed_all(model, images, fn=model.net.features), comm, s.neighbours)
-            self.first = nbrs.offset(len(images), comm, images.device)
         model.fit_normaliser(images, comm)
-        posteriors = predict_all(model, images)[0]
-        self.bank = nbrs.gather_all(posteriors, comm) if s.neighbours else posteriors
+        self.own = predict_all(model, images)[0]  # (N_local, K): this rank's images, for self-labelling
+        self.bank = nbrs.gather_all(self.own, comm) if s.neighbours else None  # (N, K): every rank's, by global id
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
@@ -194,7 +193,7 @@ class NMM(Recipe):
         k, head = self.cfg.k, model.head.choice_
         out = model.net(self.view(x))[:, :self.cfg.method.heads * k].unflatten(1, (-1, k))[:, head]  # (B, K)
         log_p = (losses.batch_densities(out) + model.head.log_pi_[head]).log_softmax(-1)
-        confidence, target = self.bank[idx].max(1)
+        confidence, target = self.own[idx].max(1)
         keep = confidence > self.cfg.method.selflabel_threshold
         return F.nll_loss(log_p[keep], target[keep]) if keep.any() else log_p.sum() * 0.0
 
