@@ -212,10 +212,4 @@ def label_part(model: DeepClusterer, part: Part, i: int, cfg: PredictConfig, out
 
 
 def describe(info: dict, output: str) -> str:
-    lines = [f"predicted {info['rows']:,} images into {info['k']} clusters in {info['seconds']:.1f}s: "
-             f"{output}/part-*.parquet",
-             "  sizes " + " ".join(f"{c}:{n}" for c, n in info["counts"].items())]
-    if info["skipped"]["count"]:
-        lines.append(f"  skipped {info['skipped']['count']} inputs (unreadable, hidden, or not a regular file), e.g. "
-                     f"{info['skipped']['examples'][0]}")
-    return "\n".join(lines)
+    return assignments.describe_run(info, output, "predicted", "inputs (unreadable, hidden, or not a regular file)")

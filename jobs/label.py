@@ -218,11 +218,4 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
 
 def describe(info: dict, output: str) -> str:
     """What `dicl label` prints at the end: where the output is, and what it holds."""
-    lines = [f"labelled {info['rows']:,} images into {info['k']} clusters in {info['seconds']:.1f}s: "
-             f"{output}/part-*.parquet ({assignments.SUCCESS} beside them)",
-             "  sizes " + " ".join(f"{c}:{n:,}" for c, n in info["counts"].items())]
-    if info["skipped"]["count"]:
-        lines.append(f"  skipped {info['skipped']['count']:,} images that did not decode, e.g. "
-                     f"{info['skipped']['examples'][0]}")
-    lines.append(f"  checkpoint {info['checkpoint']}")
-    return "\n".join(lines)
+    return assignments.describe_run(info, output, "labelled", "images that did not decode")

@@ -162,3 +162,16 @@ def start_run(output: str, writer: dict, writers=None) -> list[str]:
         for uri in stale:
             storage.remove(uri)
     return kept
+
+
+def describe_run(info: dict, output: str, done: str, skipped: str) -> str:
+    """The lines a labelling run ends with (`dicl label`'s, `dicl predict`'s): where the parts are, the cluster sizes,
+    what was skipped, and the model. info: what `_SUCCESS.json` holds."""
+    lines = [f"{done} {info['rows']:,} images into {info['k']} clusters in {info['seconds']:.1f}s: "
+             f"{output}/part-*.parquet ({SUCCESS} beside them)",
+             "  sizes " + " ".join(f"{c}:{n:,}" for c, n in info["counts"].items())]
+    if info["skipped"]["count"]:
+        lines.append(f"  skipped {info['skipped']['count']:,} {skipped}, e.g. {info['skipped']['examples'][0]}")
+    if info.get("checkpoint"):
+        lines.append(f"  checkpoint {info['checkpoint']}")
+    return "\n".join(lines)
