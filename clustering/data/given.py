@@ -1,9 +1,13 @@
 """Images as a user gives them to the Python API, turned into what the model reads.
 
-Accepted: an array (N, H, W), (N, H, W, C) or (N, C, H, W): uint8, floats in 0..1 or integers in 0..255 as pixels,
-other values mapped linearly from their range onto 0..255 with a warning (`to_uint8`), NaN and infinity refused; flat rows (N, H*W[*C]) with `image_shape`, or of a perfect square side (said
-in a warning); one (H, W) image; or a list of arrays, file paths or s3:// URIs, encoded bytes, or PIL images (each
-file read once). All go through the shards' input policy (shards.POLICY) to the model's mode and side.
+Accepted:
+- an array (N, H, W), (N, H, W, C) or (N, C, H, W);
+- flat rows (N, H*W[*C]) with `image_shape`, or of a perfect square side (said in a warning);
+- one image: a square 2-D array, or [image];
+- a list of arrays, file paths or s3:// URIs, encoded bytes, or PIL images (each file read once).
+Values: uint8, floats in 0..1 and integers in 0..255 are pixels; others are mapped linearly from their range onto
+0..255 with a warning (`to_uint8`); NaN and infinity are refused. All go through the shards' input policy
+(shards.POLICY) to the model's mode and side.
 """
 from __future__ import annotations
 
