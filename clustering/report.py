@@ -301,7 +301,7 @@ mean confidence {s['mean_confidence']:.3f}; modularity on the images' nearest-ne
 <p>Assignments: <code>{html.escape(run.get('assignments', ''))}</code>; checkpoint:
 <code>{html.escape(run.get('checkpoint', ''))}</code>.</p>
 <h2>Cluster sizes</h2>{img(sizes_chart(s['cluster_sizes']), 'cluster sizes')}
-{'<h2>Embedding</h2><p>Embeddings of images of the sample on their first two principal components.</p>' + img(r.embedding, 'embedding') if r.embedding else ''}
+{'<h2>Embedding</h2><p>Embeddings of up to 2,000 images drawn at random (seeded) from the sampled shards, on their first two principal components.</p>' + img(r.embedding, 'embedding') if r.embedding else ''}
 {'<h2>Clusters against the labels</h2>' + confusion_html(r.confusion) if r.confusion is not None else ''}
 {'<h2>Tune trials</h2>' + trials_html(r.trials) if r.trials else ''}
 {'<h2>Training loss</h2>' + img(curve_chart(r.history), 'loss') if r.history else ''}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from clustering import lease, report
 from clustering.data import shards, storage
 from clustering.config import PipelineConfig, trial_config
@@ -58,7 +60,9 @@ def write_report(cfg: PipelineConfig, trained, trials: dict | None, embedded: in
     model = DeepClusterer.load(trained.checkpoint, device="cpu")
     views = report.cluster_views(output, shards_uri, seen)
     confusion = report.add_composition(views, output, shards_uri, seen)
-    probs, codes = model.posteriors(seen.data.images[:embedded])
+    n = len(seen.data.images)  # the embedding: a seeded draw across the sampled shards, not the first shard's images
+    drawn = np.sort(np.random.default_rng(0).choice(n, min(n, embedded), replace=False))
+    probs, codes = model.posteriors(seen.data.images[drawn])
     mode, side = shards.image_spec(shards.read_manifest(shards_uri), model.image_size_, model.channels_)
     run = {"method": model.method, "k": model.config_.k, "run": trained.name, "image_size": model.image_size_,
            "assignments": report.shown(output, cfg.work_dir), "checkpoint": report.shown(trained.checkpoint, cfg.work_dir)}
