@@ -104,11 +104,28 @@ def thumbnail(img: np.ndarray) -> str:
 
 
 @dataclass
+class Shown:
+    """One image of a cluster's grid."""
+    key: str
+    confidence: float
+    thumbnail: str  # base64 PNG
+    label: str = ""  # its true label, where the shards carry labels (for reading the grid only)
+    source: str = ""  # where the image came from (`source` column): a link where it is a web address
+
+
+@dataclass
 class ClusterView:
     size: int
-    most: list[tuple[str, float, str]]  # (key, confidence, thumbnail): the most confident images
-    least: list[tuple[str, float, str]]  # the least confident: the cluster's borderline images
-    composition: dict[int, int] = field(default_factory=dict)  # label -> images, where labels exist
+    most: list[Shown]  # the most confident images
+    least: list[Shown]  # the least confident: the cluster's borderline images
+    composition: dict[str, int] = field(default_factory=dict)  # label -> images, where labels exist
+
+    def named(self) -> str:
+        """The cluster's dominant label and its share of the cluster's labelled images, where labels exist."""
+        if not self.composition:
+            return ""
+        label, n = max(self.composition.items(), key=lambda kv: kv[1])
+        return f"mostly {label} ({n / sum(self.composition.values()):.0%})"
 
 
 def cluster_views(output: str, shards_uri: str, seen: Sample | None = None,
@@ -120,14 +137,27 @@ def cluster_views(output: str, shards_uri: str, seen: Sample | None = None,
     sub = seen.table.loc[seen.table.index.intersection(keys)]
     pos = {k: i for i, k in enumerate(keys)}
     by_cluster = dict(list(sub.groupby("cluster")))
+    names = label_names(shards_uri)
+    sources = seen.data.sources or [""] * len(keys)
+
+    def shown(k: str, confidence: float) -> Shown:
+        i = pos[k]
+        return Shown(k, confidence, thumbnail(seen.data.images[i]), names(int(seen.data.labels[i])), sources[i])
+
     views = {}
     for cluster, size in sorted((int(k), int(v)) for k, v in seen.success["counts"].items()):
         rows = by_cluster.get(cluster, sub.iloc[:0]).sort_values("confidence", ascending=False)
-        pick = lambda idx: [(k, float(rows.at[k, "confidence"]), thumbnail(seen.data.images[pos[k]])) for k in idx]  # noqa: E731
+        pick = lambda idx: [shown(k, float(rows.at[k, "confidence"])) for k in idx]  # noqa: E731
         top = list(rows.index[:most])
         rest = [k for k in rows.index[::-1][:least] if k not in top]
         views[cluster] = ClusterView(size, pick(top), pick(rest[::-1]))
     return views
+
+
+def label_names(shards_uri: str):
+    """label index -> its name (the class folder's, where the manifest has them), "" where unknown."""
+    classes = shards.read_manifest(shards_uri).get("classes") or []
+    return lambda i: "" if i < 0 else (classes[i] if i < len(classes) else str(i))
 
 
 def add_composition(views: dict[int, ClusterView], output: str, shards_uri: str,
@@ -195,7 +225,9 @@ def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
 
 def sizes_chart(sizes: dict[int, int]) -> str:
     fig, ax = plt.subplots(figsize=(6, 2.5))
-    ax.bar([str(k) for k in sizes], list(sizes.values()), color="#4477aa")
+    bars = ax.bar([str(k) for k in sizes], list(sizes.values()), color="#4477aa")
+    ax.bar_label(bars, labels=[f"{n:,}" for n in sizes.values()], fontsize=7)  # the counts, on the bars
+    ax.margins(y=0.15)
     ax.set_xlabel("cluster")
     ax.set_ylabel("images")
     return figure_png(fig)
@@ -235,10 +267,18 @@ def shown(uri: str, work_dir: str) -> str:
     return uri if storage.is_remote(uri) else PurePosixPath(uri).name
 
 
-def figures(items: list[tuple[str, float, str]]) -> str:
-    return "".join(f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(key)}" title="{html.escape(key)}'
-                   f' ({conf:.2f})"><figcaption>{html.escape(key)}<br>{conf:.2f}</figcaption></figure>'
-                   for key, conf, b64 in items)
+def figures(items: list[Shown]) -> str:
+    """A grid of thumbnails, each with its key and confidence (and its true label where known), its source on hover,
+    and a link to the source where that is a web address."""
+    out = []
+    for it in items:
+        label = f"<br>label {html.escape(it.label)}" if it.label else ""
+        image = (f'<img src="data:image/png;base64,{it.thumbnail}" alt="{html.escape(it.key)}" '
+                 f'title="{html.escape(it.source or it.key)} ({it.confidence:.2f})">')
+        if it.source.startswith(("http://", "https://")):
+            image = f'<a href="{html.escape(it.source)}">{image}</a>'
+        out.append(f"<figure>{image}<figcaption>{html.escape(it.key)}<br>{it.confidence:.2f}{label}</figcaption></figure>")
+    return "".join(out)
 
 
 def confusion_html(matrix: pd.DataFrame) -> str:
@@ -254,7 +294,8 @@ def confusion_html(matrix: pd.DataFrame) -> str:
 def trials_html(trials: dict) -> str:
     metric = trials["metric"]
     keys = sorted({k for t in trials["trials"] for k in t["values"]})
-    scores = [m for m in ("modularity", "silhouette", "evenness", "clusters_used", "acc_vs_labels")
+    scores = [m for m in ("modularity", "silhouette", "evenness", "stability", "clusters_used", "acc_vs_labels",
+                          "neighbour_purity_vs_labels", "seconds")  # every score the terminal's table shows, and more
               if any(m in t for t in trials["trials"])]
     head = "".join(f"<th>{k}</th>" for k in keys + scores) + "<th>status</th>"
     rows = []
@@ -284,7 +325,8 @@ def render(r: Report) -> str:
     for c, v in sorted(r.clusters.items()):
         comp = ", ".join(f"{html.escape(label)} {n}" for label, n in sorted(v.composition.items(), key=lambda x: -x[1])[:4])
         sections.append(
-            f'<section class="cluster" id="cluster-{c}" data-cluster="{c}"><h3>Cluster {c}: {v.size:,} images</h3>'
+            f'<section class="cluster" id="cluster-{c}" data-cluster="{c}"><h3>Cluster {c}: {v.size:,} images'
+            + (f" ({html.escape(v.named())})" if v.named() else "") + "</h3>"
             + (f"<p>by label: {comp}</p>" if comp else "")
             + f'<div class="grid most">{figures(v.most)}</div>'
             + (f'<p>least confident:</p><div class="grid least">{figures(v.least)}</div>' if v.least else "")

@@ -1,5 +1,6 @@
 """The report page, built without Ray from real shards, a saved model and its assignments, and rendered in headless
 Chromium (Debian's package; the rendering test says so and skips where it is not installed)."""
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -72,6 +73,9 @@ def test_the_report_shows_each_cluster_its_labels_and_the_trials_and_names_no_lo
     parsed.feed(text)
     assert sorted(parsed.clusters) == sorted(summary["cluster_sizes"]) and all(parsed.clusters.values())
     assert "confusion" in parsed.tables
+    # clusters named by their dominant label, each picture with its true label, the sources on hover
+    assert re.search(r"Cluster \d+: [\d,]+ images \(mostly \d \(\d+%\)\)", text) and "<br>label " in text
+    assert 'title="sklearn:digits#' in text
 
 
 def test_the_report_renders_in_headless_chromium_with_one_grid_per_cluster(page, tmp_path):
