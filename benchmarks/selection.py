@@ -38,7 +38,7 @@ from clustering.config import (
     load_config,
     trial_config,
 )
-from clustering.model.methods import build_method, embed_all, predict_all
+from clustering.model.methods import predict_all
 
 PICKS = ("modularity", "silhouette", "evenness", "stability")  # stability needs the model: not in --rescore
 
@@ -145,8 +145,8 @@ def trained(args, pipeline: PipelineConfig, space: dict, images: np.ndarray, sco
             preds.append(predict_all(model, x)[0].argmax(1).cpu().numpy().astype(np.int16))
             view_pred = predict_all(model, views)[0].argmax(1).cpu().numpy()
             run = {"seed": seed, **{key: cfg.value(key) for key in values}, "seconds": round(time.perf_counter() - t0, 1)}
-            fn = build_method(cfg, 1, 8).representation(model)  # as the tune job scores: on learnt features
-            own = None if fn is None else metrics.LabelFreeScores(embed_all(model, x, fn=fn).cpu().numpy(), args.sample)
+            learnt = engine.representation_of(cfg, model, x)  # as the tune job scores: on learnt features
+            own = None if learnt is None else metrics.LabelFreeScores(learnt, args.sample)
             run = score(run, preds[-1].astype(np.int64), cfg.k, view_pred, own)
             if args.along:  # epochs tried by the starts before the pick (train.restarts) are not on the epoch axis
                 run.update(along=along, epochs=engine.total_epochs(cfg),

@@ -18,7 +18,7 @@ from .model.augment import view_for
 from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
-from .model.methods import build_method, predict_all, to_float
+from .model.methods import build_method, embed_all, predict_all, to_float
 from .metrics import evenness
 from .schedule import Stage, stage_at, steps_per_epoch
 
@@ -92,6 +92,13 @@ def model_now(state: dict, x: torch.Tensor, comm: Comm = Comm()):
 def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Tensor:
     """(N,) the clusters of the images x that the run of `state` would give if it ended there (`model_now`)."""
     return predict_all(model_now(state, x, comm), x)[0].argmax(1)
+
+
+def representation_of(cfg: TrainConfig, model, x: torch.Tensor) -> np.ndarray | None:
+    """(N, D) the features the model learnt as a representation (a stage of its own trained them) of the uint8
+    images x on the model's device, where the label-free scores should find neighbours; None where it learnt none."""
+    fn = build_method(cfg, 1, 8).representation(model)  # stages and their features do not depend on the input's shape
+    return None if fn is None else embed_all(model, x, fn=fn).cpu().numpy()
 
 
 def views_of(x: torch.Tensor, seed: int = 0, batch: int = 4096) -> torch.Tensor:

@@ -14,6 +14,7 @@ Training is `engine.fit`, the loop every Ray Train worker runs; a saved model is
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import checkpoints, engine
 from .data import shards, storage
-from .data.given import as_inputs, data_range, image_array, shapes_of, to_images
+from .data.given import as_inputs, data_range, image_array, shapes_of, to_images, to_uint8
 from .config import ConfigError, TrainConfig, describe
 from .data.inputs import device_images
 from .model.methods import predict_all
@@ -38,7 +39,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 # scikit-learn's names for the config's (train.KEY): the estimator takes either, the config only its own.
 SKLEARN_NAMES = {"n_clusters": "k", "random_state": "seed"}
-SKLEARN_DEFAULTS = {"n_clusters": 10, "random_state": None}  # random_state None: train.seed's default (0)
 
 
 class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
@@ -61,10 +61,6 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         self.image_shape, self.device, self.verbose = image_shape, device, verbose
         self._settings = settings  # the other train settings, by their flat names (get_params lists them)
 
-    @property
-    def settings(self) -> dict:
-        return dict(self._settings)
-
     def get_params(self, deep: bool = True) -> dict:
         return {**super().get_params(deep), **self._settings}
 
@@ -83,7 +79,7 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def _config(self, image_size: int) -> TrainConfig:
         values = {**self._settings, "method": self.method, "image_size": image_size}
         for sklearn_name, name in SKLEARN_NAMES.items():
-            given, default = getattr(self, sklearn_name), SKLEARN_DEFAULTS[sklearn_name]
+            given, default = getattr(self, sklearn_name), inspect.signature(DeepClusterer).parameters[sklearn_name].default
             if name not in self._settings:
                 if given is not None:
                     values[name] = given
@@ -98,15 +94,16 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def fit(self, images: Any, y: Any = None, log: Callable[[str], None] | None = None) -> "DeepClusterer":
         """Train from scratch on the images (y is ignored: clustering uses no labels)."""
         images = as_inputs(images, self.image_shape)  # each file read once: for its shape, then its pixels
+        self.value_range_ = None
+        if isinstance(images, np.ndarray):  # checked once, and brought to pixels from the range it has
+            array = image_array(images)
+            self.value_range_ = data_range(array)  # kept: predict maps new images' values alike
+            self.n_features_in_ = int(np.prod(array.shape[1:]))
+            images = to_uint8(array)
         chosen = shards.choose_image(shards.shape_summary(shapes_of(images)))
         side = self._settings.get("image_size") or chosen["side"]
         cfg = self._config(side)
-        mode = "L" if chosen["channels"] == 1 else "RGB"
-        array = image_array(images) if isinstance(images, np.ndarray) else None
-        self.value_range_ = data_range(array) if array is not None else None  # kept: predict maps values alike
-        if array is not None:
-            self.n_features_in_ = int(np.prod(array.shape[1:]))
-        x = to_images(images, mode, side, value_range=None)
+        x = to_images(images, "L" if chosen["channels"] == 1 else "RGB", side)
         if cfg.k > len(x):
             raise ValueError(f"n_samples={len(x)} images, and n_clusters={cfg.k}: a clustering needs more images than "
                              "clusters")
@@ -137,11 +134,16 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_", msg="this DeepClusterer is not fitted: call fit(images) or "
                                             "DeepClusterer.load(path) first")
 
+    def pixels(self, images: Any) -> np.ndarray:
+        """The images as the model reads them: uint8 (N, side, side, C) by the input policy, values mapped from the
+        range the fitted ones had."""
+        return to_images(images, "L" if self.channels_ == 1 else "RGB", self.image_size_, self.image_shape,
+                         self.value_range_)
+
     def posteriors(self, images: Any, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """(cluster posteriors (N, k), embeddings (N, D)) in one forward pass."""
         self._check_fitted()
-        x = to_images(images, "L" if self.channels_ == 1 else "RGB", self.image_size_, self.image_shape,
-                      getattr(self, "value_range_", None))
+        x = self.pixels(images)
         probs, z = predict_all(self.model_, device_images(x, self.device_), batch_size)
         return probs.float().cpu().numpy(), z.float().cpu().numpy()
 
@@ -171,6 +173,7 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         est = cls(config["method"]["name"], config["k"], random_state=config["seed"], device=device,
                   **trained_settings(config))
         est._set_fitted(state, model, resolve_device(device))
+        est.value_range_ = None  # not recorded in a checkpoint: new images' values map from their own range
         est.checkpoint_ = path
         return est
 
@@ -191,11 +194,7 @@ def modularity_scorer(estimator: DeepClusterer, images: Any, y: Any = None) -> f
     on their nearest-neighbour graph, as the tune job scores trials: in the model's learnt representation where it
     has one, else in pixels (clustering.metrics.LabelFreeScores)."""
     from . import metrics
-    from .model.methods import build_method, embed_all
 
-    x = to_images(images, "L" if estimator.channels_ == 1 else "RGB", estimator.image_size_, estimator.image_shape,
-                  getattr(estimator, "value_range_", None))
-    clusters = estimator.predict(x)
-    fn = build_method(estimator.config_, 1, 8).representation(estimator.model_)
-    points = x if fn is None else embed_all(estimator.model_, device_images(x, estimator.device_), fn=fn).cpu().numpy()
-    return metrics.LabelFreeScores(points).modularity(clusters)
+    x = estimator.pixels(images)
+    learnt = engine.representation_of(estimator.config_, estimator.model_, device_images(x, estimator.device_))
+    return metrics.LabelFreeScores(x if learnt is None else learnt).modularity(estimator.predict(x))

@@ -1,7 +1,7 @@
 """One writer per output: a lock object (`_LOCK.json`) beside the output, created only where none exists
 (storage.create), refreshed while its holder runs, and taken over only once its holder is gone.
 
-A second run into the same output is refused with a message naming the first (docs/docs/DESIGN.md §6: concurrent runs must
+A second run into the same output is refused with a message naming the first (docs/DESIGN.md §6: concurrent runs must
 not mix their outputs). A holder is gone when, on the same host, its process no longer exists (a killed driver:
 the rerun proceeds at once), or, from another host, when it has not refreshed the lock for STALE_S seconds.
 """

@@ -96,9 +96,9 @@ class LabelFreeScores:
         self.index = sample_index(len(images), sample, seed)
         points = images[self.index].reshape(len(self.index), -1).astype(np.float32)
         if images.dtype == np.uint8:
-            self.space, self.pixels = "pixels", points / 255.0  # (S, H*W*C)
+            self.space, self.points = "pixels", points / 255.0  # (S, H*W*C)
         else:
-            self.space, self.pixels = "representation", points / np.maximum(
+            self.space, self.points = "representation", points / np.maximum(
                 np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
         self._graph: np.ndarray | None = None
 
@@ -110,7 +110,7 @@ class LabelFreeScores:
     def graph(self) -> np.ndarray:
         """(S, neighbours) each sampled image's nearest sampled images (built once)."""
         if self._graph is None:
-            self._graph = knn_graph(self.pixels, self.neighbours)
+            self._graph = knn_graph(self.points, self.neighbours)
         return self._graph
 
     def purity(self, labels: np.ndarray) -> float:
@@ -128,7 +128,7 @@ class LabelFreeScores:
             return -1.0
         from sklearn.metrics import silhouette_score
 
-        return float(silhouette_score(self.pixels, picked))
+        return float(silhouette_score(self.points, picked))
 
     def __call__(self, clusters: np.ndarray, k: int, names: tuple[str, ...] | None = None,
                  view_clusters: np.ndarray | None = None) -> dict:

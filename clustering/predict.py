@@ -45,8 +45,8 @@ def tar_part(uri: str, size: int) -> Part:
     return Part(shards.name_of(uri), None, read, f"{uri}:{size}")
 
 
-def source_parts(source, per_part: int) -> list[Part]:
-    items = source.plan()
+def source_parts(source, items: list, per_part: int) -> list[Part]:
+    """Parts of `per_part` of a source's planned items."""
     parts = []
     for i in range(0, len(items), per_part):
         chunk = items[i:i + per_part]
@@ -93,8 +93,9 @@ def plan(inputs: list[str], per_part: int) -> Plan:
         if missing:
             raise SourceError(f"input {missing[0]!r} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         sources.append(FileListSource(files))
-    keys = unique_across(sources)
-    parts = [p for source in sources for p in source_parts(source, per_part)]
+    planned = [(source, source.plan()) for source in sources]  # listed once: for the keys, then the parts
+    keys = unique_across(planned)
+    parts = [p for source, items in planned for p in source_parts(source, items, per_part)]
     for uri in dict.fromkeys(tars):  # a tar named twice is read once
         fs, path = storage.filesystem(uri)
         if not fs.exists(path):
@@ -120,19 +121,22 @@ def input_kind(spec: str) -> str:
     return "source"
 
 
-def unique_across(sources: list) -> dict[str, str]:
-    """{key: its input} of the sources. Keys are unique within a folder; across inputs two files may share one
-    (dir/a.png and other/a.png): refused, naming both, since their rows could not be told apart. (A tar's keys are
-    checked as it is read.)"""
+def unique_across(planned: list[tuple]) -> dict[str, str]:
+    """{key: its input} of the sources' planned items. Keys are unique within a folder; across inputs two files may
+    share one (dir/a.png and other/a.png): refused, naming both, since their rows could not be told apart. (A tar's
+    keys are checked as it is read.)"""
     seen: dict[str, str] = {}
-    for source in sources:
-        for item in source.plan():
-            if item.key in seen:
-                raise SourceError(f"two inputs give the key {item.key!r}: {seen[item.key]} and "
-                                  f"{source.describe(item)}. Keys must be unique across a predict run's inputs: "
-                                  "rename one, or predict them into separate outputs (predict.output=...)")
-            seen[item.key] = source.describe(item)
+    for source, items in planned:
+        for item in items:
+            claim(seen, item.key, source.describe(item))
     return seen
+
+
+def claim(owners: dict[str, str], key: str, source: str) -> None:
+    """Record that `source` gives `key`; a key another input gave already is refused, naming both."""
+    if owners.setdefault(key, source) != source:
+        raise SourceError(f"two inputs give the key {key!r}: {owners[key]} and {source}. Keys must be unique across a "
+                          "predict run's inputs: rename one, or predict them into separate outputs (predict.output=...)")
 
 
 def decode_all(rows: list, mode: str, side: int, readers: int) -> tuple[list[int], np.ndarray, list[str]]:
@@ -198,10 +202,7 @@ def label_part(model: DeepClusterer, part: Part, i: int, cfg: PredictConfig, out
         broken = []
     if part.shard:  # a tar's keys are known once it is read
         for key, source, _ in listed:
-            if owners.setdefault(key, source) != source:
-                raise SourceError(f"two inputs give the key {key!r}: {owners[key]} and {source}. Keys must be "
-                                  "unique across a predict run's inputs: predict them into separate outputs "
-                                  "(predict.output=...)")
+            claim(owners, key, source)
     mode = "L" if model.channels_ == 1 else "RGB"
     kept, images, why = decode_all(listed, mode, model.image_size_, cfg.readers)
     probs, z = model.posteriors(images, cfg.batch_size) if len(images) else (np.zeros((0, model.config_.k)), None)

@@ -37,7 +37,7 @@ from clustering.config import (
     train_section,
     trial_config,
 )
-from clustering.model.methods import build_method, embed_all, predict_all
+from clustering.model.methods import predict_all
 
 from .signals import resume_with
 from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu
@@ -96,7 +96,6 @@ def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: to
     views = engine.views_of(x[torch.from_numpy(scores.index).to(device)])  # the same views in every trial
     t0 = time.perf_counter()
 
-    features = build_method(cfg, 1, 8).representation  # the model's learnt features, where it has some
 
     labels = data.sample_labels
     known = labels >= 0
@@ -104,9 +103,8 @@ def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: to
     def scored(model, names=None) -> tuple:  # (the clusters of x, their scores)
         clusters = predict_all(model, x)[0].argmax(1).cpu().numpy()
         view_clusters = predict_all(model, views)[0].argmax(1).cpu().numpy()
-        fn = features(model)
-        space = scores if fn is None else metrics.LabelFreeScores(  # neighbours in the model's representation
-            embed_all(model, x, fn=fn).cpu().numpy(), config["score_sample"])
+        learnt = engine.representation_of(cfg, model, x)
+        space = scores if learnt is None else metrics.LabelFreeScores(learnt, config["score_sample"])  # its neighbours
         found = {**space(clusters, cfg.k, names, view_clusters), "space": space.space}
         if names is None and known.any():  # for information: how often the neighbours that score share a class
             found["neighbour_purity_vs_labels"] = space.purity(labels)

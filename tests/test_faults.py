@@ -323,5 +323,7 @@ def test_a_schedulers_sigterm_during_train_and_during_label_ends_as_an_interrupt
     with open(tmp_path / "third.log", "wb") as f:
         assert finish(start(*args, name, env=joined, log=f)) == 0, text("third")
     success = check_output(output, f"{tmp_path}/w/shards")
-    history = torch.load(f"{success['checkpoint']}/model.pt", weights_only=True)["history"]
+    from clustering.checkpoints import load as load_checkpoint
+
+    history = load_checkpoint(success["checkpoint"])["history"]
     assert [m["epoch"] for m in history] == list(range(20))  # resumed, not started over

@@ -92,6 +92,8 @@ def image_array(images: np.ndarray) -> np.ndarray:
     """An array of images as (N, H, W, C) numbers, checked: finite, not empty, a known layout."""
     from sklearn.utils.validation import check_array
 
+    if images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] in (1, 3, 4) and len(images):
+        return images  # pixels in their layout already: nothing to check (fit passes them on so)
     x = check_array(images, allow_nd=True, dtype="numeric", ensure_all_finite=False, ensure_min_samples=1)
     if x.ndim == 3:
         x = x[..., None]

@@ -70,6 +70,7 @@ def rgb_view(x: torch.Tensor) -> torch.Tensor:
 
 # RGB -> YIQ and back: a hue shift is a rotation of the (I, Q) plane.
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = torch.linalg.inv(_YIQ)
 
 
 def hue_jitter(x: torch.Tensor, strength: float = 0.1, p: float = 0.8) -> torch.Tensor:
@@ -77,11 +78,10 @@ def hue_jitter(x: torch.Tensor, strength: float = 0.1, p: float = 0.8) -> torch.
     b = len(x)
     on = (torch.rand(b, device=x.device) < p).float()
     angle = (torch.rand(b, device=x.device) * 2 - 1) * strength * 2 * math.pi * on
-    yiq = _YIQ.to(x.device)
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
                        torch.stack([zero, sin, cos], 1)], 1)  # (B, 3, 3)
-    m = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3)
+    m = _YIQ_INV.to(x.device) @ rot @ _YIQ.to(x.device)  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
 
 

@@ -1,7 +1,7 @@
 """Nearest neighbours in a representation, mined over every worker's images through `Comm` (SCAN's second step:
 an image and its neighbours in a learnt feature space mostly share a class, where pixel neighbours do not).
 
-Global ids run rank by rank: rank 0's images first, in their order, then rank 1's, and so on (`offsets`)."""
+Global ids run rank by rank: rank 0's images first, in their order, then rank 1's, and so on."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,11 +16,6 @@ def counts(n: int, comm: Comm, device: torch.device) -> torch.Tensor:
     return comm.sum(torch.zeros(comm.world, device=device).index_fill_(0, torch.tensor(comm.rank, device=device), n))
 
 
-def offset(n: int, comm: Comm, device: torch.device) -> int:
-    """The global id of this rank's first image."""
-    return int(counts(n, comm, device)[:comm.rank].sum().item())
-
-
 def gather_all(rows: torch.Tensor, comm: Comm) -> torch.Tensor:
     """Every rank's rows, rank by rank, on every rank."""
     return comm.gather(rows, int(counts(len(rows), comm, rows.device).max().item()))
@@ -31,8 +26,9 @@ def mine(features: torch.Tensor, comm: Comm, n: int, chunk: int = 2048) -> torch
     """(N_local, n) global ids of each local image's n nearest images over all ranks by cosine similarity, nearest
     first, itself excluded. features: (N_local, D) of this rank's images."""
     mine_ = F.normalize(features.float(), dim=1)
-    everyone = gather_all(mine_, comm)  # (N, D): small beside the images (50,000 x 512 floats: 100 MB)
-    first = offset(len(mine_), comm, mine_.device)
+    held = counts(len(mine_), comm, mine_.device)
+    everyone = comm.gather(mine_, int(held.max().item()))  # (N, D): small beside the images (50,000 x 512: 100 MB)
+    first = int(held[:comm.rank].sum().item())
     n = min(n, len(everyone) - 1)
     out = []
     for i in range(0, len(mine_), chunk):

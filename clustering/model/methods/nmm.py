@@ -149,7 +149,7 @@ class NMM(Recipe):
         if stage.name == "pretrain" or not (s.neighbours or stage.name == "selflabel"):
             return
         if s.neighbours and self.knn is None:
-            self.knn = nbrs.mine(embed_all(model, images, fn=model.net.features), comm, s.neighbours)
+            self.knn = nbrs.mine(embed_all(model, images, fn=self.representation(model)), comm, s.neighbours)
         model.fit_normaliser(images, comm)
         self.own = predict_all(model, images)[0]  # (N_local, K): this rank's images, for self-labelling
         self.bank = nbrs.gather_all(self.own, comm) if s.neighbours else None  # (N, K): every rank's, by global id
@@ -190,9 +190,8 @@ class NMM(Recipe):
     def selflabel_loss(self, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of a view's posterior against the cluster of each confident image (posterior above the
         threshold at the start of the epoch): SCAN's self-labelling."""
-        k, head = self.cfg.k, model.head.choice_
-        out = model.net(self.view(x))[:, :self.cfg.method.heads * k].unflatten(1, (-1, k))[:, head]  # (B, K)
-        log_p = (losses.batch_densities(out) + model.head.log_pi_[head]).log_softmax(-1)
+        out = model.embed(self.view(x))  # (B, K): the labelling sub-head's outputs
+        log_p = (losses.batch_densities(out) + model.head.log_pi_[model.head.choice_]).log_softmax(-1)
         confidence, target = self.own[idx].max(1)
         keep = confidence > self.cfg.method.selflabel_threshold
         return F.nll_loss(log_p[keep], target[keep]) if keep.any() else log_p.sum() * 0.0
