@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from .model.backbones import is_backbone
 from .model.methods import DEFAULT_METHOD, RECIPES, MethodSettings, methods_with, settings_keys
 
 
@@ -53,6 +54,13 @@ UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, 
 
 UseGpu = Annotated[Literal["auto", "yes", "no"], BeforeValidator(yes_no)]
 RunName = Annotated[str, AfterValidator(path_name)]
+
+
+def encoder_name(value: str) -> str:
+    if value in ("conv", "mlp", "resnet18") or is_backbone(value):
+        return value
+    raise ValueError(f"{value!r} is not an encoder: give conv, mlp, resnet18, or a pretrained backbone as "
+                     "torchvision:NAME or timm:NAME (e.g. torchvision:resnet50)")
 
 
 class Strict(BaseModel):
@@ -106,9 +114,24 @@ class TrainConfig(Strict):
     shuffle_buffer: int = Field(10_000, ge=1, description="stream: images each loader process shuffles across shards")
     loader_workers: int | None = Field(None, ge=0, description="stream: decoding processes per worker; empty = "
                                        "cpus_per_worker - 1 (at least 1); 0 = decode in the training process")
-    encoder: Literal["conv", "mlp", "resnet18"] = Field(
+    encoder: Annotated[str, AfterValidator(encoder_name)] = Field(
         "conv", description="conv (a conv autoencoder or conv net), mlp (DEC's autoencoder: dcec, idec, dec, "
-                            "ae_kmeans), resnet18 (CIFAR stem; nmm)")
+                            "ae_kmeans), resnet18 (CIFAR stem; nmm, iic), or a pretrained backbone: torchvision:NAME "
+                            "(e.g. torchvision:resnet50) or timm:NAME, whose features the method clusters (see "
+                            "train.weights, train.backbone_lr)")
+    weights: str = Field("", description="a backbone's weights: a file or s3:// URI of a state dict (torch.save), or "
+                         "hub (torchvision's or timm's pretrained weights, downloaded: needs network access); empty = "
+                         "random. Checkpoints hold the weights: labelling needs none of these")
+    backbone_lr: float = Field(0.0, ge=0, description="a backbone's learning rate: 0 = frozen (its features are "
+                               "computed once, into the feature cache); > 0 = fine-tuned at this rate (e.g. lr / 10), "
+                               "its gradients averaged by PyTorch DDP")
+    gradients: Literal["ddp", "flat"] = Field(
+        "ddp", description="how a fine-tuned backbone's gradients are averaged over workers: ddp (PyTorch DDP's "
+        "buckets, overlapping the backward pass) or flat (one all-reduce after it, as the methods' own nets use)")
+    backbone_size: int = Field(224, ge=8, description="the side a backbone sees: images are resized to it and "
+                               "normalised by its weights' mean and std")
+    features: str = Field("", description="a frozen backbone's feature cache (`dicl features`); empty = "
+                          "SHARDS/features, beside the shards")
     joint_epochs: int = Field(50, ge=0, description="epochs of the clustering stage (nmm: EM, vc: the ELBO, iic: the "
                               "mutual information, dcec/idec/dec: the joint stage after pretraining; ae_kmeans and "
                               "kmeans have none)")
@@ -134,7 +157,11 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _encoder_fits_method(self) -> "TrainConfig":
         encoders = type(self.method).encoders
-        if encoders is not None and self.encoder not in encoders:
+        if is_backbone(self.encoder):
+            if not type(self.method).on_features:
+                raise ValueError(f"encoder={self.encoder} does not fit method {self.method.name}, which models "
+                                 "pixels; on a backbone's features use nmm, iic, dcec, idec, dec, ae_kmeans or kmeans")
+        elif encoders is not None and self.encoder not in encoders:
             raise ValueError(f"encoder={self.encoder} does not fit method {self.method.name}, which builds "
                              f"{' or '.join(encoders)}")
         return self
@@ -144,6 +171,16 @@ class TrainConfig(Strict):
         """From flat values: shared keys and the method's own settings side by side, e.g.
         TrainConfig.of(method="nmm", k=10, heads=5); a setting the method lacks is a ConfigError naming it."""
         return cls(**nest_method_keys(values, where, strict=True))
+
+    @property
+    def frozen_backbone(self) -> bool:
+        return is_backbone(self.encoder) and self.backbone_lr == 0
+
+    @property
+    def feature_cache(self) -> str:
+        from .data.storage import join
+
+        return self.features or join(self.shards, "features")
 
     def value(self, key: str) -> Any:
         """A train value by its flat name (a shared key, or a setting of the method: `heads`, `method.heads`) as

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from .model.augment import view_for
+from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, pretrained
 from .comm import Comm
 from .config import TrainConfig
-from .data.inputs import TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
+from .data.inputs import MemoryInput, TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
 from .model.methods import build_method, embed_all, predict_all, to_float
 from .metrics import evenness
 from .schedule import Stage, stage_at, steps_per_epoch
@@ -65,9 +66,33 @@ def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
 
 
 def build_from_spec(spec: dict):
-    """(method, model) from the spec stored in a checkpoint."""
-    method = build_method(TrainConfig(**spec["config"]), spec["channels"], spec["side"])
-    return method, method.build()
+    """(method, model) from the spec stored in a checkpoint, with random weights. With a pretrained backbone the
+    method works on its features (D channels, side 1) and the model is a `WithBackbone`."""
+    cfg = TrainConfig(**spec["config"])
+    if not is_backbone(cfg.encoder):
+        method = build_method(cfg, spec["channels"], spec["side"])
+        return method, method.build()
+    backbone = Backbone(cfg.encoder, cfg.backbone_size)
+    method = build_method(cfg, backbone.out_dim, 1)
+    return method, WithBackbone(backbone, method.build())
+
+
+def trainee(model: torch.nn.Module) -> torch.nn.Module:
+    """What a method's hooks train and read: the model, or a `WithBackbone`'s model on the features."""
+    return model.inner if isinstance(model, WithBackbone) else model
+
+
+def features_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a method's hooks read of held inputs x: x, or a backbone's features of them (features pass as they are)."""
+    if not isinstance(model, WithBackbone) or is_features(x):
+        return x
+    return embed_all(model, x, fn=model.features)
+
+
+def method_on(model: torch.nn.Module, cfg: TrainConfig, x: torch.Tensor):
+    """(the method's recipe, the model its hooks read, x as they read it) for a model and held inputs x."""
+    x = features_of(model, x)
+    return build_method(cfg, x.shape[1], x.shape[-1]), trainee(model), x
 
 
 def model_copy(state: dict, device: torch.device | str):
@@ -83,9 +108,10 @@ def model_copy(state: dict, device: torch.device | str):
 def model_now(state: dict, x: torch.Tensor, comm: Comm = Comm()):
     """A copy of the model of the run of `state` as it would label if the run ended there: after the method's
     end-of-run step (k-means on the codes, NMM's normalisers) on the images x (on the device)."""
-    method, model = model_copy(state, x.device)
+    _, model = model_copy(state, x.device)
+    method, inner, x = method_on(model, TrainConfig(**state["spec"]["config"]), x)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        method.finish(model, x, comm)
+        method.finish(inner, x, comm)
     return model
 
 
@@ -95,20 +121,27 @@ def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Ten
 
 
 def representation_of(cfg: TrainConfig, model, x: torch.Tensor) -> np.ndarray | None:
-    """(N, D) the features the model learnt as a representation (a stage of its own trained them) of the uint8
-    images x on the model's device, where the label-free scores should find neighbours; None where it learnt none."""
-    fn = build_method(cfg, 1, 8).representation(model)  # stages and their features do not depend on the input's shape
-    return None if fn is None else embed_all(model, x, fn=fn).cpu().numpy()
+    """(N, D) the features the model learnt as a representation (a stage of its own trained them, or a fine-tuned
+    backbone) of the uint8 images x on the model's device, where the label-free scores should find neighbours; None
+    where it learnt none (or x are already a frozen backbone's features, which the caller scores on)."""
+    fn = build_method(cfg, 1, 8).representation(trainee(model))  # stages and features do not depend on the shape
+    if fn is not None:
+        return embed_all(trainee(model), features_of(model, x), fn=fn).cpu().numpy()
+    if isinstance(model, WithBackbone) and not is_features(x):  # a fine-tuned backbone's run: its features now
+        return features_of(model, x).flatten(1).cpu().numpy()
+    return None
 
 
 def views_of(x: torch.Tensor, seed: int = 0, batch: int = 4096) -> torch.Tensor:
     """One random view of each uint8 image (N, C, H, W), uint8 again: the methods' augmentation (`view_for`) drawn
     from a fixed seed, so every run is shown the same views (the ground on which `metrics.stability` compares
     runs). The run's random stream is left as it was."""
-    view = view_for(x.shape[1])
+    view = view_for(x.shape[1], side=x.shape[-1])
+    pixels = x.dtype == torch.uint8  # else features (side 1): views stay floats
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         torch.manual_seed(seed)
-        out = [view(to_float(x[i:i + batch])).mul_(255).round_().to(torch.uint8) for i in range(0, len(x), batch)]
+        out = [view(to_float(x[i:i + batch])) for i in range(0, len(x), batch)]
+        out = [v.mul_(255).round_().to(torch.uint8) for v in out] if pixels else out
     return torch.cat(out) if out else x.clone()
 
 
@@ -140,6 +173,18 @@ class Run:
     history: list = field(default_factory=list)
     resumed_from: int = -1  # the last epoch of the checkpoint this process resumed from (-1: none)
     pending: dict = field(default_factory=dict)  # for the next epoch's metrics: the pick among starts
+    ddp: torch.nn.Module | None = None  # a fine-tuned backbone wrapped in DDP (`use_ddp`), over N workers
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """A training batch as the method's hooks read it: images through the backbone (DDP's, when it averages the
+        backbone's gradients), or as they are."""
+        if self.ddp is not None and not is_features(x):
+            return self.ddp(x)[:, :, None, None]
+        return self.model.features(x) if isinstance(self.model, WithBackbone) else x
+
+    def average_gradients(self, comm: Comm) -> None:
+        """The flat all-reduce over what DDP does not already average (all of it without DDP)."""
+        comm.average_gradients(self.model.inner if self.ddp is not None else self.model)
 
     def state(self, epoch: int, finished: bool = False) -> dict:
         # finished: the method's end-of-run step (k-means, NMM's normalisers) is in the weights; labelling needs it
@@ -155,15 +200,36 @@ class Run:
 
 
 def new_run(cfg: TrainConfig, channels: int, side: int, device: torch.device) -> Run:
+    """A run from scratch on images of (channels, side): a pretrained backbone with its weights, the rest random."""
     spec = model_spec(cfg, channels, side)
     torch.manual_seed(cfg.seed)  # the same seed on every rank gives every rank the same initial weights
     method, model = build_from_spec(spec)
+    if isinstance(model, WithBackbone):
+        model.backbone = pretrained(cfg.encoder, cfg.backbone_size, cfg.weights)
+        model.backbone.requires_grad_(cfg.backbone_lr > 0)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr) if params else None  # k-means on pixels has nothing to train
-    return Run(spec, method, model, opt)
+    return Run(spec, method, model, optimizer(model, cfg))
+
+
+def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """Adam at train.lr; a fine-tuned backbone's weights at train.backbone_lr. None: nothing to train (k-means)."""
+    groups = [{"params": [p for p in trainee(model).parameters() if p.requires_grad], "lr": cfg.lr}]
+    if isinstance(model, WithBackbone) and cfg.backbone_lr > 0:
+        groups.append({"params": list(model.backbone.parameters()), "lr": cfg.backbone_lr})
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.Adam(groups) if groups else None
+
+
+def use_ddp(run: Run, cfg: TrainConfig, comm: Comm) -> None:
+    """Over N workers, a fine-tuned backbone averages its gradients with PyTorch DDP: bucketed all-reduces that
+    overlap the backward pass (train.gradients=ddp). The small net on its features keeps the flat all-reduce."""
+    import torch.distributed as dist
+
+    if (isinstance(run.model, WithBackbone) and cfg.backbone_lr > 0 and cfg.gradients == "ddp" and comm.world > 1
+            and dist.is_available() and dist.is_initialized()):
+        run.ddp = torch.nn.parallel.DistributedDataParallel(run.model.backbone, broadcast_buffers=False)
 
 
 def restore(run: Run, resume: dict, cfg: TrainConfig, log: Callable[[str], None], picked: bool) -> int:
@@ -185,18 +251,19 @@ def restore(run: Run, resume: dict, cfg: TrainConfig, log: Callable[[str], None]
 def train_epoch(run: Run, data: TrainInput, stage: Stage, epoch: int, cfg: TrainConfig, comm: Comm,
                 steps: int) -> dict:
     """One epoch of `steps` steps on every rank; returns its metrics (the same on every rank)."""
-    method, model, opt, device = run.method, run.model, run.opt, data.sample.device
+    method, model, opt, device = run.method, trainee(run.model), run.opt, data.sample.device
     t0 = time.perf_counter()
-    events = method.start_stage(stage, model, data.sample, comm) if epoch == stage.start else {}
-    method.start_epoch(stage, epoch, model, data.sample, comm)
+    sample = features_of(run.model, data.sample)  # a fine-tuned backbone's features of the held images, this epoch
+    events = method.start_stage(stage, model, sample, comm) if epoch == stage.start else {}
+    method.start_epoch(stage, epoch, model, sample, comm)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss_sum, bad = torch.zeros((), device=device), torch.zeros((), device=device)
     for x_u8, idx in data.batches(epoch, steps, max(1, cfg.batch_size // comm.world), cfg.seed, comm.rank):
         with autocast:
-            loss = method.loss(stage, model, to_float(x_u8), idx)
+            loss = method.loss(stage, model, run.features(to_float(x_u8)), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        comm.average_gradients(model)
+        run.average_gradients(comm)
         opt.step()
         loss_sum += loss.detach().float()
         bad += (~torch.isfinite(loss.detach())).float()
@@ -219,7 +286,7 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
     picked = resume is None and cfg.restarts > 1
     if picked:
         resume = best_start(data, cfg, comm, device, log)
-    run = new_run(cfg, data.channels, data.side, device)
+    run = new_run(cfg, *data.image_shape, device)
     if resume is None:
         return run, 0
     start = restore(run, resume, cfg, log, picked)
@@ -232,12 +299,26 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
 
 def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: EpochCallback | None) -> None:
     """The method's end-of-run step (k-means on the codes, NMM's normalisers), then the finished checkpoint."""
-    final = run.method.finish(run.model, data.sample, comm)
-    check_collapsed(run.model.eval(), data.sample, run.spec["config"]["k"], comm)
+    sample = features_of(run.model, data.sample)
+    final = run.method.finish(trainee(run.model), sample, comm)
+    check_collapsed(run.model.eval(), sample, run.spec["config"]["k"], comm)
     if on_epoch is not None:
         metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
                    "resumed_from": run.resumed_from, **final}
         on_epoch(total - 1, metrics, lambda: run.state(total - 1, finished=True))
+
+
+def on_features(data: TrainInput, cfg: TrainConfig) -> TrainInput:
+    """A frozen backbone's run trains on features: those of the cache already, else computed here once from images
+    held in memory (the Python API's path; the jobs read the cache)."""
+    if not cfg.frozen_backbone or is_features(data.sample):
+        return data
+    if data.streamed:
+        raise ValueError(f"train.encoder={cfg.encoder} is frozen (train.backbone_lr=0) and its images stream: compute "
+                         "their features once with `dicl features`, and train on that cache")
+    backbone = pretrained(cfg.encoder, cfg.backbone_size, cfg.weights).to(data.sample.device).eval()
+    feats = embed_all(backbone, data.sample, fn=backbone)
+    return MemoryInput.of_features(feats.cpu().numpy(), data.image_shape, data.sample.device, data.sample_labels)
 
 
 def fit(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm = Comm(), device: torch.device | str = "cpu",
@@ -251,10 +332,11 @@ def fit(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm = Comm(), de
     its epoch. `until`: stop after that many epochs, before the method's end-of-run step (a start being tried).
     """
     device = torch.device(device)
-    data = as_input(data, device)
+    data = on_features(as_input(data, device), cfg)
     if data.n == 0:
         raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
     run, start = start_run(data, cfg, comm, device, resume, log)
+    use_ddp(run, cfg, comm)
     stages = run.method.stages()
     total = stages[-1].end if stages else 0
     end = total if until is None else min(until, total)
@@ -315,7 +397,8 @@ def try_start(data: TrainInput, start: TrainConfig, epochs: int, comm: Comm, dev
             kept.update(copy.deepcopy(state_fn()))
 
     model = fit(data, start, comm, device, on_epoch=keep, log=lambda s: None, until=epochs)
-    build_method(start, data.channels, data.side).finish(model, data.sample, comm)
+    method, inner, x = method_on(model, start, data.sample)
+    method.finish(inner, x, comm)
     return kept, model
 
 

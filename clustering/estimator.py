@@ -147,6 +147,16 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         probs, z = predict_all(self.model_, device_images(x, self.device_), batch_size)
         return probs.float().cpu().numpy(), z.float().cpu().numpy()
 
+    def posteriors_of_features(self, features: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """`posteriors` of images given by their features (N, D) from the backbone of a model that has one (the
+        feature cache's)."""
+        self._check_fitted()
+        if not hasattr(self.model_, "backbone"):
+            raise ValueError("this model has no pretrained backbone: give it images, not features")
+        x = torch.from_numpy(np.asarray(features, np.float32))[:, :, None, None].to(self.device_)
+        probs, z = predict_all(self.model_, x, batch_size)
+        return probs.float().cpu().numpy(), z.float().cpu().numpy()
+
     def predict_proba(self, images: Any) -> np.ndarray:
         return self.posteriors(images)[0]
 

@@ -89,16 +89,18 @@ class LabelFreeScores:
       caller gives the views' clusters.
     """
 
-    def __init__(self, images: np.ndarray, sample: int = 10_000, neighbours: int = 10, seed: int = 0):
-        """images: uint8 (N, H, W, C), scored in pixel space; or float features (N, D) of a learnt representation,
-        L2-normalised here so that their neighbours are the nearest by cosine, as SimCLR compares them."""
+    def __init__(self, images: np.ndarray, sample: int = 10_000, neighbours: int = 10, seed: int = 0,
+                 space: str = "representation"):
+        """images: uint8 (N, H, W, C), scored in pixel space; or float features (N, D) of a learnt representation
+        or of a pretrained backbone (`space` names which), L2-normalised here so that their neighbours are the
+        nearest by cosine, as SimCLR compares them."""
         self.neighbours = neighbours
         self.index = sample_index(len(images), sample, seed)
         points = images[self.index].reshape(len(self.index), -1).astype(np.float32)
         if images.dtype == np.uint8:
             self.space, self.points = "pixels", points / 255.0  # (S, H*W*C)
         else:
-            self.space, self.points = "representation", points / np.maximum(
+            self.space, self.points = space, points / np.maximum(
                 np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
         self._graph: np.ndarray | None = None
 

@@ -6,6 +6,7 @@ key=value overrides.
   dicl shard configs/demo.yaml "shard.source=s3://bucket/laion/{00000..00099}.tar"   index tars in place
   dicl train configs/demo.yaml train.k=12 train.num_workers=2
   dicl tune configs/demo.yaml "tune.space={k: [8, 10, 12]}"   one trial per value; picked without labels
+  dicl features configs/pretrained.yaml          a frozen backbone's features of every image, once (the cache)
   dicl label configs/demo.yaml                    label every shard (label.checkpoint empty: the latest run)
   dicl predict RUN_OR_CHECKPOINT photos/ a.jpg s3://bucket/tars/   new images, in this process (no Ray)
   dicl config [configs/demo.yaml] [key=value]     every key: its value, default and meaning
@@ -35,6 +36,9 @@ COMMANDS = {
              ("tune", "train")),
     "train": ("train a deep clustering model with Ray Train on train.num_workers workers; prints its checkpoint",
               ("train",)),
+    "features": ("compute a frozen pretrained backbone's (train.encoder) features of every shard once, into the feature "
+                 "cache train.features (Ray Data, with the label job's pool settings); train, tune and label read it",
+                 ("train", "label")),
     "label": ("label every shard with a finished run (Ray Data), one Parquet part per shard, then _SUCCESS.json",
               ("label",)),
     "predict": ("label new images with a run or checkpoint, in this process: files, folders, s3:// prefixes or "
@@ -179,6 +183,10 @@ def run_on_ray(ns: argparse.Namespace, cfg) -> None:
         from .tune import format_table, run_tune
 
         print(format_table(run_tune(cfg)))
+    elif ns.command == "features":
+        from .features import describe, run_features
+
+        print(describe(run_features(cfg.train, cfg.label, progress=progress), cfg.train.feature_cache))
     elif ns.command == "label":
         from .label import describe, run_label
 

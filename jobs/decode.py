@@ -19,3 +19,15 @@ def decode_shard(batch: dict, mode: str, side: int) -> dict:
     return {"shard": np.array([uri]), "name": np.array([name]), "index": np.array([int(batch["index"][0])]),
             "keys": np.array([json.dumps(data.keys)]), "sources": np.array([json.dumps(data.sources)]),
             "skipped": np.array([json.dumps(data.skipped)]), "images": data.images[None]}
+
+
+def read_cached(batch: dict, base: str) -> dict:
+    """A Ray Data task: one shard's part of the feature cache -> the row `decode_shard` gives, its features (N, D)
+    in place of its images (the label job of a frozen backbone's run)."""
+    from clustering.data import features
+
+    index = int(batch["index"][0])
+    part = features.read_part(base, index, ("key", "source", "features"))
+    return {"shard": batch["shard"], "name": batch["name"], "index": np.array([index]),
+            "keys": np.array([json.dumps(part["key"])]), "sources": np.array([json.dumps(part["source"])]),
+            "skipped": np.array([json.dumps(part["skipped"])]), "images": part["features"][None]}

@@ -14,13 +14,13 @@ import ray
 import torch
 from tqdm import tqdm
 
-from clustering import lease
-from clustering.data import assignments, shards, storage
+from clustering import engine, lease
+from clustering.data import assignments, features, shards, storage
 from clustering import checkpoints
-from clustering.config import LabelConfig
+from clustering.config import LabelConfig, TrainConfig
 from clustering.estimator import DeepClusterer
 
-from .decode import decode_shard
+from .decode import decode_shard, read_cached
 from .runtime import check_resources, chunks, want_gpu
 
 
@@ -42,7 +42,9 @@ class ShardLabeler:
             keys, skipped = json.loads(str(keys)), json.loads(str(skipped))
             if len(set(keys)) != len(keys):  # unique within a shard; the manifest holds them unique across shards
                 raise RuntimeError(f"{uri} holds a key twice: re-run dicl shard, which refuses such a corpus")
-            if len(keys):
+            if len(keys) and images.ndim == 2:  # a frozen backbone's features, from the cache
+                probs, z = self.model.posteriors_of_features(np.ascontiguousarray(images), self.cfg.batch_size)
+            elif len(keys):
                 probs, z = self.model.posteriors(np.ascontiguousarray(images), self.cfg.batch_size)
             else:  # every image of the shard was skipped: its part still says so
                 probs, z = np.zeros((0, self.writer["k"]), np.float32), np.zeros((0, 1), np.float32)
@@ -54,7 +56,7 @@ class ShardLabeler:
 
 
 def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, cfg: LabelConfig, gpu: bool,
-                 writer: dict, progress: bool = False) -> None:
+                 writer: dict, progress: bool = False, cache: str | None = None) -> None:
     """Two Ray Data stages: CPU tasks decode whole shards (at most `label.decoders` at once; Ray Data's streaming
     executor bounds the queue between the stages), and an actor pool holding the model labels them, a shard at a
     time in batches of label.batch_size, so the device waits on no decoding."""
@@ -69,8 +71,11 @@ def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, 
     # the actors.
     biggest = max(manifest["shards"], key=lambda s: s["samples"])
     memory = 250 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2)
-    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
-                        fn_kwargs={"mode": mode, "side": side})
+    if cache:  # a frozen backbone's run, whose features of these shards are cached: read them, decode nothing
+        ds = ds.map_batches(read_cached, batch_size=1, num_cpus=1, concurrency=cfg.decoders, fn_kwargs={"base": cache})
+    else:
+        ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
+                            fn_kwargs={"mode": mode, "side": side})
     ds = ds.map_batches(
         ShardLabeler, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
         num_gpus=1 if gpu else 0, num_cpus=0 if gpu else cfg.cpus_per_actor,
@@ -151,6 +156,27 @@ def complete(cfg: LabelConfig, manifest: dict, writer: dict) -> dict:
     return total
 
 
+def feature_cache(state: dict, manifest: dict, shards_uri: str) -> str | None:
+    """A feature cache of these shards by the run's frozen backbone (the run's train.features, or the one beside
+    these shards), whose fingerprint matches the checkpoint's backbone; None: decode the images."""
+    spec = state["spec"]
+    cfg = TrainConfig(**spec["config"])
+    if not cfg.frozen_backbone:
+        return None
+    backbone = None
+    for base in dict.fromkeys([cfg.feature_cache, storage.join(shards_uri, "features")]):
+        cache = features.read_manifest(base)
+        if cache is None or cache["content_hash"] != manifest["content_hash"]:
+            continue
+        if backbone is None:
+            _, model = engine.build_from_spec(spec)
+            model.load_state_dict(state["model"])
+            backbone = model.backbone
+        if backbone.fingerprint(spec["channels"], spec["side"]) == cache["fingerprint"]:
+            return base
+    return None
+
+
 def input_warnings(spec: dict, manifest: dict) -> list[str]:
     """What the summary should say when the corpus is not what the model was trained on."""
     side, channels = shards.corpus_side(manifest), manifest["image"]["channels"]
@@ -186,7 +212,10 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
     if todo:
         check_resources(f"label ({cfg.actors} actors)", {"GPU": 1} if gpu else {"CPU": cfg.cpus_per_actor},
                         min(cfg.actors, len(todo)))
-        label_shards(todo, manifest, checkpoint, spec, cfg, gpu, writer, progress)
+        cache = feature_cache(state, manifest, cfg.shards)
+        if cache:
+            print(f"label: reading the run's backbone's features from the cache {cache}: no image is decoded")
+        label_shards(todo, manifest, checkpoint, spec, cfg, gpu, writer, progress, cache)
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     total = complete(cfg, manifest, writer)

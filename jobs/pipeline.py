@@ -11,6 +11,7 @@ from clustering.data import shards, storage
 from clustering.config import PipelineConfig, trial_config
 from clustering.estimator import DeepClusterer
 
+from .features import describe as features_line, run_features
 from .label import run_label
 from .shard import describe, run_shard
 from .train import run_train
@@ -25,13 +26,18 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True) -> dict:
 
 def stages(cfg: PipelineConfig, progress: bool) -> dict:
     t0 = time.perf_counter()
-    steps = 5 if cfg.tune.space else 4
+    cached = cfg.train.frozen_backbone
+    steps = 4 + bool(cfg.tune.space) + cached
     print(f"[1/{steps}] shard {cfg.shard.source} -> {cfg.shard.output}", flush=True)
     manifest = run_shard(cfg.shard, progress=progress)
     print(describe(manifest, cfg.shard.output), flush=True)
 
+    if cached:
+        print(f"[2/{steps}] features of {cfg.train.encoder} -> {cfg.train.feature_cache}", flush=True)
+        print(features_line(run_features(cfg.train, cfg.label, progress=progress), cfg.train.feature_cache), flush=True)
+
     if cfg.tune.space:
-        print(f"[2/{steps}] tune {', '.join(sorted(cfg.tune.space))} without labels ({cfg.tune.metric})", flush=True)
+        print(f"[{2 + cached}/{steps}] tune {', '.join(sorted(cfg.tune.space))} without labels ({cfg.tune.metric})", flush=True)
         tuned = run_tune(cfg)
         print(format_table(tuned), flush=True)
         cfg = cfg.model_copy(update={"train": trial_config(cfg.train, tuned["best"])})

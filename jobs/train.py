@@ -27,6 +27,7 @@ from clustering.checkpoints import CHECKPOINT_FILE
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 
+from .features import check_cache
 from .progress import poster, training_lines
 from .signals import resume_with
 from .runtime import check_resources, ray_train_environment, remote_uri, train_storage, want_gpu
@@ -86,6 +87,8 @@ def check_run(cfg: TrainConfig, manifest: dict) -> None:
             f"{len(manifest['shards'])} shards for {cfg.num_workers} workers: every worker needs a shard. "
             "Lower train.num_workers or re-shard with a smaller shard.samples_per_shard."
         )
+    if cfg.frozen_backbone:
+        check_cache(cfg, manifest)  # its features are the run's input: computed by this backbone, from these shards
     n = min(cfg.sample or manifest["num_samples"], manifest["num_samples"])
     if cfg.k > n:
         raise ValueError(f"train.k={cfg.k} is more than the {n:,} images training would see: a clustering needs "

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import shards
+from . import features, shards
 from ..comm import Comm
 from ..config import TrainConfig
 
@@ -58,6 +58,15 @@ class MemoryInput:
         self.n, self.channels, self.side = n, c, h
         self.sample = device_images(images, device)  # (N, C, H, W): every image, so statistics are exact
         self.sample_labels = labels if labels is not None else np.full(n, -1, np.int64)
+        self.image_shape = (c, h)  # (channels, side) of the images the model takes (features: of their images)
+
+    @classmethod
+    def of_features(cls, features: np.ndarray, image_shape: tuple[int, int], device: torch.device | str,
+                    labels: np.ndarray | None = None) -> "MemoryInput":
+        """A backbone's features (N, D) of images of `image_shape` (channels, side), held as (N, D, 1, 1)."""
+        data = cls(features[:, None, None, :], device, labels)
+        data.image_shape = image_shape
+        return data
 
     def batches(self, epoch: int, steps: int, batch: int, seed: int, rank: int) -> Iterator[tuple]:
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
@@ -167,6 +176,7 @@ class StreamInput:
         self.workers = min(workers, len(plan.uris))
         self.buffer = max(1, min(buffer // max(1, self.workers), plan.local_n // max(1, self.workers)))
         self.n, self.channels, self.side = plan.local_n, sample.images.shape[-1], plan.side
+        self.image_shape = (self.channels, self.side)
         self.sample = device_images(sample.images, device)
         self.sample_labels = sample.labels
         self.stream, self.key = None, None
@@ -212,6 +222,8 @@ def open_input(cfg: TrainConfig, manifest: dict, comm: Comm, device: torch.devic
     """The rank's input by train.input. Under `auto` every rank streams when any rank's decoded images would
     exceed the budget, so that all ranks run the same code."""
     device = torch.device(device)
+    if cfg.frozen_backbone:
+        return open_features(cfg, comm, device, log)
     plan = plan_rank(cfg, manifest, comm.rank, comm.world)
     if plan.local_n == 0:
         raise ValueError(f"rank {comm.rank} has no images: use at least as many shards as workers"
@@ -231,6 +243,18 @@ def open_input(cfg: TrainConfig, manifest: dict, comm: Comm, device: torch.devic
     log(f"[rank {comm.rank}/{comm.world}] input stream: {what}; {workers} loader processes, statistics on "
         f"{len(sample.keys):,} sampled images")
     return StreamInput(plan, sample, device, workers, cfg.shuffle_buffer)
+
+
+def open_features(cfg: TrainConfig, comm: Comm, device: torch.device, log: Callable[[str], None]) -> MemoryInput:
+    """A frozen backbone's run: the rank's features from the feature cache (checked against the run's backbone by
+    the job's driver, `jobs.features.check_cache`), held on the device."""
+    cache = features.read_manifest(cfg.feature_cache)
+    if cache is None:
+        raise features.CacheMismatch(f"no feature cache at {cfg.feature_cache}: run `dicl features` first")
+    x = features.load_rank(cfg.feature_cache, cache, comm.rank, comm.world, cfg.sample, cfg.sample_seed)
+    log(f"[rank {comm.rank}/{comm.world}] input features: {len(x):,} of {cache['rows']:,} images x {cache['dim']} "
+        f"from the cache {cfg.feature_cache}")
+    return MemoryInput.of_features(x, (cache["channels"], cache["side"]), device)
 
 
 def as_input(data, device: torch.device | str) -> TrainInput:

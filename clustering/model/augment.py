@@ -110,9 +110,19 @@ def simclr_view(x: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(random_grayscale(hue_jitter(color_jitter(x, 0.4, 0.8), 0.1, 0.8)))
 
 
-def view_for(channels: int, strength: str = "clustering"):
+def feature_view(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
+    """A view of backbone features (B, D, 1, 1): dropout of a fraction p of the dimensions (rescaled). Pixels are
+    gone once features are cached; what two views should agree on is then the features that survive."""
+    keep = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype)
+    return x * keep / (1 - p)
+
+
+def view_for(channels: int, strength: str = "clustering", side: int | None = None):
     """The augmentation of a method: 'clustering' (the views its clustering objective compares) or
-    'representation' (full-strength SimCLR for colour images, to learn features that ignore colour and layout)."""
+    'representation' (full-strength SimCLR for colour images, to learn features that ignore colour and layout).
+    Inputs of side 1 are a backbone's features: `feature_view` either way."""
+    if side == 1:
+        return feature_view
     if channels == 1:
         return digits_view
     return simclr_view if strength == "representation" else rgb_view

@@ -108,6 +108,28 @@ class ConvNet(Trunk):
         )
 
 
+class MLPNet(Trunk):
+    """MLP trunk over a backbone's features (D-channel 1x1 inputs) -> `out_dim` outputs: the heads that the methods
+    built on frozen pretrained features train (TEMI's and TURTLE's are of this kind)."""
+
+    def __init__(self, channels: int, out_dim: int, hidden: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim),
+        )
+
+
+def trunk(encoder: str, channels: int, side: int, out_dim: int, conv_widths: tuple[int, int]) -> Trunk:
+    """The classifier trunk of `train.encoder` for inputs (channels, side, side): an MLP over features (side 1),
+    the CIFAR ResNet-18, or the small conv net."""
+    if side == 1:
+        return MLPNet(channels, out_dim)
+    if encoder == "resnet18":
+        return ResNet18(channels, out_dim)
+    return ConvNet(channels, side, out_dim, conv_widths)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()

@@ -57,7 +57,7 @@ class AEKMeansSettings(AESettings):
 
 
 def build_autoencoder(s: AESettings, encoder: str, channels: int, side: int) -> nn.Module:
-    if encoder == "mlp":
+    if encoder == "mlp" or side == 1:  # side 1: a backbone's features
         return MLPAutoencoder(channels, side, s.code_dim, s.mlp_widths)
     return ConvAutoencoder(channels, side, s.code_dim, s.ae_widths)
 
@@ -82,7 +82,7 @@ class AEClustering(Recipe):
 
     def __init__(self, cfg, channels: int, side: int):
         super().__init__(cfg, channels, side)
-        self.view = view_for(channels)
+        self.view = view_for(channels, side=side)
         self.targets: torch.Tensor | None = None  # (N_local, K): P of the held rows, fixed between refreshes
         self.freq: torch.Tensor | None = None  # (K,) f_j of the last refresh, over every rank's images (or sample)
 

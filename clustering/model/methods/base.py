@@ -15,6 +15,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # train.encoder values this method can build; None: it builds no encoder (the setting does not apply)
     encoders: ClassVar[tuple[str, ...] | None] = ("conv",)
+    # whether the method can cluster a pretrained backbone's features (train.encoder=torchvision:NAME)
+    on_features: ClassVar[bool] = True
 
 
 class TrainSettings(Protocol):
@@ -62,8 +64,9 @@ def predict_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> tu
     return model.head.predict_proba(z), z
 
 
-def to_float(x_u8: torch.Tensor) -> torch.Tensor:
-    return x_u8.float().div_(255.0)
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as floats in 0..1; features (a backbone's, from the cache) as they are."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 class Recipe:

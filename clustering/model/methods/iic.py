@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from ..augment import view_for
-from ..encoders import ConvNet, ResNet18, Trunk
+from ..encoders import Trunk, trunk
 from ..heads import SoftmaxHead
 from ...schedule import Stage, make_stages
 from .base import Clusterer, Recipe, Settings
@@ -58,13 +58,11 @@ class IIC(Recipe):
 
     def __init__(self, cfg, channels: int, side: int):
         super().__init__(cfg, channels, side)
-        self.view = view_for(channels)
+        self.view = view_for(channels, side=side)
 
     def build(self) -> IICNet:
         c = self.cfg
-        if c.encoder == "resnet18":
-            return IICNet(ResNet18(self.channels, c.k))
-        return IICNet(ConvNet(self.channels, self.side, c.k, c.method.conv_widths))
+        return IICNet(trunk(c.encoder, self.channels, self.side, c.k, c.method.conv_widths))
 
     def stages(self) -> list[Stage]:
         return make_stages(mi=self.cfg.joint_epochs)

@@ -13,7 +13,7 @@ from .. import losses
 from .. import neighbours as nbrs
 from ..augment import view_for
 from ...comm import Comm
-from ..encoders import ConvNet, ResNet18, Trunk
+from ..encoders import Trunk, trunk
 from ..heads import MixtureHead
 from ...schedule import Stage, make_stages
 from .base import Clusterer, Recipe, Settings, embed_all, predict_all
@@ -114,8 +114,8 @@ class NMM(Recipe):
 
     def __init__(self, cfg, channels: int, side: int):
         super().__init__(cfg, channels, side)
-        self.view = view_for(channels)
-        self.strong_view = view_for(channels, "representation")  # the representation stage's: SimCLR's in full
+        self.view = view_for(channels, side=side)
+        self.strong_view = view_for(channels, "representation", side)  # the representation stage's: SimCLR's in full
         self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours
         self.bank: torch.Tensor | None = None  # (N, K) every image's posterior at the start of the epoch (all ranks)
         self.own: torch.Tensor | None = None  # (N_local, K) the same for this rank's images
@@ -124,10 +124,7 @@ class NMM(Recipe):
 
     def build(self) -> MixtureNet:
         c, s = self.cfg, self.cfg.method
-        if c.encoder == "resnet18":
-            net = ResNet18(self.channels, c.k * s.heads + s.over_k)
-        else:
-            net = ConvNet(self.channels, self.side, c.k * s.heads + s.over_k, s.conv_widths)
+        net = trunk(c.encoder, self.channels, self.side, c.k * s.heads + s.over_k, s.conv_widths)
         projected = s.instance_weight or s.contrast_epochs
         return MixtureNet(net, MixtureHead(c.k, s.heads), PROJECTION_DIM if projected else 0)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,6 +18,7 @@ from .base import Clusterer, Recipe, Settings
 
 class VCSettings(Settings):
     name: Literal["vc"] = "vc"
+    on_features: ClassVar = False  # its Bernoulli decoder models pixels in 0..1
     consistency_weight: float = Field(1.0, ge=0, description="weight of two-view consistency on q(y|x) (0 = the "
                                       "ELBO and balance term on the images alone)")
     balance_weight: float = Field(1.5, ge=0, description="weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
