@@ -180,21 +180,62 @@ def add_composition(views: dict[int, ClusterView], output: str, shards_uri: str,
     return matrix
 
 
-def embedding_chart(codes: np.ndarray, clusters: np.ndarray) -> str:
-    """The images' embeddings on their first two principal components, coloured by cluster."""
+def projection(codes: np.ndarray) -> np.ndarray:
+    """(N, 2): the embeddings on their first two principal components."""
     from sklearn.decomposition import PCA
 
-    xy = PCA(2, random_state=0).fit_transform(codes) if codes.shape[1] > 2 else codes
-    fig, ax = plt.subplots(figsize=(6, 5))
-    cmap = plt.get_cmap("tab20" if clusters.max() >= 10 else "tab10")
-    for c in np.unique(clusters):
-        m = clusters == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(int(c) % cmap.N), label=str(c), alpha=0.7)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    if len(np.unique(clusters)) <= 20:
-        ax.legend(markerscale=3, fontsize=7, ncol=2, title="cluster", loc="best")
-    return figure_png(fig)
+    return PCA(2, random_state=0).fit_transform(codes) if codes.shape[1] > 2 else codes
+
+
+def embedding_map(codes: np.ndarray, clusters: np.ndarray, confidence: np.ndarray, keys: list[str],
+                  images: np.ndarray) -> str:
+    """An interactive map (Bokeh, its script inline: one offline file) of the images' embeddings on their first two
+    principal components, coloured by cluster: hovering a point shows its image, key, cluster and confidence;
+    clicking one shows only its cluster's section below (clicking the background shows all again)."""
+    from bokeh.document import Document
+    from bokeh.embed import components
+    from bokeh.models import ColumnDataSource, CustomJS, HoverTool, TapTool
+    from bokeh.palettes import Category10_10, Category20_20
+    from bokeh.plotting import figure
+
+    xy = projection(codes)
+    palette = Category10_10 if clusters.max() < 10 else Category20_20
+    source = ColumnDataSource({
+        "x": xy[:, 0], "y": xy[:, 1], "cluster": clusters.astype(int), "confidence": confidence.round(3),
+        "key": list(keys), "colour": [palette[int(c) % len(palette)] for c in clusters],
+        "image": ["data:image/png;base64," + thumbnail(small(im)) for im in images]})
+    fig = figure(width=640, height=480, tools="pan,wheel_zoom,box_zoom,reset,tap", x_axis_label="PC 1",
+                 y_axis_label="PC 2", name="embedding-map")
+    fig.scatter("x", "y", source=source, color="colour", size=6, alpha=0.7, nonselection_alpha=0.15)
+    fig.add_tools(HoverTool(tooltips="""<div><img src="@image" width="48" height="48"
+        style="image-rendering:pixelated"><br>@key<br>cluster @cluster, confidence @confidence</div>"""))
+    show_cluster = CustomJS(args={"source": source}, code="""
+        const picked = source.selected.indices.map(i => String(source.data.cluster[i]));
+        for (const s of document.querySelectorAll('section.cluster'))
+            s.style.display = picked.length === 0 || picked.includes(s.dataset.cluster) ? '' : 'none';""")
+    source.selected.js_on_change("indices", show_cluster)
+    fig.select_one(TapTool).behavior = "select"
+    doc = Document()  # once BokehJS has drawn the map, the page's body says so (what a headless browser can read)
+    doc.add_root(fig)
+    doc.js_on_event("document_ready", CustomJS(code="document.body.dataset.mapDrawn = 'yes';"))
+    script, div = components(fig)
+    return div + script
+
+
+def small(img: np.ndarray, side: int = 32) -> np.ndarray:
+    """An image at most `side` pixels wide, for the map's tooltips (2,000 of them stay a few MB)."""
+    if img.shape[0] <= side:
+        return img
+    im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).resize((side, side), Image.BILINEAR)
+    out = np.asarray(im)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def bokeh_js() -> str:
+    """BokehJS, inline: the page needs no network to draw its map."""
+    from bokeh.resources import INLINE
+
+    return INLINE.render_js()
 
 
 def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
@@ -253,7 +294,7 @@ class Report:
     run: dict  # method, k, run name, image_size: what was trained
     history: list[dict] = field(default_factory=list)
     policy: str | None = None  # policy_chart's PNG
-    embedding: str | None = None  # embedding_chart's PNG
+    embedding: str | None = None  # embedding_map's HTML
     confusion: pd.DataFrame | None = None
     trials: dict | None = None  # the tune job's trials.json
 
@@ -333,7 +374,7 @@ def render(r: Report) -> str:
             + "</section>")
     run = r.run
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Clustering report: {html.escape(str(run.get('run')))}</title>
-<style>{STYLE}</style></head><body><h1>Clustering report</h1>
+<style>{STYLE}</style>{bokeh_js() if r.embedding else ''}</head><body><h1>Clustering report</h1>
 <p><b>{s['rows']:,}</b> images in <b>{len(r.clusters)}</b> clusters by <b>{html.escape(str(run.get('method')))}</b>
 (k={run.get('k')}, run {html.escape(str(run.get('run')))}, images at {run.get('image_size')}x{run.get('image_size')}).
 On a seeded sample of {s['sample_rows']:,} images ({s['sample_shards']} shards), which the pictures below show too:
@@ -343,7 +384,7 @@ mean confidence {s['mean_confidence']:.3f}; modularity on the images' nearest-ne
 <p>Assignments: <code>{html.escape(run.get('assignments', ''))}</code>; checkpoint:
 <code>{html.escape(run.get('checkpoint', ''))}</code>.</p>
 <h2>Cluster sizes</h2>{img(sizes_chart(s['cluster_sizes']), 'cluster sizes')}
-{'<h2>Embedding</h2><p>Embeddings of up to 2,000 images drawn at random (seeded) from the sampled shards, on their first two principal components.</p>' + img(r.embedding, 'embedding') if r.embedding else ''}
+{'<h2>Embedding</h2><p>Embeddings of up to 2,000 images drawn at random (seeded) from the sampled shards, on their first two principal components. Hover a point for its image; click one to show only its cluster below (click the background to show all).</p>' + r.embedding if r.embedding else ''}
 {'<h2>Clusters against the labels</h2>' + confusion_html(r.confusion) if r.confusion is not None else ''}
 {'<h2>Tune trials</h2>' + trials_html(r.trials) if r.trials else ''}
 {'<h2>Training loss</h2>' + img(curve_chart(r.history), 'loss') if r.history else ''}

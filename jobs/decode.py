@@ -10,6 +10,14 @@ import numpy as np
 from clustering.data import shards
 
 
+def decode_memory(manifest: dict, channels: int, side: int) -> int:
+    """The memory a decode task asks for, with Ray Data's 25% headroom: a worker process (~200 MiB with its imports,
+    measured on MNIST: this module keeps torch out) and its shard twice, read and decoded. It schedules where that
+    fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into the actors."""
+    biggest = max(manifest["shards"], key=lambda s: s["samples"])
+    return 250 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * channels * side ** 2)
+
+
 def decode_shard(batch: dict, mode: str, side: int) -> dict:
     """A Ray Data task on a CPU: one shard (checked against its manifest entry's sha256 or fingerprint) -> one row
     with its keys, the sources its images came from, the images that did not decode, and its images by the input

@@ -22,7 +22,7 @@ from clustering.data.inputs import device_images
 from clustering.model.backbones import pretrained
 from clustering.model.methods import embed_all
 
-from .decode import decode_shard
+from .decode import decode_memory, decode_shard
 from .runtime import check_resources, want_gpu
 
 
@@ -77,13 +77,13 @@ class FeatureWriter:
 
 def write_features(todo: list[dict], manifest: dict, cfg: TrainConfig, pool: LabelConfig, gpu: bool,
                    progress: bool) -> None:
-    mode, side, _ = image_policy(cfg, manifest)
+    mode, side, channels = image_policy(cfg, manifest)
     ray.data.DataContext.get_current().raise_original_map_exception = True
     rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
              "check": json.dumps(shards.check_of(e))} for e in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(todo))
-    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, concurrency=pool.decoders,
-                        fn_kwargs={"mode": mode, "side": side})
+    ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=decode_memory(manifest, channels, side),
+                        concurrency=pool.decoders, fn_kwargs={"mode": mode, "side": side})
     ds = ds.map_batches(
         FeatureWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(pool.actors, len(todo))),
         num_gpus=1 if gpu else 0, num_cpus=0 if gpu else pool.cpus_per_actor,

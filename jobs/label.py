@@ -20,7 +20,7 @@ from clustering import checkpoints
 from clustering.config import LabelConfig, TrainConfig
 from clustering.estimator import DeepClusterer
 
-from .decode import decode_shard, read_cached
+from .decode import decode_memory, decode_shard, read_cached
 from .runtime import check_resources, chunks, want_gpu
 
 
@@ -65,12 +65,7 @@ def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, 
     rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
              "check": json.dumps(shards.check_of(e))} for e in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(todo))
-    # A decode task asks for the memory it uses, with Ray Data's 25% headroom: a worker process (~200 MiB with its
-    # imports, measured on MNIST: jobs.decode keeps torch out) and its shard twice, read and decoded. It schedules
-    # where that fits, and the request (which the actors do not make) keeps Ray Data from fusing the decoding into
-    # the actors.
-    biggest = max(manifest["shards"], key=lambda s: s["samples"])
-    memory = 250 * 2**20 + 2 * (biggest["bytes"] + biggest["samples"] * spec["channels"] * side ** 2)
+    memory = decode_memory(manifest, spec["channels"], side)
     if cache:  # a frozen backbone's run, whose features of these shards are cached: read them, decode nothing
         ds = ds.map_batches(read_cached, batch_size=1, num_cpus=1, concurrency=cfg.decoders, fn_kwargs={"base": cache})
     else:

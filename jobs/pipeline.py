@@ -73,7 +73,8 @@ def write_report(cfg: PipelineConfig, trained, trials: dict | None, embedded: in
     run = {"method": model.method, "k": model.config_.k, "run": trained.name, "image_size": model.image_size_,
            "assignments": report.shown(output, cfg.work_dir), "checkpoint": report.shown(trained.checkpoint, cfg.work_dir)}
     page = report.Report(summary, views, run, model.history_, report.policy_chart(shards_uri, mode, side),
-                         report.embedding_chart(codes, probs.argmax(1)), confusion, trials)
+                         report.embedding_map(codes, probs.argmax(1), probs.max(1), [seen.data.keys[i] for i in drawn],
+                                              seen.data.images[drawn]), confusion, trials)
     return summary, report.write(storage.join(cfg.work_dir, "report"), page)
 
 

@@ -66,7 +66,8 @@ class Sections(HTMLParser):
 def test_the_report_shows_each_cluster_its_labels_and_the_trials_and_names_no_local_path(page):
     work, summary, uri = page
     text = open(uri).read()
-    assert str(work) not in text and "<pre>" not in text  # no absolute local path, no raw JSON
+    shown = re.sub(r"<script.*?</script>", "", text, flags=re.S)  # the page less BokehJS and the map's data
+    assert str(work) not in text and "<pre>" not in shown  # no absolute local path, no raw JSON
     assert "Tune trials" in text and "stopped at epoch 3" in text and "Clusters against the labels" in text
     assert "Embedding" in text and "least confident" in text and "digits/000" in text  # keys under the thumbnails
     parsed = Sections()
@@ -76,6 +77,11 @@ def test_the_report_shows_each_cluster_its_labels_and_the_trials_and_names_no_lo
     # clusters named by their dominant label, each picture with its true label, the sources on hover
     assert re.search(r"Cluster \d+: [\d,]+ images \(mostly \d \(\d+%\)\)", text) and "<br>label " in text
     assert 'title="sklearn:digits#' in text
+    # the interactive map: BokehJS inline (no network), a point per drawn image with its key and thumbnail for the
+    # tooltip, and the click that filters the cluster sections
+    assert "embedding-map" in text and "@image" in text and "querySelectorAll(" in text and "section.cluster" in text
+    assert not re.search(r'<script[^>]+src="https?:', text) and "Bokeh" in text
+    assert len(re.findall(r"data:image/png;base64", text)) > 1000  # the map's tooltips, beside the grids' images
 
 
 def test_the_report_renders_in_headless_chromium_with_one_grid_per_cluster(page, tmp_path):
@@ -88,6 +94,7 @@ def test_the_report_renders_in_headless_chromium_with_one_grid_per_cluster(page,
     parsed = Sections()
     parsed.feed(dom)
     assert sorted(parsed.clusters) == sorted(summary["cluster_sizes"]) and all(n >= 1 for n in parsed.clusters.values())
+    assert 'data-map-drawn="yes"' in dom  # BokehJS ran and drew the embedding map
     shot = tmp_path / "page.png"
     subprocess.run(run + [f"--screenshot={shot}", "--window-size=1200,2000", f"file://{uri}"], capture_output=True,
                    timeout=120)
