@@ -7,6 +7,7 @@ waits forever on a collective, and dataset-level statistics read the input's `sa
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -229,7 +230,11 @@ def use_ddp(run: Run, cfg: TrainConfig, comm: Comm) -> None:
 
     if (isinstance(run.model, WithBackbone) and cfg.backbone_lr > 0 and cfg.gradients == "ddp" and comm.world > 1
             and dist.is_available() and dist.is_initialized()):
-        run.ddp = torch.nn.parallel.DistributedDataParallel(run.model.backbone, broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        # The backbone's buffers (batch-norm statistics, in eval mode) never change: no syncing at each forward.
+        # torch >= 2.13 names that forward_sync_buffers; broadcast_buffers before.
+        quiet = "forward_sync_buffers" in inspect.signature(ddp).parameters
+        run.ddp = ddp(run.model.backbone, **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
 
 
 def restore(run: Run, resume: dict, cfg: TrainConfig, log: Callable[[str], None], picked: bool) -> int:
