@@ -63,20 +63,21 @@ class FeatureWriter:
         self.backbone = pretrained(self.cfg.encoder, self.cfg.backbone_size, self.cfg.weights).to(self.device).eval()
 
     def __call__(self, batch: dict) -> dict:
-        rows = []
+        rows, skips = [], []
         for index, keys, sources, skipped, images in zip(batch["index"], batch["keys"], batch["sources"],
                                                          batch["skipped"], batch["images"]):
-            keys = json.loads(str(keys))
+            keys, skipped = json.loads(str(keys)), json.loads(str(skipped))
             x = device_images(np.ascontiguousarray(images), self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
                 feats = embed_all(self.backbone, x, self.batch_size, fn=self.backbone).cpu().numpy()
-            rows.append(features.write_part(self.base, int(index), keys, json.loads(str(sources)), feats,
-                                            json.loads(str(skipped))))
-        return {"index": batch["index"], "rows": np.array(rows)}
+            rows.append(features.write_part(self.base, int(index), keys, json.loads(str(sources)), feats, skipped))
+            skips.append(len(skipped))
+        return {"index": batch["index"], "rows": np.array(rows), "skipped": np.array(skips)}
 
 
 def write_features(todo: list[dict], manifest: dict, cfg: TrainConfig, pool: LabelConfig, gpu: bool,
-                   progress: bool) -> None:
+                   progress: bool) -> dict[int, tuple[int, int]]:
+    """Every shard's part of the cache; returns {part index: (rows, skipped images)}, as the actors report them."""
     mode, side, channels = image_policy(cfg, manifest)
     ray.data.DataContext.get_current().raise_original_map_exception = True
     rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
@@ -89,10 +90,13 @@ def write_features(todo: list[dict], manifest: dict, cfg: TrainConfig, pool: Lab
         num_gpus=1 if gpu else 0, num_cpus=0 if gpu else pool.cpus_per_actor,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "base": cfg.feature_cache, "gpu": gpu,
                                "batch_size": pool.batch_size, "threads": pool.cpus_per_actor})
+    written = {}
     with tqdm(total=sum(e["samples"] for e in todo), desc="features", unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
         for done in ds.iter_batches(batch_size=None):
-            bar.update(int(np.sum(done["rows"])))
+            written.update({int(i): (int(r), int(k)) for i, r, k in zip(done["index"], done["rows"], done["skipped"])})
+            bar.update(int(np.sum(done["rows"]) + np.sum(done["skipped"])))
+    return written
 
 
 def run_features(cfg: TrainConfig, pool: LabelConfig, progress: bool = False) -> dict:
@@ -111,17 +115,12 @@ def run_features(cfg: TrainConfig, pool: LabelConfig, progress: bool = False) ->
     check_resources(f"features ({pool.actors} actors)", {"GPU": 1} if gpu else {"CPU": pool.cpus_per_actor},
                     min(pool.actors, len(manifest["shards"])))
     with lease.hold(base, "dicl features"):
-        write_features(manifest["shards"], manifest, cfg, pool, gpu, progress)
-        parts = []
-        for e in manifest["shards"]:
-            index = shards.part_index(e)
-            part = features.read_part(base, index, ())
-            parts.append({"index": index, "name": e["name"], "rows": e["samples"] - len(part["skipped"]),
-                          "skipped": len(part["skipped"])})
+        written = write_features(manifest["shards"], manifest, cfg, pool, gpu, progress)
+        parts = [{"index": i, "name": e["name"], "rows": written[i][0], "skipped": written[i][1]}
+                 for e in manifest["shards"] for i in [shards.part_index(e)]]
         cache = {"encoder": cfg.encoder, "weights": cfg.weights, "backbone_size": cfg.backbone_size,
                  "fingerprint": fp, "content_hash": manifest["content_hash"], "channels": channels, "side": side,
-                 "dim": dim,
-                 "rows": sum(p["rows"] for p in parts), "parts": parts,
+                 "dim": dim, "rows": sum(p["rows"] for p in parts), "parts": parts,
                  "seconds": round(time.perf_counter() - t0, 1)}
         features.write_manifest(base, cache)
     return {**cache, "reused": False}

@@ -154,3 +154,20 @@ def test_ddp_and_the_flat_all_reduce_give_the_same_weights_on_two_workers(tmp_pa
     for name in learnt:
         assert torch.allclose(runs["ddp", 0][name], runs["ddp", 1][name], atol=1e-6), name
         assert torch.allclose(runs["ddp", 0][name], runs["flat", 0][name], atol=1e-5), name
+
+
+def test_ranks_read_their_parts_of_the_cache_and_train_sample_draws_across_all(tmp_path):
+    base = str(tmp_path / "features")
+    rows = {0: 5, 1: 7, 2: 4}
+    for index, n in rows.items():  # part i holds the features i*100 + row, so each row says where it came from
+        features.write_part(base, index, [f"k{index}-{r}" for r in range(n)], [""] * n,
+                            np.array([[index * 100 + r, 0.0] for r in range(n)], np.float32), skipped=["bad"] * index)
+    cache = {"dim": 2, "parts": [{"index": i, "rows": n} for i, n in rows.items()]}
+    assert features.read_part(base, 2, ("key",)) == {"key": ["k2-0", "k2-1", "k2-2", "k2-3"], "skipped": ["bad"] * 2}
+    whole = [features.load_rank(base, cache, r, 2)[:, 0] for r in (0, 1)]
+    assert sorted(np.concatenate(whole)) == sorted(i * 100 + r for i, n in rows.items() for r in range(n))
+    assert set(whole[1] // 100) == {1}  # parts round-robin: rank 1 has part 1
+    drawn = [features.load_rank(base, cache, r, 2, n=6, seed=3)[:, 0] for r in (0, 1)]
+    assert sum(map(len, drawn)) == 6 and not set(drawn[0]) & set(drawn[1])
+    again = [features.load_rank(base, cache, r, 2, n=6, seed=3)[:, 0] for r in (0, 1)]
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, again))  # every trial draws the same sample
