@@ -23,6 +23,7 @@ from clustering.model.backbones import pretrained
 from clustering.model.methods import embed_all
 
 from .decode import decode_memory, decode_shard
+from .progress import native_lines_to_log
 from .runtime import check_resources, want_gpu
 
 
@@ -91,8 +92,8 @@ def write_features(todo: list[dict], manifest: dict, cfg: TrainConfig, pool: Lab
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "base": cfg.feature_cache, "gpu": gpu,
                                "batch_size": pool.batch_size, "threads": pool.cpus_per_actor})
     written = {}
-    with tqdm(total=sum(e["samples"] for e in todo), desc="features", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with native_lines_to_log() as terminal, tqdm(total=sum(e["samples"] for e in todo), desc="features", unit="img",
+                                                  disable=not progress, dynamic_ncols=True, file=terminal) as bar:
         for done in ds.iter_batches(batch_size=None):
             written.update({int(i): (int(r), int(k)) for i, r, k in zip(done["index"], done["rows"], done["skipped"])})
             bar.update(int(np.sum(done["rows"]) + np.sum(done["skipped"])))

@@ -21,6 +21,7 @@ from clustering.config import LabelConfig, TrainConfig
 from clustering.estimator import DeepClusterer
 
 from .decode import decode_memory, decode_shard, read_cached
+from .progress import native_lines_to_log
 from .runtime import check_resources, chunks, want_gpu
 
 
@@ -77,8 +78,8 @@ def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, 
         fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu,
                                "writer": writer},
     )
-    with tqdm(total=sum(e["samples"] for e in todo), desc="label", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with native_lines_to_log() as terminal, tqdm(total=sum(e["samples"] for e in todo), desc="label", unit="img",
+                                                  disable=not progress, dynamic_ncols=True, file=terminal) as bar:
         for done in ds.iter_batches(batch_size=None):  # one block a shard, as the actors finish them
             bar.update(int(np.sum(done["rows"])))
 

@@ -8,15 +8,18 @@ the driver drains, so they print once, beside a bar of epochs done.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 import ray
 from tqdm import tqdm
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+QUIET = {"log": None}  # the command's log file, where Ray's own output goes unless -v (set by runtime.init_ray)
 
 
 def ray_logs_to_file(path: str) -> None:
@@ -30,6 +33,28 @@ def ray_logs_to_file(path: str) -> None:
                 log.removeHandler(h)
         log.addHandler(handler)
         log.propagate = False
+
+
+@contextmanager
+def native_lines_to_log() -> Iterator[TextIO]:
+    """While Ray Data runs a job's actor pool, the process's fd 2, where Ray's C++ core worker writes (e.g. the
+    "constructor arguments in the object store" line of ray#53727, at every pool's start), goes to the command's log
+    file; yields the terminal's stderr for our bar. Without a log file (-v) everything stays on the terminal."""
+    if not QUIET["log"]:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    with open(QUIET["log"], "a") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield terminal
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
 
 
 def session_logs() -> str | None:

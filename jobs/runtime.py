@@ -12,7 +12,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from clustering.data import storage
 
-from .progress import ray_logs_to_file
+from .progress import QUIET, ray_logs_to_file
 from .signals import terminate_as_interrupt
 
 
@@ -38,6 +38,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet_into
         os.environ["RAY_ADDRESS"] = address  # one signal of a joined cluster, which check_resources reads too
     if quiet_into:
         ray_logs_to_file(quiet_into)
+        QUIET["log"] = quiet_into
     kwargs = {"log_to_driver": not quiet_into, "logging_level": logging.WARNING if quiet_into else logging.INFO}
     if os.environ.get("RAY_ADDRESS"):
         join_cluster(kwargs)
