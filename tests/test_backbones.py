@@ -50,6 +50,17 @@ def test_weights_load_from_a_file_and_a_file_of_another_net_is_refused(weights, 
         pretrained("torchvision:resnet7", 32, "")
 
 
+def test_a_timm_backbone_takes_its_own_state_dict_and_the_estimator_clusters_on_it(tmp_path):
+    source = pretrained("timm:resnet18", 16, "")
+    torch.save(source.net.state_dict(), tmp_path / "timm.pt")
+    backbone = pretrained("timm:resnet18", 16, str(tmp_path / "timm.pt"))
+    assert torch.equal(backbone.net.conv1.weight, source.net.conv1.weight) and backbone.out_dim == 512
+    x = digits_u8(200)
+    est = DeepClusterer("kmeans", n_clusters=5, encoder="timm:resnet18", weights=str(tmp_path / "timm.pt"),
+                        backbone_size=16).fit(x)
+    assert len(set(est.predict(x))) == 5
+
+
 def test_the_fingerprint_follows_the_weights_and_the_input_policy(weights, tmp_path):
     torch.save(resnet18_state(1), tmp_path / "other.pt")
     one = pretrained("torchvision:resnet18", 32, weights)
