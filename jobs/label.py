@@ -66,9 +66,10 @@ def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, 
     rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
              "check": json.dumps(shards.check_of(e))} for e in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(todo))
-    memory = decode_memory(manifest, spec["channels"], side)
+    memory = decode_memory(manifest, spec["channels"], side)  # also keeps each stage apart from the actors
     if cache:  # a frozen backbone's run, whose features of these shards are cached: read them, decode nothing
-        ds = ds.map_batches(read_cached, batch_size=1, num_cpus=1, concurrency=cfg.decoders, fn_kwargs={"base": cache})
+        ds = ds.map_batches(read_cached, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
+                            fn_kwargs={"base": cache})
     else:
         ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
                             fn_kwargs={"mode": mode, "side": side})

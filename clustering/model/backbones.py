@@ -56,7 +56,7 @@ def architecture(encoder: str, hub: bool = False) -> tuple[nn.Module, int, tuple
     the hub's pretrained weights when `hub` (which downloads them), else random ones."""
     library, _, name = encoder.partition(":")
     if library == "timm":
-        import_torchvision()  # timm imports torchvision: through the CPU-build fix below
+        import_torchvision()  # timm imports torchvision: first through the CPU-build fix
         try:
             import timm
         except ImportError:
