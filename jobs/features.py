@@ -24,7 +24,7 @@ from clustering.model.methods import embed_all
 
 from .decode import decode_memory, decode_shard
 from .progress import native_lines_to_log
-from .runtime import check_resources, want_gpu
+from .runtime import check_pool_leaves_a_cpu, check_resources, want_gpu
 
 
 def image_policy(cfg: TrainConfig, manifest: dict) -> tuple[str, int, int]:
@@ -113,8 +113,10 @@ def run_features(cfg: TrainConfig, pool: LabelConfig, progress: bool = False) ->
         return {**features.check(base, existing, fp, manifest), "reused": True}
     _, side, channels = image_policy(cfg, manifest)
     gpu = want_gpu(pool.use_gpu)
-    check_resources(f"features ({pool.actors} actors)", {"GPU": 1} if gpu else {"CPU": pool.cpus_per_actor},
-                    min(pool.actors, len(manifest["shards"])))
+    actors = min(pool.actors, len(manifest["shards"]))
+    check_resources(f"features ({pool.actors} actors)", {"GPU": 1} if gpu else {"CPU": pool.cpus_per_actor}, actors)
+    if not gpu:
+        check_pool_leaves_a_cpu("features", actors, pool.cpus_per_actor)
     with lease.hold(base, "dicl features"):
         written = write_features(manifest["shards"], manifest, cfg, pool, gpu, progress)
         parts = [{"index": i, "name": e["name"], "rows": written[i][0], "skipped": written[i][1]}

@@ -22,7 +22,7 @@ from clustering.estimator import DeepClusterer
 
 from .decode import decode_memory, decode_shard, read_cached
 from .progress import native_lines_to_log
-from .runtime import check_resources, chunks, want_gpu
+from .runtime import check_pool_leaves_a_cpu, check_resources, chunks, want_gpu
 
 
 class ShardLabeler:
@@ -209,6 +209,8 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
     if todo:
         check_resources(f"label ({cfg.actors} actors)", {"GPU": 1} if gpu else {"CPU": cfg.cpus_per_actor},
                         min(cfg.actors, len(todo)))
+        if not gpu:
+            check_pool_leaves_a_cpu("label", min(cfg.actors, len(todo)), cfg.cpus_per_actor)
         cache = feature_cache(state, manifest, cfg.shards)
         if cache:
             print(f"label: reading the run's backbone's features from the cache {cache}: no image is decoded")

@@ -155,6 +155,17 @@ def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: flo
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
+def check_pool_leaves_a_cpu(what: str, actors: int, cpus_per_actor: int) -> None:
+    """A Ray Data actor pool on CPUs must leave a CPU for the tasks that feed it (decoding shards): on a private Ray,
+    which cannot grow, a pool that takes every CPU would wait for them forever. A joined cluster can add a node."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    total = sum(node.get("CPU", 0) for node in alive_node_resources())
+    if actors * cpus_per_actor >= total:
+        raise ResourceError(f"{what}: {actors} actor(s) x {cpus_per_actor} CPUs would take all {total:g} CPUs, and the "
+                            "tasks that read the shards need one: lower label.cpus_per_actor or label.actors")
+
+
 @contextlib.contextmanager
 def credentials_out_of_runtime_envs() -> Iterator[None]:
     """Ray Tune copies AWS_* credentials from the driver's environment into every trial's runtime_env, and Ray writes

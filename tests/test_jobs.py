@@ -266,3 +266,16 @@ def test_the_private_ray_listens_on_loopback_only(ray_local):
     sockets = listening_sockets(descendants(os.getpid()))
     assert len(sockets) >= 3, sockets  # the GCS, the raylet, the object manager at least
     assert {address for address, _ in sockets} <= {"127.0.0.1", "::ffff:127.0.0.1"}, sockets
+
+
+def test_an_actor_pool_that_would_leave_no_cpu_for_decoding_is_refused(ray_local, monkeypatch):
+    """On a private Ray of 2 CPUs, one labelling actor of 2 CPUs would wait forever for the decoding tasks that feed
+    it (it did: `dicl label label.cpus_per_actor=2 --num-cpus 2` hung); it is refused, naming the keys to lower."""
+    from jobs.runtime import ResourceError, alive_node_resources, check_pool_leaves_a_cpu
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    total = sum(node.get("CPU", 0) for node in alive_node_resources())
+    assert total >= 2
+    check_pool_leaves_a_cpu("label", 1, int(total) - 1)
+    with pytest.raises(ResourceError, match="lower label.cpus_per_actor or label.actors"):
+        check_pool_leaves_a_cpu("label", 1, int(total))
