@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .model.augment import view_for
-from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, pretrained
+from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, load_pretrained, pretrained
 from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import MemoryInput, TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
@@ -205,8 +205,8 @@ def new_run(cfg: TrainConfig, channels: int, side: int, device: torch.device) ->
     spec = model_spec(cfg, channels, side)
     torch.manual_seed(cfg.seed)  # the same seed on every rank gives every rank the same initial weights
     method, model = build_from_spec(spec)
-    if isinstance(model, WithBackbone):
-        model.backbone = pretrained(cfg.encoder, cfg.backbone_size, cfg.weights)
+    if isinstance(model, WithBackbone):  # the backbone build_from_spec made, with its pretrained weights
+        load_pretrained(model.backbone, cfg.weights)
         model.backbone.requires_grad_(cfg.backbone_lr > 0)
     model.to(device)
     if device.type == "cuda":

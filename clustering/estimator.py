@@ -143,9 +143,7 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def posteriors(self, images: Any, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """(cluster posteriors (N, k), embeddings (N, D)) in one forward pass."""
         self._check_fitted()
-        x = self.pixels(images)
-        probs, z = predict_all(self.model_, device_images(x, self.device_), batch_size)
-        return probs.float().cpu().numpy(), z.float().cpu().numpy()
+        return self._posteriors(device_images(self.pixels(images), self.device_), batch_size)
 
     def posteriors_of_features(self, features: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """`posteriors` of images given by their features (N, D) from the backbone of a model that has one (the
@@ -153,7 +151,10 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         self._check_fitted()
         if not hasattr(self.model_, "backbone"):
             raise ValueError("this model has no pretrained backbone: give it images, not features")
-        x = torch.from_numpy(np.asarray(features, np.float32))[:, :, None, None].to(self.device_)
+        return self._posteriors(torch.from_numpy(np.asarray(features, np.float32))[:, :, None, None].to(self.device_),
+                                batch_size)
+
+    def _posteriors(self, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         probs, z = predict_all(self.model_, x, batch_size)
         return probs.float().cpu().numpy(), z.float().cpu().numpy()
 

@@ -10,6 +10,12 @@ import numpy as np
 from clustering.data import shards
 
 
+def shard_rows(base: str, entries: list[dict]) -> list[dict]:
+    """One row per shard, as `decode_shard` and `read_cached` take them: its URI, name, part index and check."""
+    return [{"shard": shards.shard_uri(base, e), "name": e["name"], "index": shards.part_index(e),
+             "check": json.dumps(shards.check_of(e))} for e in entries]
+
+
 def decode_memory(manifest: dict, channels: int, side: int) -> int:
     """The memory a decode task asks for, with Ray Data's 25% headroom: a worker process (~200 MiB with its imports,
     measured on MNIST: this module keeps torch out) and its shard twice, read and decoded. It schedules where that

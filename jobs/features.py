@@ -13,7 +13,6 @@ import time
 import numpy as np
 import ray
 import torch
-from tqdm import tqdm
 
 from clustering import lease
 from clustering.config import LabelConfig, TrainConfig
@@ -22,9 +21,9 @@ from clustering.data.inputs import device_images
 from clustering.model.backbones import pretrained
 from clustering.model.methods import embed_all
 
-from .decode import decode_memory, decode_shard
-from .progress import native_lines_to_log
-from .runtime import check_pool_leaves_a_cpu, check_resources, want_gpu
+from .decode import decode_memory, decode_shard, shard_rows
+from .progress import pool_bar
+from .runtime import check_pool, want_gpu
 
 
 def image_policy(cfg: TrainConfig, manifest: dict) -> tuple[str, int, int]:
@@ -81,9 +80,7 @@ def write_features(todo: list[dict], manifest: dict, cfg: TrainConfig, pool: Lab
     """Every shard's part of the cache; returns {part index: (rows, skipped images)}, as the actors report them."""
     mode, side, channels = image_policy(cfg, manifest)
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
-             "check": json.dumps(shards.check_of(e))} for e in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(todo))
+    ds = ray.data.from_items(shard_rows(cfg.shards, todo), override_num_blocks=len(todo))
     ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=1, memory=decode_memory(manifest, channels, side),
                         concurrency=pool.decoders, fn_kwargs={"mode": mode, "side": side})
     ds = ds.map_batches(
@@ -92,8 +89,7 @@ def write_features(todo: list[dict], manifest: dict, cfg: TrainConfig, pool: Lab
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "base": cfg.feature_cache, "gpu": gpu,
                                "batch_size": pool.batch_size, "threads": pool.cpus_per_actor})
     written = {}
-    with native_lines_to_log() as terminal, tqdm(total=sum(e["samples"] for e in todo), desc="features", unit="img",
-                                                  disable=not progress, dynamic_ncols=True, file=terminal) as bar:
+    with pool_bar(sum(e["samples"] for e in todo), "features", progress) as bar:
         for done in ds.iter_batches(batch_size=None):
             written.update({int(i): (int(r), int(k)) for i, r, k in zip(done["index"], done["rows"], done["skipped"])})
             bar.update(int(np.sum(done["rows"]) + np.sum(done["skipped"])))
@@ -113,10 +109,7 @@ def run_features(cfg: TrainConfig, pool: LabelConfig, progress: bool = False) ->
         return {**features.check(base, existing, fp, manifest), "reused": True}
     _, side, channels = image_policy(cfg, manifest)
     gpu = want_gpu(pool.use_gpu)
-    actors = min(pool.actors, len(manifest["shards"]))
-    check_resources(f"features ({pool.actors} actors)", {"GPU": 1} if gpu else {"CPU": pool.cpus_per_actor}, actors)
-    if not gpu:
-        check_pool_leaves_a_cpu("features", actors, pool.cpus_per_actor)
+    check_pool("features", min(pool.actors, len(manifest["shards"])), pool.cpus_per_actor, gpu)
     with lease.hold(base, "dicl features"):
         written = write_features(manifest["shards"], manifest, cfg, pool, gpu, progress)
         parts = [{"index": i, "name": e["name"], "rows": written[i][0], "skipped": written[i][1]}

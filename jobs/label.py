@@ -12,7 +12,6 @@ import uuid
 import numpy as np
 import ray
 import torch
-from tqdm import tqdm
 
 from clustering import engine, lease
 from clustering.data import assignments, features, shards, storage
@@ -20,9 +19,9 @@ from clustering import checkpoints
 from clustering.config import LabelConfig, TrainConfig
 from clustering.estimator import DeepClusterer
 
-from .decode import decode_memory, decode_shard, read_cached
-from .progress import native_lines_to_log
-from .runtime import check_pool_leaves_a_cpu, check_resources, chunks, want_gpu
+from .decode import decode_memory, decode_shard, read_cached, shard_rows
+from .progress import pool_bar
+from .runtime import check_pool, chunks, want_gpu
 
 
 class ShardLabeler:
@@ -63,9 +62,7 @@ def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, 
     time in batches of label.batch_size, so the device waits on no decoding."""
     mode, side = shards.image_spec(manifest, spec["side"], spec["channels"])  # the policy at the model's input
     ray.data.DataContext.get_current().raise_original_map_exception = True  # a StaleShard, not "UDF failed"
-    rows = [{"shard": shards.shard_uri(cfg.shards, e), "name": e["name"], "index": shards.part_index(e),
-             "check": json.dumps(shards.check_of(e))} for e in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=len(todo))
+    ds = ray.data.from_items(shard_rows(cfg.shards, todo), override_num_blocks=len(todo))
     memory = decode_memory(manifest, spec["channels"], side)  # also keeps each stage apart from the actors
     if cache:  # a frozen backbone's run, whose features of these shards are cached: read them, decode nothing
         ds = ds.map_batches(read_cached, batch_size=1, num_cpus=1, memory=memory, concurrency=cfg.decoders,
@@ -79,8 +76,7 @@ def label_shards(todo: list[dict], manifest: dict, checkpoint: str, spec: dict, 
         fn_constructor_kwargs={"checkpoint": checkpoint, "cfg": cfg.model_dump(mode="json"), "gpu": gpu,
                                "writer": writer},
     )
-    with native_lines_to_log() as terminal, tqdm(total=sum(e["samples"] for e in todo), desc="label", unit="img",
-                                                  disable=not progress, dynamic_ncols=True, file=terminal) as bar:
+    with pool_bar(sum(e["samples"] for e in todo), "label", progress) as bar:
         for done in ds.iter_batches(batch_size=None):  # one block a shard, as the actors finish them
             bar.update(int(np.sum(done["rows"])))
 
@@ -207,10 +203,7 @@ def label_corpus(cfg: LabelConfig, checkpoint: str, state: dict, manifest: dict,
     t0 = time.perf_counter()
     gpu = want_gpu(cfg.use_gpu)
     if todo:
-        check_resources(f"label ({cfg.actors} actors)", {"GPU": 1} if gpu else {"CPU": cfg.cpus_per_actor},
-                        min(cfg.actors, len(todo)))
-        if not gpu:
-            check_pool_leaves_a_cpu("label", min(cfg.actors, len(todo)), cfg.cpus_per_actor)
+        check_pool("label", min(cfg.actors, len(todo)), cfg.cpus_per_actor, gpu)
         cache = feature_cache(state, manifest, cfg.shards)
         if cache:
             print(f"label: reading the run's backbone's features from the cache {cache}: no image is decoded")

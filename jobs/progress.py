@@ -57,6 +57,15 @@ def native_lines_to_log() -> Iterator[TextIO]:
         terminal.close()
 
 
+@contextmanager
+def pool_bar(total: int, desc: str, show: bool) -> Iterator[tqdm]:
+    """The bar of a job's actor pool (label, features): images done, on the terminal, while Ray's native lines go to
+    the log (`native_lines_to_log`)."""
+    with native_lines_to_log() as terminal, tqdm(total=total, desc=desc, unit="img", disable=not show,
+                                                  dynamic_ncols=True, file=terminal) as bar:
+        yield bar
+
+
 def session_logs() -> str | None:
     """The folder of this Ray session's logs (every worker's output), where this process can see it."""
     try:

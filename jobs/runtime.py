@@ -155,10 +155,12 @@ def check_resources(what: str, bundle: dict[str, float], count: int, wait_s: flo
         time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-def check_pool_leaves_a_cpu(what: str, actors: int, cpus_per_actor: int) -> None:
-    """A Ray Data actor pool on CPUs must leave a CPU for the tasks that feed it (decoding shards): on a private Ray,
-    which cannot grow, a pool that takes every CPU would wait for them forever. A joined cluster can add a node."""
-    if os.environ.get("RAY_ADDRESS"):
+def check_pool(what: str, actors: int, cpus_per_actor: int, gpu: bool) -> None:
+    """A Ray Data actor pool (label, features) can be placed: a GPU per actor, or `cpus_per_actor` CPUs each and, on
+    a private Ray, which cannot grow, a CPU left for the tasks that feed it (decoding shards): a pool that took every
+    CPU would wait for them forever. A joined cluster can add a node."""
+    check_resources(f"{what} ({actors} actors)", {"GPU": 1} if gpu else {"CPU": cpus_per_actor}, actors)
+    if gpu or os.environ.get("RAY_ADDRESS"):
         return
     total = sum(node.get("CPU", 0) for node in alive_node_resources())
     if actors * cpus_per_actor >= total:

@@ -271,11 +271,11 @@ def test_the_private_ray_listens_on_loopback_only(ray_local):
 def test_an_actor_pool_that_would_leave_no_cpu_for_decoding_is_refused(ray_local, monkeypatch):
     """On a private Ray of 2 CPUs, one labelling actor of 2 CPUs would wait forever for the decoding tasks that feed
     it (it did: `dicl label label.cpus_per_actor=2 --num-cpus 2` hung); it is refused, naming the keys to lower."""
-    from jobs.runtime import ResourceError, alive_node_resources, check_pool_leaves_a_cpu
+    from jobs.runtime import ResourceError, alive_node_resources, check_pool
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     total = sum(node.get("CPU", 0) for node in alive_node_resources())
     assert total >= 2
-    check_pool_leaves_a_cpu("label", 1, int(total) - 1)
+    check_pool("label", 1, int(total) - 1, gpu=False)
     with pytest.raises(ResourceError, match="lower label.cpus_per_actor or label.actors"):
-        check_pool_leaves_a_cpu("label", 1, int(total))
+        check_pool("label", 1, int(total), gpu=False)

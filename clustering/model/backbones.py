@@ -144,12 +144,19 @@ def load_weights(backbone: Backbone, source: str) -> None:
     backbone.net.load_state_dict({k: v for k, v in state.items() if k in own})
 
 
-def pretrained(encoder: str, size: int, weights: str) -> Backbone:
-    """The backbone with its pretrained weights: `hub` (downloads them: needs network access), a file or an s3://
-    URI; empty keeps random weights."""
-    backbone = Backbone(encoder, size, hub=weights == "hub")
-    if weights and weights != "hub":
+def load_pretrained(backbone: Backbone, weights: str) -> None:
+    """Put a backbone's pretrained weights into it: `hub` (downloads them: needs network access), a file or an s3://
+    URI; empty keeps the weights it has."""
+    if weights == "hub":
+        backbone.net.load_state_dict(architecture(backbone.encoder, hub=True)[0].state_dict())
+    elif weights:
         load_weights(backbone, weights)
+
+
+def pretrained(encoder: str, size: int, weights: str) -> Backbone:
+    """A new backbone with its pretrained weights (`load_pretrained`): built with the hub's, or loaded."""
+    backbone = Backbone(encoder, size, hub=weights == "hub")
+    load_pretrained(backbone, "" if weights == "hub" else weights)
     return backbone
 
 
