@@ -107,12 +107,13 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     seconds_before = resume.get("seconds", 0.0) if resume else 0.0
     callbacks = [score_along(x, labels, eval_every, along) if eval_every else None,
                  keep_checkpoint(checkpoint, cfg.checkpoint_every, along, t0, seconds_before) if checkpoint else None]
-    picks: dict = {}  # with train.restarts > 1: each start's cluster evenness and the one picked
+    picks: dict = {}  # with train.restarts > 1: each start's modularity and evenness, and the one picked
 
     def note_pick(epoch: int, info: dict, state_fn) -> None:
         if "start_picked" in info:
-            picks.update(start_evenness=info["start_evenness"], start_picked=info["start_picked"])
-            print(f"    starts' cluster evenness {info['start_evenness']}: continuing start {info['start_picked'] + 1}",
+            picks.update(start_modularity=info["start_modularity"], start_evenness=info["start_evenness"],
+                         start_picked=info["start_picked"])
+            print(f"    starts' modularity {info['start_modularity']}: continuing start {info['start_picked'] + 1}",
                   flush=True)
 
     callbacks = [c for c in callbacks if c is not None] + [note_pick]

@@ -138,9 +138,10 @@ class TrainConfig(Strict):
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
     lr: float = Field(1e-3, gt=0, description="Adam's learning rate")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
-                                               "restart_epochs epochs each and continue the one whose clusters are "
-                                               "the most even (label-free; early merges leave one cluster twice "
-                                               "the size of the rest)")
+                                               "restart_epochs epochs each and continue the one whose clusters have "
+                                               "the highest modularity on the images' neighbour graph times the "
+                                               "evenness of their sizes (label-free: a start that split a class "
+                                               "cuts its neighbours' links)")
     restart_epochs: int = Field(5, ge=1, description="epochs each start trains before the pick (restarts > 1)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel; each needs a shard)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker asks for (its threads, and loader processes)")

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from .model.augment import view_for
+from .model.levels import colourful
 from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, load_pretrained, pretrained
 from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import MemoryInput, TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
 from .model.methods import build_method, embed_all, predict_all, to_float
-from .metrics import evenness
+from .metrics import LabelFreeScores, evenness, sample_index
 from .schedule import Stage, stage_at, steps_per_epoch
 
 EpochCallback = Callable[[int, dict, Callable[[], dict]], None]
@@ -62,8 +63,11 @@ def check_collapsed(model: torch.nn.Module, images: torch.Tensor, k: int, comm: 
                        "train.name.")
 
 
-def model_spec(cfg: TrainConfig, channels: int, side: int) -> dict:
-    return {"method": cfg.method.name, "channels": channels, "side": side, "config": cfg.model_dump(mode="json")}
+def model_spec(cfg: TrainConfig, channels: int, side: int, colour: bool = True) -> dict:
+    """What a checkpoint needs to rebuild its model: the config and the input (channels, side, and whether its
+    colour is content, `levels.colourful`, which chose the views)."""
+    return {"method": cfg.method.name, "channels": channels, "side": side, "colour": colour,
+            "config": cfg.model_dump(mode="json")}
 
 
 def build_from_spec(spec: dict):
@@ -71,7 +75,7 @@ def build_from_spec(spec: dict):
     method works on its features (D channels, side 1) and the model is a `WithBackbone`."""
     cfg = TrainConfig(**spec["config"])
     if not is_backbone(cfg.encoder):
-        method = build_method(cfg, spec["channels"], spec["side"])
+        method = build_method(cfg, spec["channels"], spec["side"], spec.get("colour", True))
         return method, method.build()
     backbone = Backbone(cfg.encoder, cfg.backbone_size)
     method = build_method(cfg, backbone.out_dim, 1)
@@ -137,8 +141,8 @@ def views_of(x: torch.Tensor, seed: int = 0, batch: int = 4096) -> torch.Tensor:
     """One random view of each uint8 image (N, C, H, W), uint8 again: the methods' augmentation (`view_for`) drawn
     from a fixed seed, so every run is shown the same views (the ground on which `metrics.stability` compares
     runs). The run's random stream is left as it was."""
-    view = view_for(x.shape[1], side=x.shape[-1])
     pixels = x.dtype == torch.uint8  # else features (side 1): views stay floats
+    view = view_for(x.shape[1], side=x.shape[-1], colour=pixels and colourful(x))
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         torch.manual_seed(seed)
         out = [view(to_float(x[i:i + batch])) for i in range(0, len(x), batch)]
@@ -200,9 +204,9 @@ class Run:
         return metrics
 
 
-def new_run(cfg: TrainConfig, channels: int, side: int, device: torch.device) -> Run:
+def new_run(cfg: TrainConfig, channels: int, side: int, device: torch.device, colour: bool = True) -> Run:
     """A run from scratch on images of (channels, side): a pretrained backbone with its weights, the rest random."""
-    spec = model_spec(cfg, channels, side)
+    spec = model_spec(cfg, channels, side, colour)
     torch.manual_seed(cfg.seed)  # the same seed on every rank gives every rank the same initial weights
     method, model = build_from_spec(spec)
     if isinstance(model, WithBackbone):  # the backbone build_from_spec made, with its pretrained weights
@@ -291,12 +295,12 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
     picked = resume is None and cfg.restarts > 1
     if picked:
         resume = best_start(data, cfg, comm, device, log)
-    run = new_run(cfg, *data.image_shape, device)
+    run = new_run(cfg, *data.image_shape, device, colourful(data.sample, comm))
     if resume is None:
         return run, 0
     start = restore(run, resume, cfg, log, picked)
     if picked:  # the pick shows in the metrics of the first epoch after it (and in the checkpoints' history)
-        run.pending = {key: resume["history"][-1][key] for key in ("start_evenness", "start_picked")}
+        run.pending = {key: resume["history"][-1][key] for key in ("start_modularity", "start_evenness", "start_picked")}
     else:
         run.resumed_from = start - 1
     return run, start
@@ -372,6 +376,25 @@ def cluster_evenness(model, images: torch.Tensor, comm: Comm, k: int) -> float:
     return evenness(comm.sum(torch.bincount(pred, minlength=k).float()).cpu().numpy())
 
 
+RESTART_SAMPLE = 5_000  # images, over every rank, on whose neighbour graph each start is scored
+
+
+def start_modularity(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = RESTART_SAMPLE) -> float:
+    """`LabelFreeScores.modularity` of a start's clusters on the neighbour graph of a seeded sample of the images x,
+    gathered from every rank: in the representation where the start learnt one, else in pixels (or a frozen
+    backbone's features), as the tune job scores a trial. Every rank gathers the same rows and scores alike."""
+    per_rank = max(1, most // comm.world)
+    local = x[torch.from_numpy(sample_index(len(x), per_rank, seed=comm.rank)).to(x.device)]
+    clusters = predict_all(model, local)[0].argmax(1)
+    learnt = representation_of(cfg, model, local)
+    points = torch.from_numpy(learnt).to(x.device) if learnt is not None else local.flatten(1)
+    rows = comm.gather(torch.cat([points.float(), clusters[:, None].float()], 1), per_rank).cpu().numpy()
+    points, clusters = rows[:, :-1], rows[:, -1].astype(np.int64)
+    if learnt is None and x.dtype == torch.uint8:
+        points = points.round().astype(np.uint8)  # pixels, which the scores read as such
+    return LabelFreeScores(points, sample=len(points)).modularity(clusters)
+
+
 def check_restarts(cfg: TrainConfig) -> None:
     """A start must train fewer epochs than the whole run, and must end where the run clusters (for NMM after its
     contrastive pretraining): before that, its cluster sizes say nothing."""
@@ -408,23 +431,28 @@ def try_start(data: TrainInput, start: TrainConfig, epochs: int, comm: Comm, dev
 
 
 def best_start(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm, device, log: Callable[[str], None]) -> dict:
-    """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one whose clusters
-    are the most even. No labels: on MNIST a start that merges two digits early keeps one cluster of twice the usual
-    size and splits another digit in two, while its loss is no higher than a good start's (docs/results/HISTORY.md).
-    Every rank trains the same starts and sees the same sums, so all pick the same one."""
+    """Train cfg.restarts starts for cfg.restart_epochs epochs each; return the checkpoint of the one with the highest
+    modularity on the images' neighbour graph (`start_modularity`) times evenness of its cluster sizes. No labels: a
+    start that merges two classes early and splits another has a loss no higher than a good start's
+    (docs/results/HISTORY.md), but its split cuts the neighbours' links. Evenness alone, the rule before, mistook a
+    collection's unequal classes for such a merge; as a factor it only settles near-ties of modularity, which
+    varies far more between starts (benchmarks/starts.py, docs/RESULTS.md). Every rank trains the same starts and
+    scores the same rows, so all pick the same one."""
     check_restarts(cfg)
     data = as_input(data, device)
-    best, picked, scores = None, 0, []  # scores: each start's evenness
+    best, picked, scores, modularity, even = None, 0, [], [], []  # each start's score, and its two factors
     for r in range(cfg.restarts):
         start = start_config(cfg, r)
         kept, model = try_start(data, start, cfg.restart_epochs, comm, device)
-        even = cluster_evenness(model, data.sample, comm, cfg.k)
+        modularity.append(start_modularity(model, start, data.sample, comm))
+        even.append(cluster_evenness(model, data.sample, comm, cfg.k))
+        score = modularity[-1] * even[-1]
         log(f"start {r + 1}/{cfg.restarts} (seed {start.seed}): {cfg.restart_epochs} epochs, loss "
-            f"{kept['history'][-1]['loss']:.5f}, cluster evenness {even:.4f}")
-        if best is None or even > max(scores):
+            f"{kept['history'][-1]['loss']:.5f}, modularity {modularity[-1]:.4f} x cluster evenness {even[-1]:.4f}")
+        if best is None or score > max(scores):
             best, picked = kept, r
-        scores.append(even)
-    best["history"][-1] = {**best["history"][-1], "start_evenness": [round(e, 4) for e in scores],
-                           "start_picked": picked}
-    log(f"continuing start {picked + 1} (the most even clusters)")
+        scores.append(score)
+    best["history"][-1] = {**best["history"][-1], "start_modularity": [round(m, 4) for m in modularity],
+                           "start_evenness": [round(e, 4) for e in even], "start_picked": picked}
+    log(f"continuing start {picked + 1} (the highest modularity x evenness)")
     return best

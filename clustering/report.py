@@ -15,10 +15,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .data import assignments, shards, storage  # noqa: E402
+from .model import levels  # noqa: E402
 from .config import TuneConfig  # noqa: E402
 
 SOURCE_IMAGES = 20_000  # images of the sampled shards the report reads back: pictures, scores and the embedding
@@ -238,9 +240,16 @@ def bokeh_js() -> str:
     return INLINE.render_js()
 
 
+def as_model_sees(image: np.ndarray) -> np.ndarray:
+    """A decoded uint8 image (H, W, C) with its levels stretched, as the model's input is (`model/levels.py`)."""
+    x = levels.pixels_to_input(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    return x.permute(1, 2, 0).mul_(255).round_().to(torch.uint8).numpy()
+
+
 def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
     """Images of the first shard as stored (top) and as the model sees them (bottom): the input policy
-    (shards.POLICY) at the model's side, on as many different shapes as the shard has, up to `count`."""
+    (shards.POLICY, then levels.POLICY) at the model's side, on as many different shapes as the shard has, up to
+    `count`."""
     manifest = shards.read_manifest(shards_uri)
     by_shape: dict = {}
     first = manifest["shards"][0]
@@ -256,7 +265,7 @@ def policy_chart(shards_uri: str, mode: str, side: int, count: int = 6) -> str:
         data = shards.image_of(sample)
         with Image.open(io.BytesIO(data)) as im:
             stored = np.asarray(im.convert(mode))
-        seen = shards.decode_image(data, mode, side)
+        seen = as_model_sees(shards.decode_image(data, mode, side))
         for ax, img in zip(axes[:, i], (stored, seen)):
             ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img, cmap="gray")
             ax.set_title(f"{img.shape[1]}x{img.shape[0]}", fontsize=7)
@@ -388,7 +397,7 @@ mean confidence {s['mean_confidence']:.3f}; modularity on the images' nearest-ne
 {'<h2>Clusters against the labels</h2>' + confusion_html(r.confusion) if r.confusion is not None else ''}
 {'<h2>Tune trials</h2>' + trials_html(r.trials) if r.trials else ''}
 {'<h2>Training loss</h2>' + img(curve_chart(r.history), 'loss') if r.history else ''}
-{f'<h2>Input policy</h2><p>Every image is read the same way: {shards.POLICY}. Stored (top), as the model sees it (bottom):</p>' + img(r.policy, 'policy') if r.policy else ''}
+{f'<h2>Input policy</h2><p>Every image is read the same way: {shards.POLICY}; then {levels.POLICY}. Stored (top), as the model sees it (bottom):</p>' + img(r.policy, 'policy') if r.policy else ''}
 <h2>Clusters</h2><p>Per cluster: its most confident images, then its least confident (the borderline), each with its
 key and confidence.</p>
 {''.join(sections)}

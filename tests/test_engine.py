@@ -131,29 +131,37 @@ class FirstPixelCluster(torch.nn.Module):
         return x.flatten(1)[:, 0]
 
 
+def with_white(first: torch.Tensor) -> torch.Tensor:
+    """Images (N, 1, 1, 2) of the given first pixels and a white second one, which the levels leave as they are."""
+    return torch.stack([first, torch.full_like(first, 255)], 1).view(-1, 1, 1, 2)
+
+
 def test_cluster_evenness_counts_the_models_clusters():
     model = FirstPixelCluster(4)
-    equal = torch.arange(8, dtype=torch.uint8).remainder(4).view(8, 1, 1, 1)
+    equal = with_white(torch.arange(8, dtype=torch.uint8).remainder(4))
     assert engine.cluster_evenness(model, equal, Comm(), 4) == pytest.approx(1.0)
-    uneven = torch.tensor([0, 0, 0, 1], dtype=torch.uint8).view(4, 1, 1, 1)  # sizes 3, 1, 0, 0
+    uneven = with_white(torch.tensor([0, 0, 0, 1], dtype=torch.uint8))  # sizes 3, 1, 0, 0
     assert engine.cluster_evenness(model, uneven, Comm(), 4) == pytest.approx(metrics.evenness([3, 1, 0, 0]))
 
 
-def test_restarts_continue_the_start_with_the_most_even_clusters(digits):
+def test_restarts_continue_the_start_whose_clusters_have_the_highest_modularity_times_evenness(digits):
     images, _ = digits
     cfg = small(method="nmm", joint_epochs=3, restarts=3, restart_epochs=1)
     picked = engine.best_start(images, cfg, Comm(), "cpu", log=lambda s: None)
-    # each start on its own, as a plain run of its seed stopped after one epoch, scored the same way
-    evenness, weights, x = [], [], torch.from_numpy(images).permute(0, 3, 1, 2)
+    # each start on its own, as a plain run of its seed stopped after one epoch, scored on the pixels' graph
+    modularity, evenness, weights, x = [], [], [], torch.from_numpy(images).permute(0, 3, 1, 2)
     for r in range(3):
         start = cfg.model_copy(update={"seed": cfg.seed + engine.RESTART_SEED_STRIDE * r, "restarts": 1})
         model = engine.fit(images, start, log=lambda s: None, until=1)
         weights.append(copy.deepcopy(model.state_dict()))
         NMM(start, 1, 8).finish(model, x, Comm())
-        evenness.append(engine.cluster_evenness(model, x, Comm(), 10))
-    best = int(np.argmax(evenness))
-    assert len(set(np.round(evenness, 4))) == 3  # the starts differ, so the pick means something
+        clusters = predict_all(model, x)[0].argmax(1).numpy()
+        modularity.append(metrics.knn_modularity(images, clusters))
+        evenness.append(metrics.evenness(np.bincount(clusters, minlength=10)))
+    best = int(np.argmax(np.multiply(modularity, evenness)))
+    assert len(set(np.round(modularity, 4))) == 3  # the starts differ, so the pick means something
     assert picked["history"][-1]["start_picked"] == best
+    assert picked["history"][-1]["start_modularity"] == pytest.approx(modularity, abs=1e-4)
     assert picked["history"][-1]["start_evenness"] == pytest.approx(evenness, abs=1e-4)
     for name, value in picked["model"].items():
         torch.testing.assert_close(value.float(), weights[best][name].float())

@@ -95,17 +95,18 @@ def test_modularity_on_representation_neighbours_follows_the_representation_not_
 
 
 def train_on_rank(rank: int, port: int, out: str) -> None:
-    """One of two gloo workers: NMM's whole representation path on its half of 600 digits."""
+    """One of two gloo workers: NMM's whole representation path on its half of 600 digits, from the better of two
+    starts."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         images = digits_source().images[rank * 300:(rank + 1) * 300, ..., None]
         cfg = TrainConfig.of(method="nmm", k=10, joint_epochs=2, batch_size=128, contrast_epochs=2, neighbours=5,
-                             selflabel_epochs=2)
-        losses = []
+                             selflabel_epochs=2, restarts=2, restart_epochs=3)
+        losses, starts = [], []
         model = engine.fit(images, cfg, Comm(rank, 2, dist.all_reduce), log=lambda s: None,
-                           on_epoch=lambda e, m, f: losses.append(m["loss"]))
-        torch.save({"weights": model.state_dict(), "losses": losses}, f"{out}.{rank}")
+                           on_epoch=lambda e, m, f: (losses.append(m["loss"]), starts.append(m.get("start_modularity"))))
+        torch.save({"weights": model.state_dict(), "losses": losses, "starts": [s for s in starts if s]}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -113,10 +114,13 @@ def train_on_rank(rank: int, port: int, out: str) -> None:
 def test_the_representation_path_on_two_workers_keeps_their_weights_equal(tmp_path):
     """Neighbours over both workers' images, the gathered bank read by global id, self-labelling on each worker's
     own posteriors: both workers end with the same weights and head, as averaged gradients from one start must give
-    (batch norm's running statistics are each worker's own, as ever)."""
+    (batch norm's running statistics are each worker's own, as ever). Each start is scored on the representation's
+    neighbour graph of rows gathered from both workers, so both score the starts alike and continue the same one."""
     out = str(tmp_path / "trained")
     mp.start_processes(train_on_rank, args=(free_port(), out), nprocs=2, start_method="spawn")
     a, b = (torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1))
     assert a["losses"] == b["losses"] and all(np.isfinite(a["losses"]))  # the epoch losses are all-reduced
+    assert a["starts"] == b["starts"] and len(a["starts"]) == 1  # reported once, in the first epoch after the pick
+    assert len(a["starts"][0]) == 2 and a["starts"][0][0] != a["starts"][0][1]
     shared = [name for name in a["weights"] if "running_" not in name and "num_batches" not in name]  # batch norm's
     assert all(torch.allclose(a["weights"][name], b["weights"][name]) for name in shared)  # statistics: each worker's

@@ -117,12 +117,14 @@ def feature_view(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
     return x * keep / (1 - p)
 
 
-def view_for(channels: int, strength: str = "clustering", side: int | None = None):
+def view_for(channels: int, strength: str = "clustering", side: int | None = None, colour: bool = True):
     """The augmentation of a method: 'clustering' (the views its clustering objective compares) or
     'representation' (full-strength SimCLR for colour images, to learn features that ignore colour and layout).
-    Inputs of side 1 are a backbone's features: `feature_view` either way."""
+    Inputs of side 1 are a backbone's features: `feature_view` either way. Gray images, and colour images whose
+    colour is only a cast (colour=False, `levels.colourful`), get the gray views: crops, flips and colour jitter
+    are for photographs."""
     if side == 1:
         return feature_view
-    if channels == 1:
+    if channels == 1 or not colour:
         return digits_view
     return simclr_view if strength == "representation" else rgb_view

@@ -13,6 +13,7 @@ import io
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .levels import POLICY as LEVELS
 
 LIBRARIES = ("torchvision", "timm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -108,9 +109,10 @@ class Backbone(nn.Module):
         return self.net((x - self.mean) / self.std).flatten(1)
 
     def fingerprint(self, channels: int, side: int) -> str:
-        """What a feature cache must match: the architecture, the input policy (the images' channels and side, the
-        backbone's size and normalisation) and every weight."""
-        h = hashlib.sha256(f"{self.encoder}|{channels}|{side}|{self.size}|{self.mean.tolist()}|{self.std.tolist()}".encode())
+        """What a feature cache must match: the architecture, the input policy (the images' channels, side and
+        levels, the backbone's size and normalisation) and every weight."""
+        h = hashlib.sha256(f"{self.encoder}|{channels}|{side}|{LEVELS}|{self.size}|{self.mean.tolist()}|"
+                           f"{self.std.tolist()}".encode())
         for key, value in sorted(self.net.state_dict().items()):
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().numpy().tobytes())

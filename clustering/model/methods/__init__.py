@@ -54,8 +54,8 @@ def methods_with(key: str) -> list[str]:
     return [name for name in RECIPES if key in settings_keys(name)]
 
 
-def build_method(cfg, channels: int, side: int) -> Recipe:
-    return RECIPES[cfg.method.name](cfg, channels, side)
+def build_method(cfg, channels: int, side: int, colour: bool = True) -> Recipe:
+    return RECIPES[cfg.method.name](cfg, channels, side, colour)
 
 
 __all__ = ["RECIPES", "DEFAULT_METHOD", "MethodSettings", "Recipe", "Settings", "Clusterer", "ClusterNet",

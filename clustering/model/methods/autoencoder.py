@@ -80,9 +80,9 @@ class AEClustering(Recipe):
     joint: ClassVar[bool] = True
     reconstruct: ClassVar[bool] = True
 
-    def __init__(self, cfg, channels: int, side: int):
-        super().__init__(cfg, channels, side)
-        self.view = view_for(channels, side=side)
+    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
+        super().__init__(cfg, channels, side, colour)
+        self.view = view_for(channels, side=side, colour=self.colour)
         self.targets: torch.Tensor | None = None  # (N_local, K): P of the held rows, fixed between refreshes
         self.freq: torch.Tensor | None = None  # (K,) f_j of the last refresh, over every rank's images (or sample)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...comm import Comm
 from ...schedule import Stage
+from ..levels import pixels_to_input
 
 class Settings(BaseModel):
     """A method's own settings (`train.method.KEY`); `name` selects the method. Unknown keys are refused."""
@@ -65,8 +66,9 @@ def predict_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> tu
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels as floats in 0..1; features (a backbone's, from the cache) as they are."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    """uint8 pixels as the model's input (floats in 0..1, levels stretched: `levels.py`); features (a backbone's,
+    from the cache) as they are."""
+    return pixels_to_input(x) if x.dtype == torch.uint8 else x.float()
 
 
 class Recipe:
@@ -75,8 +77,10 @@ class Recipe:
 
     Settings: ClassVar[type[Settings]]
 
-    def __init__(self, cfg: TrainSettings, channels: int, side: int):
-        self.cfg, self.channels, self.side = cfg, channels, side
+    def __init__(self, cfg: TrainSettings, channels: int, side: int, colour: bool = True):
+        """channels and side: the model's input; colour: whether that input's colour is content (`levels.colourful`),
+        which picks the views (False: the gray images' views, whatever the channels)."""
+        self.cfg, self.channels, self.side, self.colour = cfg, channels, side, colour
 
     def build(self) -> Clusterer:
         raise NotImplementedError

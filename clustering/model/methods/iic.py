@@ -56,9 +56,9 @@ class IICNet(Clusterer):
 class IIC(Recipe):
     Settings = IICSettings
 
-    def __init__(self, cfg, channels: int, side: int):
-        super().__init__(cfg, channels, side)
-        self.view = view_for(channels, side=side)
+    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
+        super().__init__(cfg, channels, side, colour)
+        self.view = view_for(channels, side=side, colour=self.colour)
 
     def build(self) -> IICNet:
         c = self.cfg

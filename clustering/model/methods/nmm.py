@@ -112,10 +112,11 @@ class NMM(Recipe):
 
     Settings = NMMSettings
 
-    def __init__(self, cfg, channels: int, side: int):
-        super().__init__(cfg, channels, side)
-        self.view = view_for(channels, side=side)
-        self.strong_view = view_for(channels, "representation", side)  # the representation stage's: SimCLR's in full
+    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
+        super().__init__(cfg, channels, side, colour)
+        self.view = view_for(channels, side=side, colour=self.colour)
+        # the representation stage's views: SimCLR's in full
+        self.strong_view = view_for(channels, "representation", side, self.colour)
         self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours
         self.bank: torch.Tensor | None = None  # (N, K) every image's posterior at the start of the epoch (all ranks)
         self.own: torch.Tensor | None = None  # (N_local, K) the same for this rank's images

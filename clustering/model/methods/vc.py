@@ -68,9 +68,9 @@ class VC(Recipe):
 
     Settings = VCSettings
 
-    def __init__(self, cfg, channels: int, side: int):
-        super().__init__(cfg, channels, side)
-        self.view = view_for(channels)
+    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
+        super().__init__(cfg, channels, side, colour)
+        self.view = view_for(channels, colour=self.colour)
 
     def build(self) -> VCNet:
         c, s = self.cfg, self.cfg.method
