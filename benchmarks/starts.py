@@ -1,8 +1,8 @@
 """How well does a label-free rule pick among starts? Trains N starts for E epochs each (as train.restarts does),
 scores every start's ACC, modularity on the images' neighbour graph and cluster evenness, and compares picks over
 every group of `--group` starts: the highest modularity x evenness (what train.restarts does), each factor alone
-(evenness: the rule before), the start that agrees most with the others (mean NMI), and a random one (the mean ACC), against the best
-start of each group (labels). `--imbalance R` keeps the classes at 1x..Rx, as quality.py does.
+(evenness: the rule before), the start that agrees most with the others (mean NMI), and a random one (the mean
+ACC), against the best start of each group (labels). `--imbalance R` keeps the classes at 1x..Rx, as quality.py does.
 
     python benchmarks/starts.py --data ../.data/mnist --config ../configs/mnist.yaml --starts 12 --limit 10000
 
@@ -51,8 +51,9 @@ def main() -> None:
               f"evenness {starts[-1]['evenness']:.4f}", flush=True)
     rows = pick_rows(starts, preds, args.group)
     print(f"\n{len(starts)} starts of {epochs} epochs; picks over every group of {min(args.group, len(starts))}:")
-    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "epochs": epochs, "group": args.group,
-                      "config": cfg.model_dump(mode="json"), "starts": starts, "picks": rows}, (rows, None))
+    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "epochs": epochs,
+                      "group": args.group, "config": cfg.model_dump(mode="json"), "starts": starts, "picks": rows},
+           (rows, None))
 
 
 def pick_rows(starts: list[dict], preds: list[np.ndarray], group: int) -> list[dict]:
@@ -61,7 +62,8 @@ def pick_rows(starts: list[dict], preds: list[np.ndarray], group: int) -> list[d
     agree = np.array([[normalized_mutual_info_score(preds[i], preds[j]) if i != j else np.nan for j in range(n)]
                       for i in range(n)])
     acc = np.array([s["acc"] for s in starts])
-    rules = {"highest modularity x evenness": lambda g: max(g, key=lambda i: starts[i]["modularity"] * starts[i]["evenness"]),
+    score = [s["modularity"] * s["evenness"] for s in starts]
+    rules = {"highest modularity x evenness": lambda g: max(g, key=lambda i: score[i]),
              "highest modularity": lambda g: max(g, key=lambda i: starts[i]["modularity"]),
              "most even clusters": lambda g: max(g, key=lambda i: starts[i]["evenness"]),
              "most agreement (mean NMI)": lambda g: max(g, key=lambda i: np.nanmean(agree[i, [j for j in g if j != i]])),

@@ -300,7 +300,8 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
         return run, 0
     start = restore(run, resume, cfg, log, picked)
     if picked:  # the pick shows in the metrics of the first epoch after it (and in the checkpoints' history)
-        run.pending = {key: resume["history"][-1][key] for key in ("start_modularity", "start_evenness", "start_picked")}
+        run.pending = {key: resume["history"][-1][key]
+                       for key in ("start_modularity", "start_evenness", "start_picked")}
     else:
         run.resumed_from = start - 1
     return run, start

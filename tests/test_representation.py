@@ -105,8 +105,10 @@ def train_on_rank(rank: int, port: int, out: str) -> None:
                              selflabel_epochs=2, restarts=2, restart_epochs=3)
         losses, starts = [], []
         model = engine.fit(images, cfg, Comm(rank, 2, dist.all_reduce), log=lambda s: None,
-                           on_epoch=lambda e, m, f: (losses.append(m["loss"]), starts.append(m.get("start_modularity"))))
-        torch.save({"weights": model.state_dict(), "losses": losses, "starts": [s for s in starts if s]}, f"{out}.{rank}")
+                           on_epoch=lambda e, m, f: (losses.append(m["loss"]),
+                                                     starts.append(m.get("start_modularity"))))
+        picked = [s for s in starts if s]  # the starts' scores, in the metrics of the first epoch after the pick
+        torch.save({"weights": model.state_dict(), "losses": losses, "starts": picked}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
