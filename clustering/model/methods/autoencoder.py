@@ -20,7 +20,6 @@ from pydantic import Field
 from torch import nn
 
 from .. import losses
-from ..augment import view_for
 from ...comm import Comm
 from ..encoders import ConvAutoencoder, MLPAutoencoder
 from ...schedule import Stage, make_stages
@@ -82,7 +81,6 @@ class AEClustering(Recipe):
 
     def __init__(self, cfg, channels: int, side: int, colour: bool = True):
         super().__init__(cfg, channels, side, colour)
-        self.view = view_for(channels, side=side, colour=self.colour)
         self.targets: torch.Tensor | None = None  # (N_local, K): P of the held rows, fixed between refreshes
         self.freq: torch.Tensor | None = None  # (K,) f_j of the last refresh, over every rank's images (or sample)
 

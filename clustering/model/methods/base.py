@@ -9,6 +9,7 @@ from torch import nn
 
 from ...comm import Comm
 from ...schedule import Stage
+from ..augment import view_for
 from ..levels import pixels_to_input
 
 class Settings(BaseModel):
@@ -81,6 +82,7 @@ class Recipe:
         """channels and side: the model's input; colour: whether that input's colour is content (`levels.colourful`),
         which picks the views (False: the gray images' views, whatever the channels)."""
         self.cfg, self.channels, self.side, self.colour = cfg, channels, side, colour
+        self.view = view_for(channels, side=side, colour=colour)  # the views a clustering objective compares
 
     def build(self) -> Clusterer:
         raise NotImplementedError

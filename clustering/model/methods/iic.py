@@ -13,7 +13,6 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from ..augment import view_for
 from ..encoders import Trunk, trunk
 from ..heads import SoftmaxHead
 from ...schedule import Stage, make_stages
@@ -55,10 +54,6 @@ class IICNet(Clusterer):
 
 class IIC(Recipe):
     Settings = IICSettings
-
-    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
-        super().__init__(cfg, channels, side, colour)
-        self.view = view_for(channels, side=side, colour=self.colour)
 
     def build(self) -> IICNet:
         c = self.cfg

@@ -114,7 +114,6 @@ class NMM(Recipe):
 
     def __init__(self, cfg, channels: int, side: int, colour: bool = True):
         super().__init__(cfg, channels, side, colour)
-        self.view = view_for(channels, side=side, colour=self.colour)
         # the representation stage's views: SimCLR's in full
         self.strong_view = view_for(channels, "representation", side, self.colour)
         self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours

@@ -9,7 +9,6 @@ from pydantic import Field
 from torch import nn
 
 from .. import losses
-from ..augment import view_for
 from ..encoders import ConvAutoencoder, ConvNet
 from ..heads import SoftmaxHead
 from ...schedule import Stage, make_stages
@@ -67,10 +66,6 @@ class VC(Recipe):
     """
 
     Settings = VCSettings
-
-    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
-        super().__init__(cfg, channels, side, colour)
-        self.view = view_for(channels, colour=self.colour)
 
     def build(self) -> VCNet:
         c, s = self.cfg, self.cfg.method
