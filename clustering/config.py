@@ -137,6 +137,13 @@ class TrainConfig(Strict):
                               "kmeans have none)")
     batch_size: int = Field(256, ge=2, description="global batch size, split over workers")
     lr: float = Field(1e-3, gt=0, description="Adam's learning rate")
+    over_cluster: int | None = Field(None, ge=1, description="the model learns k x this many fine clusters, which "
+                                     "are then merged into k on the images' neighbour graph, each merge the one that "
+                                     "raises modularity most (in the representation where the model learnt one, else "
+                                     "in pixels or a frozen backbone's features). A frequent class splits into fine "
+                                     "clusters that join again, where k clusters learnt directly come out near-even "
+                                     "in size, splitting it and merging rare ones. 1 = learn the k clusters directly; "
+                                     "empty = the method's default (4 for nmm, dcec and idec, 1 for the rest)")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
                                                "restart_epochs epochs each and continue the one whose clusters have "
                                                "the highest modularity on the images' neighbour graph times the "
@@ -172,6 +179,17 @@ class TrainConfig(Strict):
         """From flat values: shared keys and the method's own settings side by side, e.g.
         TrainConfig.of(method="nmm", k=10, heads=5); a setting the method lacks is a ConfigError naming it."""
         return cls(**nest_method_keys(values, where, strict=True))
+
+    @classmethod
+    def of_spec(cls, config: dict) -> "TrainConfig":
+        """The config a checkpoint's spec stores. One written before train.over_cluster learnt its k clusters
+        directly."""
+        return cls(**{"over_cluster": 1, **config})
+
+    @property
+    def fine_k(self) -> int:
+        """The clusters the model learns: k x over_cluster (or the method's default), merged into k at the run's end."""
+        return self.k * (self.over_cluster or type(self.method).over_cluster)
 
     @property
     def frozen_backbone(self) -> bool:

@@ -21,8 +21,8 @@ from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, l
 from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import MemoryInput, TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
-from .model.methods import build_method, embed_all, predict_all, to_float
-from .metrics import LabelFreeScores, evenness, sample_index
+from .model.methods import build_method, embed_all, fine_proba, predict_all, to_float
+from .metrics import LabelFreeScores, evenness, merge_by_modularity, sample_index
 from .schedule import Stage, stage_at, steps_per_epoch
 
 EpochCallback = Callable[[int, dict, Callable[[], dict]], None]
@@ -73,13 +73,21 @@ def model_spec(cfg: TrainConfig, channels: int, side: int, colour: bool = True) 
 def build_from_spec(spec: dict):
     """(method, model) from the spec stored in a checkpoint, with random weights. With a pretrained backbone the
     method works on its features (D channels, side 1) and the model is a `WithBackbone`."""
-    cfg = TrainConfig(**spec["config"])
+    cfg = TrainConfig.of_spec(spec["config"])
     if not is_backbone(cfg.encoder):
         method = build_method(cfg, spec["channels"], spec["side"], spec.get("colour", True))
-        return method, method.build()
+        return method, with_merge(method.build(), cfg)
     backbone = Backbone(cfg.encoder, cfg.backbone_size)
     method = build_method(cfg, backbone.out_dim, 1)
-    return method, WithBackbone(backbone, method.build())
+    return method, WithBackbone(backbone, with_merge(method.build(), cfg))
+
+
+def with_merge(model, cfg: TrainConfig):
+    """The model; where it learns fine clusters (train.over_cluster), with its map `merge_` of them into k, which
+    `merge_fine_clusters` sets at the end of the run (until then fine cluster i counts as cluster i mod k)."""
+    if cfg.fine_k > cfg.k:
+        model.register_buffer("merge_", torch.arange(cfg.fine_k) % cfg.k)
+    return model
 
 
 def trainee(model: torch.nn.Module) -> torch.nn.Module:
@@ -114,10 +122,19 @@ def model_now(state: dict, x: torch.Tensor, comm: Comm = Comm()):
     """A copy of the model of the run of `state` as it would label if the run ended there: after the method's
     end-of-run step (k-means on the codes, NMM's normalisers) on the images x (on the device)."""
     _, model = model_copy(state, x.device)
-    method, inner, x = method_on(model, TrainConfig(**state["spec"]["config"]), x)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        method.finish(inner, x, comm)
+        end_of_run(model, TrainConfig.of_spec(state["spec"]["config"]), x, comm)
     return model
+
+
+def end_of_run(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm) -> dict:
+    """The method's end-of-run step (k-means on the codes, NMM's normalisers) on the held images x, then the merge
+    of its fine clusters into k (train.over_cluster). Returns what the run's last metrics should show."""
+    method, inner, features = method_on(model, cfg, x)
+    final = method.finish(inner, features, comm)
+    if cfg.fine_k > cfg.k:
+        final = {**final, "fine_clusters": merge_fine_clusters(model, cfg, x, comm)}
+    return final
 
 
 def clusters_now(state: dict, x: torch.Tensor, comm: Comm = Comm()) -> torch.Tensor:
@@ -309,9 +326,9 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
 
 def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: EpochCallback | None) -> None:
     """The method's end-of-run step (k-means on the codes, NMM's normalisers), then the finished checkpoint."""
-    sample = features_of(run.model, data.sample)
-    final = run.method.finish(trainee(run.model), sample, comm)
-    check_collapsed(run.model.eval(), sample, run.spec["config"]["k"], comm)
+    cfg = TrainConfig.of_spec(run.spec["config"])
+    final = end_of_run(run.model, cfg, data.sample, comm)
+    check_collapsed(run.model.eval(), features_of(run.model, data.sample), cfg.k, comm)
     if on_epoch is not None:
         metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
                    "resumed_from": run.resumed_from, **final}
@@ -382,18 +399,44 @@ RESTART_SAMPLE = 5_000  # images, over every rank, on whose neighbour graph each
 
 def start_modularity(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = RESTART_SAMPLE) -> float:
     """`LabelFreeScores.modularity` of a start's clusters on the neighbour graph of a seeded sample of the images x,
-    gathered from every rank: in the representation where the start learnt one, else in pixels (or a frozen
-    backbone's features), as the tune job scores a trial. Every rank gathers the same rows and scores alike."""
+    gathered from every rank (`graph_sample`), as the tune job scores a trial. Every rank scores alike."""
+    scores, clusters = graph_sample(model, cfg, x, comm, most, lambda local: predict_all(model, local)[0])
+    return scores.modularity(clusters)
+
+
+MERGE_SAMPLE = 10_000  # images, over every rank, on whose neighbour graph fine clusters are merged
+
+
+def merge_fine_clusters(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = MERGE_SAMPLE) -> int:
+    """Set the model's map of its cfg.fine_k fine clusters into cfg.k (`metrics.merge_by_modularity`) on the
+    neighbour graph of a seeded sample of the images x over every rank (`graph_sample`). Every rank gathers the same
+    rows and sets the same map. Returns how many fine clusters hold a sampled image."""
+    inner = trainee(model)
+    scores, fine = graph_sample(model, cfg, x, comm, most, lambda local: fine_proba(inner, features_of(model, local)))
+    merge = merge_by_modularity(scores.graph(), fine[scores.index], cfg.fine_k, cfg.k)
+    inner.merge_.copy_(torch.from_numpy(merge))
+    return len(np.unique(fine))
+
+
+def graph_sample(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int,
+                 proba: Callable[[torch.Tensor], torch.Tensor]) -> tuple[LabelFreeScores, np.ndarray]:
+    """(the scores of a seeded sample of up to `most` images x over every rank, each sampled image's cluster by
+    `proba` of the local images) for the label-free rules on the neighbour graph: in the representation where the
+    model learnt one, else in pixels as the model sees them (or a frozen backbone's features). Every rank gathers
+    the same rows."""
     per_rank = max(1, most // comm.world)
     local = x[torch.from_numpy(sample_index(len(x), per_rank, seed=comm.rank)).to(x.device)]
-    clusters = predict_all(model, local)[0].argmax(1)
+    clusters = proba(local).argmax(1)
     learnt = representation_of(cfg, model, local)
-    points = torch.from_numpy(learnt).to(x.device) if learnt is not None else local.flatten(1)
-    rows = comm.gather(torch.cat([points.float(), clusters[:, None].float()], 1), per_rank).cpu().numpy()
+    if learnt is not None:
+        points = torch.from_numpy(learnt).to(x.device)
+    else:  # pixels as the model sees them (levels stretched: a tinted capture links to its clean look-alikes)
+        points = (to_float(local) * 255).round() if local.dtype == torch.uint8 else local
+    rows = comm.gather(torch.cat([points.flatten(1).float(), clusters[:, None].float()], 1), per_rank).cpu().numpy()
     points, clusters = rows[:, :-1], rows[:, -1].astype(np.int64)
     if learnt is None and x.dtype == torch.uint8:
-        points = points.round().astype(np.uint8)  # pixels, which the scores read as such
-    return LabelFreeScores(points, sample=len(points)).modularity(clusters)
+        points = points.astype(np.uint8)  # pixels, which the scores read as such
+    return LabelFreeScores(points, sample=len(points)), clusters
 
 
 def check_restarts(cfg: TrainConfig) -> None:
@@ -426,8 +469,7 @@ def try_start(data: TrainInput, start: TrainConfig, epochs: int, comm: Comm, dev
             kept.update(copy.deepcopy(state_fn()))
 
     model = fit(data, start, comm, device, on_epoch=keep, log=lambda s: None, until=epochs)
-    method, inner, x = method_on(model, start, data.sample)
-    method.finish(inner, x, comm)
+    end_of_run(model, start, data.sample, comm)
     return kept, model
 
 

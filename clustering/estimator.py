@@ -107,6 +107,9 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
         if cfg.k > len(x):
             raise ValueError(f"n_samples={len(x)} images, and n_clusters={cfg.k}: a clustering needs more images than "
                              "clusters")
+        if cfg.fine_k > len(x):
+            raise ValueError(f"n_samples={len(x)} images, and {cfg.fine_k} fine clusters (n_clusters={cfg.k} x "
+                             f"over_cluster={cfg.fine_k // cfg.k}) to merge into n_clusters: pass over_cluster=1")
         final: dict = {}
 
         def keep(epoch: int, metrics: dict, state_fn) -> None:
@@ -126,7 +129,7 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
     def _set_fitted(self, state: dict, model: torch.nn.Module, device: torch.device) -> None:
         self.state_, self.model_, self.device_ = state, model.to(device).eval(), device
         spec = state["spec"]
-        self.config_ = TrainConfig(**spec["config"])
+        self.config_ = TrainConfig.of_spec(spec["config"])
         self.image_size_, self.channels_ = spec["side"], spec["channels"]
         self.history_ = list(state.get("history", []))
 

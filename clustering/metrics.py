@@ -72,6 +72,35 @@ def graph_modularity(nbrs: np.ndarray, clusters: np.ndarray) -> float:
     return float(inside - leaving @ reaching)
 
 
+def merge_by_modularity(nbrs: np.ndarray, clusters: np.ndarray, n: int, k: int) -> np.ndarray:
+    """(n,) the cluster in 0..k-1 that each of n fine clusters joins: greedily, each step merges the two groups whose
+    union raises the modularity of the partition on the directed graph `nbrs` most (Clauset, Newman & Moore 2004,
+    from the fine clusters rather than single images). A class split in two keeps most links between its halves
+    and joins again first; two classes share few. Fine clusters that hold no sampled image take no part: they fill
+    the clusters left empty when fewer than k fine clusters hold one, else they are spread over the k."""
+    links = np.zeros((n, n))
+    np.add.at(links, (np.repeat(clusters, nbrs.shape[1]), clusters[nbrs].ravel()), 1.0)
+    links /= max(links.sum(), 1.0)  # e_ij: the share of links from group i to group j
+    group, alive = np.arange(n), np.isin(np.arange(n), clusters)
+    while alive.sum() > k:
+        leaving, reaching = links.sum(1), links.sum(0)
+        gain = links + links.T - np.outer(leaving, reaching) - np.outer(reaching, leaving)
+        gain[~alive] = gain[:, ~alive] = -np.inf
+        np.fill_diagonal(gain, -np.inf)
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        links[i] += links[j]
+        links[:, i] += links[:, j]
+        links[j], links[:, j] = 0.0, 0.0
+        alive[j] = False
+        group[group == j] = i
+    used = np.flatnonzero(np.isin(np.arange(n), clusters))
+    out = np.empty(n, dtype=np.int64)
+    out[used] = np.unique(group[used], return_inverse=True)[1]
+    empty = np.setdiff1d(np.arange(n), used)
+    out[empty] = (len(np.unique(out[used])) + np.arange(len(empty))) % k
+    return out
+
+
 class LabelFreeScores:
     """The label-free scores that choose among runs, for partitions of one image set: a fixed sample of it
     (`sample_index`) and that sample's neighbour graph are built once, so a tune trial scores itself along its run

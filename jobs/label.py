@@ -153,7 +153,7 @@ def feature_cache(state: dict, manifest: dict, shards_uri: str) -> str | None:
     """A feature cache of these shards by the run's frozen backbone (the run's train.features, or the one beside
     these shards), whose fingerprint matches the checkpoint's backbone; None: decode the images."""
     spec = state["spec"]
-    cfg = TrainConfig(**spec["config"])
+    cfg = TrainConfig.of_spec(spec["config"])
     if not cfg.frozen_backbone:
         return None
     backbone = None

@@ -93,6 +93,10 @@ def check_run(cfg: TrainConfig, manifest: dict) -> None:
     if cfg.k > n:
         raise ValueError(f"train.k={cfg.k} is more than the {n:,} images training would see: a clustering needs "
                          "more images than clusters. Lower train.k" + (" or raise train.sample" if cfg.sample else ""))
+    if cfg.fine_k > n:
+        raise ValueError(f"the model would learn {cfg.fine_k} fine clusters (train.k={cfg.k} x train.over_cluster="
+                         f"{cfg.fine_k // cfg.k}), more than the {n:,} images training would see: set "
+                         "train.over_cluster=1")
     engine.check_restarts(cfg)
 
 

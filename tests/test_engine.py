@@ -7,8 +7,9 @@ import torch
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import TrainConfig
-from clustering.model.methods import NMM, RECIPES, predict_all, settings_keys
+from clustering.model.methods import NMM, RECIPES, Clusterer, fine_proba, predict_all, settings_keys
 from clustering.data.sources import digits_source
+from clustering.model.levels import pixels_to_input
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_nmm_epochs_report_the_labelling_sub_head(digits):
     assert all(m["head"] in (0, 1) and 0 < m["pi_min"] <= 1 for m in seen)
 
 
-class FirstPixelCluster(torch.nn.Module):
+class FirstPixelCluster(Clusterer):
     """A stand-in model whose cluster for an image is the value of its first pixel."""
 
     def __init__(self, k: int):
@@ -150,13 +151,14 @@ def test_restarts_continue_the_start_whose_clusters_have_the_highest_modularity_
     picked = engine.best_start(images, cfg, Comm(), "cpu", log=lambda s: None)
     # each start on its own, as a plain run of its seed stopped after one epoch, scored on the pixels' graph
     modularity, evenness, weights, x = [], [], [], torch.from_numpy(images).permute(0, 3, 1, 2)
+    seen = (pixels_to_input(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # as the model sees them
     for r in range(3):
         start = cfg.model_copy(update={"seed": cfg.seed + engine.RESTART_SEED_STRIDE * r, "restarts": 1})
         model = engine.fit(images, start, log=lambda s: None, until=1)
         weights.append(copy.deepcopy(model.state_dict()))
-        NMM(start, 1, 8).finish(model, x, Comm())
+        engine.end_of_run(model, start, x, Comm())  # as a finished run: normalisers, fine clusters merged into k
         clusters = predict_all(model, x)[0].argmax(1).numpy()
-        modularity.append(metrics.knn_modularity(images, clusters))
+        modularity.append(metrics.knn_modularity(seen, clusters))
         evenness.append(metrics.evenness(np.bincount(clusters, minlength=10)))
     best = int(np.argmax(np.multiply(modularity, evenness)))
     assert len(set(np.round(modularity, 4))) == 3  # the starts differ, so the pick means something
@@ -192,7 +194,7 @@ def test_nmm_contrastive_pretraining_trains_features_then_em_the_mixture(digits)
     engine.fit(images[:512], cfg, on_epoch=on_epoch, log=lambda s: None)
     assert [m["stage"] for m in seen] == ["pretrain", "pretrain", "em", "final"]
     torch.manual_seed(cfg.seed)
-    built = NMM(cfg, 1, 8).build().state_dict()
+    built = engine.build_from_spec(engine.model_spec(cfg, 1, 8))[1].state_dict()
     for key in ("net.net.6.weight", "net.net.6.bias"):  # the mixture's output layer
         torch.testing.assert_close(states[1]["model"][key], built[key])  # the instance loss alone leaves it
         assert not torch.equal(states[2]["model"][key], built[key])  # EM trains it
@@ -213,3 +215,30 @@ def test_a_run_that_collapses_to_one_cluster_is_a_diverged_run(digits):
     images, _ = digits
     with pytest.raises(engine.Diverged, match="collapsed: all 1,797 sampled images fall in one of its 10 clusters"):
         engine.fit(images, small("iic", lr=1000.0, joint_epochs=3), log=lambda s: None)
+
+
+def test_fine_clusters_are_merged_into_k_on_the_neighbour_graph_and_the_checkpoint_keeps_the_merge(digits):
+    images, _ = digits
+    cfg = small(method="nmm", joint_epochs=3, over_cluster=3)
+    final, last = {}, {}
+
+    def on_epoch(epoch, metrics, state_fn):
+        last.update(metrics)
+        final.update(state_fn())
+    model = engine.fit(images, cfg, on_epoch=on_epoch, log=lambda s: None)
+    x = engine.device_images(images, "cpu")
+    fine = fine_proba(model, x).argmax(1).numpy()
+    assert model.head.log_pi_.shape[-1] == 30 and len(np.unique(fine)) > 10  # it learnt 3k fine clusters
+    # the map: each fine cluster's cluster by modularity on the images' pixel graph, recomputed here
+    graph = metrics.LabelFreeScores(images, sample=len(images))
+    expected = metrics.merge_by_modularity(graph.graph(), fine[graph.index], 30, 10)
+    assert torch.equal(model.merge_, torch.from_numpy(expected))
+    probs = predict_all(model, x)[0]
+    assert probs.shape == (len(images), 10) and torch.allclose(probs.sum(1), torch.ones(len(images)))
+    assert torch.equal(probs.argmax(1), model.merge_[torch.from_numpy(fine)])  # an image's cluster: its fine one's
+    assert last["stage"] == "final" and last["fine_clusters"] == len(np.unique(fine))  # in the run's last metrics
+    assert torch.equal(engine.clusters_now(final, x), probs.argmax(1))  # the finished checkpoint labels alike
+    # a checkpoint from before train.over_cluster learnt its k clusters directly
+    old = engine.model_spec(small(method="nmm"), 1, 8)
+    del old["config"]["over_cluster"]
+    assert engine.build_from_spec(old)[1].head.log_pi_.shape[-1] == 10

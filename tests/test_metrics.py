@@ -72,6 +72,23 @@ def test_knn_modularity_follows_neighbours_where_the_silhouette_follows_distance
     assert metrics.knn_modularity(images, strokes) > metrics.knn_modularity(images, halves)
 
 
+def test_fine_clusters_merge_into_the_groups_of_unequal_size_that_the_neighbours_link():
+    # Three groups of 200, 40 and 40 images. The fine clusters split the frequent group into four and each rare one
+    # into two (one fine cluster holds no image): merged into 3 they are the groups, where 3 clusters of even size
+    # would have split the frequent group and merged the rare ones.
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], [200, 40, 40])
+    images = np.clip(rng.integers(0, 256, (3, 8, 8, 1))[truth] + rng.normal(0, 12, (280, 8, 8, 1)), 0, 255)
+    fine = np.where(truth == 0, np.arange(280) % 4, np.where(truth == 1, 4 + np.arange(280) % 2, 7 + np.arange(280) % 2))
+    graph = metrics.knn_graph(images.reshape(280, -1), 10)
+    merge = metrics.merge_by_modularity(graph, fine, 10, 3)
+    assert merge.shape == (10,) and set(merge) == {0, 1, 2}  # every fine cluster, the empty 6 and 9 too, joins one
+    assert scores(truth, merge[fine])["acc"] == 1.0
+    # fewer fine clusters holding an image than k: none merge, and the empty ones fill the clusters left over
+    few = metrics.merge_by_modularity(graph, np.minimum(truth, 1), 4, 3)
+    assert few[0] != few[1] and set(few) == {0, 1, 2}
+
+
 def test_stability_is_one_when_views_keep_their_clusters_and_about_zero_when_they_reshuffle():
     images, partitions = three_groups()
     truth = partitions["truth"]

@@ -193,3 +193,6 @@ class WithBackbone(nn.Module):
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.predict_proba(self.features(x))
+
+    def cluster_proba(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.cluster_proba(z)

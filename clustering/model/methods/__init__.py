@@ -11,7 +11,7 @@ from typing import Annotated, Any, Union
 from pydantic import BeforeValidator, Field
 
 from .autoencoder import DCEC, DEC, IDEC, AEKMeans, ClusterNet
-from .base import Clusterer, Recipe, Settings, embed_all, method_name, predict_all, to_float
+from .base import Clusterer, Recipe, Settings, embed_all, fine_proba, method_name, predict_all, to_float
 from .iic import IIC
 from .kmeans import KMeansBaseline
 from .nmm import NMM, MixtureNet
@@ -55,9 +55,12 @@ def methods_with(key: str) -> list[str]:
 
 
 def build_method(cfg, channels: int, side: int, colour: bool = True) -> Recipe:
+    """The recipe of cfg's method. It learns cfg.fine_k clusters (k x train.over_cluster): its k, as it reads it."""
+    if getattr(cfg, "fine_k", cfg.k) > cfg.k:
+        cfg = cfg.model_copy(update={"k": cfg.fine_k, "over_cluster": 1})
     return RECIPES[cfg.method.name](cfg, channels, side, colour)
 
 
 __all__ = ["RECIPES", "DEFAULT_METHOD", "MethodSettings", "Recipe", "Settings", "Clusterer", "ClusterNet",
-           "MixtureNet", "NMM", "build_method", "embed_all", "predict_all", "to_float", "settings_keys",
+           "MixtureNet", "NMM", "build_method", "embed_all", "fine_proba", "predict_all", "to_float", "settings_keys",
            "methods_with"]

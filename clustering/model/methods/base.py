@@ -19,6 +19,8 @@ class Settings(BaseModel):
     encoders: ClassVar[tuple[str, ...] | None] = ("conv",)
     # whether the method can cluster a pretrained backbone's features (train.encoder=torchvision:NAME)
     on_features: ClassVar[bool] = True
+    # train.over_cluster's default: fine clusters per cluster, merged into k on the neighbour graph at the run's end
+    over_cluster: ClassVar[int] = 1
 
 
 class TrainSettings(Protocol):
@@ -36,15 +38,27 @@ def method_name(settings: type[Settings]) -> str:
 
 
 class Clusterer(nn.Module):
-    """Every model: `embed(x)` gives what its `head` turns into cluster posteriors."""
+    """Every model: `embed(x)` gives what its `head` turns into posteriors over the clusters it learns. With
+    train.over_cluster > 1 those are fine clusters, and the buffer `merge_` (each one's cluster) merges them into k."""
 
     head: nn.Module
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def cluster_proba(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, k) posteriors over the clusters of codes z: the head's; or, merged, each cluster's most probable fine
+        cluster's, normalised. Then an image's cluster is always its fine cluster's. A sum would not do: soft heads
+        (DCEC's Student-t) spread mass over many fine clusters, and the cluster of the most would win."""
+        p = self.head.predict_proba(z)
+        merge = getattr(self, "merge_", None)
+        if merge is None:
+            return p
+        best = p.new_zeros(len(p), int(merge.max()) + 1).scatter_reduce_(1, merge.expand(len(p), -1), p, "amax")
+        return best / best.sum(1, keepdim=True).clamp_min(1e-12)
+
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.predict_proba(self.embed(x))  # (B, K)
+        return self.cluster_proba(self.embed(x))  # (B, k)
 
 
 @torch.no_grad()
@@ -61,9 +75,15 @@ def embed_all(model: nn.Module, images: torch.Tensor, batch: int = 4096, fn=None
 
 @torch.no_grad()
 def predict_all(model: nn.Module, images: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(posteriors (N, K), codes (N, D)) of uint8 images (N, C, H, W) on the model's device."""
+    """(posteriors over the k clusters (N, k), codes (N, D)) of uint8 images (N, C, H, W) on the model's device."""
     z = embed_all(model, images, batch)
-    return model.head.predict_proba(z), z
+    return model.cluster_proba(z), z
+
+
+@torch.no_grad()
+def fine_proba(model: Clusterer, images: torch.Tensor) -> torch.Tensor:
+    """(N, K) posteriors over the clusters the model learns (before any merge: `Clusterer`), as its recipe reads them."""
+    return model.head.predict_proba(embed_all(model, images))
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
