@@ -16,6 +16,7 @@ from clustering.data import features, storage
 from clustering.data.sources import digits_source
 from clustering.estimator import DeepClusterer
 from clustering.model.backbones import WithBackbone, import_torchvision, pretrained
+from clustering.model.levels import pixels_to_input
 from infra.local_s3 import free_port
 from jobs.cli import main
 from tests.conftest import BUCKET
@@ -82,7 +83,7 @@ def test_the_estimator_clusters_on_a_frozen_or_fine_tuned_backbone_and_its_check
     assert frozen == (backbone_lr == 0)  # fine-tuning moved the backbone's weights, freezing kept them
     loaded = DeepClusterer.load(est.save(str(tmp_path / "run")))  # the weights file is not read again
     assert np.array_equal(loaded.predict(x), est.predict(x))
-    feats = model.backbone(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255).detach().numpy()
+    feats = model.backbone(pixels_to_input(torch.from_numpy(x).permute(0, 3, 1, 2))).detach().numpy()  # as it sees them
     assert np.array_equal(loaded.posteriors_of_features(feats)[0].argmax(1), est.predict(x))
 
 

@@ -133,7 +133,7 @@ def test_yaml_yes_no_and_empty_list_scalar_files(tmp_path, capsys):
             load_config(PipelineConfig, tmp_path / "odd.yaml")
 
 
-def test_k_above_the_images_and_a_bucketless_s3_uri_are_refused():
+def test_k_or_its_fine_clusters_above_the_images_and_a_bucketless_s3_uri_are_refused():
     from jobs.train import check_run
 
     manifest = {"num_samples": 42, "shards": [{"name": "shard-000000.tar", "samples": 42}]}
@@ -141,6 +141,10 @@ def test_k_above_the_images_and_a_bucketless_s3_uri_are_refused():
         check_run(TrainConfig(k=100), manifest)
     with pytest.raises(ValueError, match="more than the 30 images"):
         check_run(TrainConfig(k=40, sample=30), manifest)
+    with pytest.raises(ValueError, match=r"48 fine clusters \(train.k=12 x train.over_cluster=4\), more than the 42 "
+                       "images training would see: set train.over_cluster=1"):
+        check_run(TrainConfig(k=12), manifest)  # nmm learns 4k fine clusters by default
+    check_run(TrainConfig(k=12, over_cluster=1), manifest)
     with pytest.raises(storage.StorageError, match="names no bucket"):
         storage.check_writable("s3://")
 

@@ -229,8 +229,9 @@ def test_fine_clusters_are_merged_into_k_on_the_neighbour_graph_and_the_checkpoi
     x = engine.device_images(images, "cpu")
     fine = fine_proba(model, x).argmax(1).numpy()
     assert model.head.log_pi_.shape[-1] == 30 and len(np.unique(fine)) > 10  # it learnt 3k fine clusters
-    # the map: each fine cluster's cluster by modularity on the images' pixel graph, recomputed here
-    graph = metrics.LabelFreeScores(images, sample=len(images))
+    # the map: each fine cluster's cluster by modularity on the pixel graph (as the model sees them), recomputed here
+    seen = (pixels_to_input(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    graph = metrics.LabelFreeScores(seen, sample=len(images))
     expected = metrics.merge_by_modularity(graph.graph(), fine[graph.index], 30, 10)
     assert torch.equal(model.merge_, torch.from_numpy(expected))
     probs = predict_all(model, x)[0]
