@@ -77,22 +77,34 @@ def merge_by_modularity(nbrs: np.ndarray, clusters: np.ndarray, n: int, k: int) 
     union raises the modularity of the partition on the directed graph `nbrs` most (Clauset, Newman & Moore 2004,
     from the fine clusters rather than single images). A class split in two keeps most links between its halves
     and joins again first; two classes share few. Fine clusters that hold no sampled image take no part: they fill
-    the clusters left empty when fewer than k fine clusters hold one, else they are spread over the k."""
+    the clusters left empty when fewer than k fine clusters hold one, else they are spread over the k.
+    A merge changes only the merged group's gains, so each step costs O(n) but for rows whose best partner it took."""
     links = np.zeros((n, n))
     np.add.at(links, (np.repeat(clusters, nbrs.shape[1]), clusters[nbrs].ravel()), 1.0)
     links /= max(links.sum(), 1.0)  # e_ij: the share of links from group i to group j
+    leaving, reaching = links.sum(1), links.sum(0)
     group, alive = np.arange(n), np.isin(np.arange(n), clusters)
+    gain = np.full((n, n), -np.inf)  # the modularity a merge of groups i and j adds; -inf: no such merge
+    gain[np.ix_(alive, alive)] = (links + links.T - np.outer(leaving, reaching) - np.outer(reaching, leaving))[
+        np.ix_(alive, alive)]
+    np.fill_diagonal(gain, -np.inf)
+    partner = gain.argmax(1)  # each group's best merge
     while alive.sum() > k:
-        leaving, reaching = links.sum(1), links.sum(0)
-        gain = links + links.T - np.outer(leaving, reaching) - np.outer(reaching, leaving)
-        gain[~alive] = gain[:, ~alive] = -np.inf
-        np.fill_diagonal(gain, -np.inf)
-        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        i = int(np.argmax(gain[np.arange(n), partner]))
+        j = int(partner[i])
         links[i] += links[j]
         links[:, i] += links[:, j]
-        links[j], links[:, j] = 0.0, 0.0
+        leaving[i] += leaving[j]
+        reaching[i] += reaching[j]
         alive[j] = False
         group[group == j] = i
+        row = links[i] + links[:, i] - leaving[i] * reaching - reaching[i] * leaving
+        row[~alive] = -np.inf
+        row[i] = -np.inf
+        gain[i], gain[:, i], gain[j], gain[:, j] = row, row, -np.inf, -np.inf
+        stale = (partner == i) | (partner == j) | (row > gain[np.arange(n), partner])
+        stale[i] = True
+        partner[stale] = gain[stale].argmax(1)
     used = np.flatnonzero(np.isin(np.arange(n), clusters))
     out = np.empty(n, dtype=np.int64)
     out[used] = np.unique(group[used], return_inverse=True)[1]
