@@ -83,7 +83,8 @@ def merge_by_modularity(nbrs: np.ndarray, clusters: np.ndarray, n: int, k: int) 
     np.add.at(links, (np.repeat(clusters, nbrs.shape[1]), clusters[nbrs].ravel()), 1.0)
     links /= max(links.sum(), 1.0)  # e_ij: the share of links from group i to group j
     leaving, reaching = links.sum(1), links.sum(0)
-    group, alive = np.arange(n), np.isin(np.arange(n), clusters)
+    used = np.isin(np.arange(n), clusters)  # fine clusters holding a sampled image
+    group, alive = np.arange(n), used.copy()
     gain = np.full((n, n), -np.inf)  # the modularity a merge of groups i and j adds; -inf: no such merge
     gain[np.ix_(alive, alive)] = (links + links.T - np.outer(leaving, reaching) - np.outer(reaching, leaving))[
         np.ix_(alive, alive)]
@@ -105,11 +106,9 @@ def merge_by_modularity(nbrs: np.ndarray, clusters: np.ndarray, n: int, k: int) 
         stale = (partner == i) | (partner == j) | (row > gain[np.arange(n), partner])
         stale[i] = True
         partner[stale] = gain[stale].argmax(1)
-    used = np.flatnonzero(np.isin(np.arange(n), clusters))
     out = np.empty(n, dtype=np.int64)
     out[used] = np.unique(group[used], return_inverse=True)[1]
-    empty = np.setdiff1d(np.arange(n), used)
-    out[empty] = (len(np.unique(out[used])) + np.arange(len(empty))) % k
+    out[~used] = (len(np.unique(out[used])) + np.arange((~used).sum())) % k
     return out
 
 
