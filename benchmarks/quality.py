@@ -24,7 +24,7 @@ import torch
 from runner import decode_collection, finish, imbalanced, load_arrays, messy, parser
 
 from clustering import engine, metrics
-from clustering.config import PipelineConfig, load_config, trial_config
+from clustering.config import PipelineConfig, TrainConfig, load_config, trial_config
 from clustering.model.heads import KMeansHead
 from clustering.model.methods import MixtureNet, embed_all, predict_all
 
@@ -34,21 +34,28 @@ def cluster_sizes(pred: np.ndarray, k: int) -> list[float]:
     return np.round(np.sort(np.bincount(pred, minlength=k))[::-1] / len(pred), 4).tolist()
 
 
-def feature_kmeans(model: MixtureNet, x: torch.Tensor, k: int) -> np.ndarray:
-    """k-means clusters of the net's L2-normalised features (cosine, as SimCLR compares them)."""
-    h = torch.nn.functional.normalize(embed_all(model, x, fn=model.net.features), dim=1)
+def learnt_features(cfg: TrainConfig, model, x: torch.Tensor) -> torch.Tensor | None:
+    """(N, D) the features of the images x that the model learnt: its representation stage's (where the tune job
+    scores), else an NMM net's features (which EM and the instance loss shape); None where it has neither."""
+    found = engine.representation_of(cfg, model, x)
+    if found is not None:
+        return torch.from_numpy(found)
+    return embed_all(model, x, fn=model.net.features).cpu() if isinstance(model, MixtureNet) else None
+
+
+def feature_kmeans(features: torch.Tensor, k: int) -> np.ndarray:
+    """k-means clusters of L2-normalised features (cosine, as SimCLR compares them)."""
+    h = torch.nn.functional.normalize(features, dim=1)
     return KMeansHead(k, h.shape[1]).fit(h).predict(h).cpu().numpy()
 
 
-def representation_purity(model: MixtureNet, x: torch.Tensor, labels: np.ndarray, n: int = 10,
-                          most: int = 10_000) -> float:
-    """The fraction of an image's n nearest images in the net's features that share its class (the first `most`
-    images): what clustering in the representation can build on (RESULTS: 0.23 in CIFAR-10's pixels)."""
+def representation_purity(features: torch.Tensor, labels: np.ndarray, n: int = 10, most: int = 10_000) -> float:
+    """The fraction of an image's n nearest images in learnt features (N, D) that share its class (the first
+    `most` images): what clustering in the representation can build on (RESULTS: 0.23 in CIFAR-10's pixels)."""
     from clustering.comm import Comm
     from clustering.model import neighbours
 
-    x = x[:most]
-    found = neighbours.mine(embed_all(model, x, fn=model.net.features), Comm(), n)
+    found = neighbours.mine(features[:most], Comm(), n)
     return neighbours.purity(found.cpu().numpy(), labels[:most])
 
 
@@ -64,15 +71,17 @@ def score_along(x: torch.Tensor, labels: np.ndarray, every: int, along: list[dic
     """An engine on_epoch callback: every `every` epochs, score a copy of the model, print ACC and the cluster
     sizes, largest first, and append them to `along` (how a run gets there, e.g. whether clusters drift apart).
     The clusters are those the run would give if it ended there (for an autoencoder in pretraining, k-means on its
-    codes); in NMM's contrastive pretraining, k-means on the net's features: what EM will start from."""
+    codes); in the representation stage (contrast_epochs), k-means on the learnt features: what clustering will start
+    from."""
     def on_epoch(epoch: int, info: dict, state_fn) -> None:
         if (epoch + 1) % every or (along and along[-1]["epoch"] == epoch + 1):  # (a finished run started again)
             return
         state = state_fn()
         k = state["spec"]["config"]["k"]
-        pretrain = info["stage"] == "pretrain" and state["spec"]["method"] == "nmm"  # NMM before EM: no clusters yet
+        pretrain = info["stage"] == "contrast"  # the representation stage: its clusters are not trained yet
         if pretrain:
-            pred = feature_kmeans(engine.model_copy(state, x.device)[1], x, k)
+            model = engine.model_copy(state, x.device)[1]
+            pred = feature_kmeans(learnt_features(TrainConfig.of_spec(state["spec"]["config"]), model, x), k)
         else:
             pred = engine.clusters_now(state, x).cpu().numpy()
         point = {"epoch": epoch + 1, "acc": metrics.scores(labels, pred)["acc"], "cluster_sizes": cluster_sizes(pred, k),
@@ -127,7 +136,8 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     probs, _ = predict_all(model, x)
     seconds = seconds_before + time.perf_counter() - t0
     pred = probs.argmax(1).cpu().numpy()
-    purity = {"neighbour_purity": representation_purity(model, x, labels)} if hasattr(model, "net") else {}
+    features = learnt_features(cfg, model, x)
+    purity = {"neighbour_purity": representation_purity(features, labels)} if features is not None else {}
     return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": len(np.unique(pred)), **purity,
             "cluster_sizes": cluster_sizes(pred, cfg.k), **picks, **({"along": along} if along else {}),
             **({"resumed_from_epoch": int(resume["epoch"])} if resume else {})}

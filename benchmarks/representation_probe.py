@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
-from quality import pixel_purity, representation_purity
+from quality import learnt_features, pixel_purity, representation_purity
 from runner import device, finish, load_arrays, parser
 
 from clustering import engine
@@ -27,7 +27,7 @@ def probe(images, labels, epochs: int, strength: str) -> dict:
     if strength == "mild":  # the views NMM's clustering compares, in place of SimCLR's
         def init(self, *args, **kwargs):
             method_init(self, *args, **kwargs)
-            self.strong_view = rgb_view
+            self.scan.strong_view = rgb_view
         NMM.__init__ = init
     try:
         t0 = time.perf_counter()
@@ -35,7 +35,8 @@ def probe(images, labels, epochs: int, strength: str) -> dict:
     finally:
         NMM.__init__ = method_init
     x = engine.device_images(images, device())
-    return {"views": strength, "epochs": epochs, "purity": round(representation_purity(model, x, labels), 4),
+    purity = representation_purity(learnt_features(cfg, model, x), labels)
+    return {"views": strength, "epochs": epochs, "purity": round(purity, 4),
             "pixel_purity": round(pixel_purity(x, labels), 4), "seconds": round(time.perf_counter() - t0)}
 
 

@@ -178,7 +178,7 @@ def test_restarts_need_fewer_epochs_than_the_run_and_nmm_starts_reach_em(digits)
     images, _ = digits
     with pytest.raises(ValueError, match="restart_epochs=3"):
         engine.fit(images, small(method="nmm", joint_epochs=3, restarts=2, restart_epochs=3), log=lambda s: None)
-    with pytest.raises(ValueError, match="pretrain stage, before nmm clusters"):
+    with pytest.raises(ValueError, match="contrast stage, before nmm clusters"):
         engine.fit(images, small(method="nmm", contrast_epochs=2, joint_epochs=3, restarts=2, restart_epochs=2),
                    log=lambda s: None)
 
@@ -192,7 +192,7 @@ def test_nmm_contrastive_pretraining_trains_features_then_em_the_mixture(digits)
         seen.append(metrics)
         states[epoch] = copy.deepcopy(state_fn())
     engine.fit(images[:512], cfg, on_epoch=on_epoch, log=lambda s: None)
-    assert [m["stage"] for m in seen] == ["pretrain", "pretrain", "em", "final"]
+    assert [m["stage"] for m in seen] == ["contrast", "contrast", "em", "final"]
     torch.manual_seed(cfg.seed)
     built = engine.build_from_spec(engine.model_spec(cfg, 1, 8))[1].state_dict()
     for key in ("net.net.6.weight", "net.net.6.bias"):  # the mixture's output layer

@@ -1,5 +1,6 @@
 """The representation path (issue 35): SimCLR's views, neighbours mined across workers, and NMM clustering in the
-learnt features with its mined neighbours and self-labelling; all on CPU with small data."""
+learnt features with its mined neighbours and self-labelling, for each seed objective (NMM, DCEC, VC); all on CPU
+with small data."""
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from clustering.comm import Comm
 from clustering.config import TrainConfig
 from clustering.data.sources import digits_source
 from clustering.model import neighbours
+from clustering.model.methods.nmm import NMMSettings
+from clustering.model.methods.scan import Scan
 from infra.local_s3 import free_port
 
 
@@ -61,22 +64,47 @@ def test_simclr_views_at_full_strength_keep_gray_gray_and_blur_only_where_the_si
     assert view.shape == (8, 3, 32, 32) and 0 <= view.min() and view.max() <= 1
 
 
-def test_nmm_learns_a_representation_then_clusters_with_its_neighbours_then_self_labels():
+# each seed objective's stages around SCAN's: the representation stage first, self-labelling last
+# (vc's mixture needs a few more epochs to use more than 3 of its clusters on 600 digits)
+SCAN_STAGES = {"nmm": ["em"] * 3, "dcec": ["pretrain"] * 2 + ["joint"] * 3, "vc": ["elbo"] * 6}
+
+
+@pytest.mark.parametrize("method", list(SCAN_STAGES))
+def test_each_seed_objective_learns_a_representation_then_clusters_with_its_neighbours_then_self_labels(method):
     src = digits_source()
     images = src.images[:600, ..., None]
-    cfg = TrainConfig.of(method="nmm", k=10, joint_epochs=3, batch_size=128, contrast_epochs=2, neighbours=5,
-                         selflabel_epochs=2)
+    joint = SCAN_STAGES[method].count(SCAN_STAGES[method][-1])
+    cfg = TrainConfig.of(method=method, k=10, joint_epochs=joint, batch_size=128, contrast_epochs=2, neighbours=5,
+                         selflabel_epochs=2, **({"pretrain_epochs": 2} if method == "dcec" else {}))
     seen = []
     model = engine.fit(images, cfg, log=lambda s: None, on_epoch=lambda e, m, f: seen.append(m))
     # the last epoch reports as "final", after the end-of-run step
-    assert [m["stage"] for m in seen] == ["pretrain"] * 2 + ["em"] * 3 + ["selflabel"] + ["final"]
+    assert [m["stage"] for m in seen] == ["contrast"] * 2 + SCAN_STAGES[method] + ["selflabel"] + ["final"]
     assert all(np.isfinite(m["loss"]) for m in seen)
     x = engine.device_images(images, "cpu")
     clusters = engine.predict_all(model, x)[0].argmax(1)
     assert len(clusters.unique()) > 3
+    learnt = engine.representation_of(cfg, model, x)  # where the label-free scores find neighbours
+    assert learnt is not None and len(learnt) == len(x)
     with pytest.raises(ValueError, match="neighbours are mined in the features that contrast_epochs learn"):
-        TrainConfig.of("test", method="nmm", neighbours=5)
+        TrainConfig.of("test", method=method, neighbours=5)
 
+
+def test_neighbour_agreement_is_least_where_the_posteriors_match_the_neighbours_and_selflabels_only_the_confident():
+    scan = Scan(NMMSettings(neighbours=2, contrast_epochs=1, selflabel_threshold=0.9), 1, 8, colour=False)
+    own = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.02, 0.98]])
+    scan.knn = torch.tensor([[1, 1], [0, 0], [1, 1]])  # image 0's and 2's neighbour: 1; image 1's: 0
+    scan.own, scan.bank = own, own
+    idx = torch.arange(3)
+    agreeing = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1]]))
+    against = torch.log(torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.1, 0.9]]))
+    assert scan.agreement(agreeing, idx) < scan.agreement(against, idx)
+    three_heads = agreeing[:, None].expand(-1, 3, -1)  # one value per sub-head
+    torch.testing.assert_close(scan.agreement(three_heads, idx), scan.agreement(agreeing, idx).expand(3))
+    # only images 0 and 2 are confident: their own clusters (0 and 1) are the labels, image 1 counts for nothing
+    log_p = torch.log(torch.tensor([[0.7, 0.3], [0.01, 0.99], [0.4, 0.6]]))
+    expected = -(log_p[0, 0] + log_p[2, 1]) / 2
+    torch.testing.assert_close(scan.selflabel(log_p, idx), expected)
 
 def test_modularity_on_representation_neighbours_follows_the_representation_not_the_pixels():
     """Pixels that group by brightness, features that group by class: the label-free scores on the features find the

@@ -24,7 +24,8 @@ from ...comm import Comm
 from ..encoders import ConvAutoencoder, MLPAutoencoder
 from ...schedule import Stage, make_stages
 from ..heads import StudentTHead
-from .base import Clusterer, Recipe, Settings, embed_all, fit_head
+from .base import Clusterer, Recipe, Settings, fine_proba, fit_head
+from .scan import CONTRAST, SELFLABEL, Scan, ScanSettings, projector
 
 
 class AESettings(Settings):
@@ -37,7 +38,7 @@ class AESettings(Settings):
     augment: bool = Field(True, description="train on random views (affine + noise; crops, jitter for RGB), as DEC-DA")
 
 
-class DECSettings(AESettings):
+class DECSettings(AESettings, ScanSettings):
     name: Literal["dec"] = "dec"
     target_every: int = Field(1, ge=1, description="refresh the target distribution P every N epochs")
 
@@ -63,11 +64,13 @@ def build_autoencoder(s: AESettings, encoder: str, channels: int, side: int) -> 
 
 
 class ClusterNet(Clusterer):
-    """An autoencoder with a clustering head on its code."""
+    """An autoencoder with a clustering head on its code; optionally a projection head on the code for the instance
+    loss of a representation stage (used in training only)."""
 
-    def __init__(self, ae: nn.Module, head: StudentTHead):
+    def __init__(self, ae: nn.Module, head: StudentTHead, projected: bool = False):
         super().__init__()
         self.ae, self.head = ae, head
+        self.projector = projector(head.centers_.shape[1]) if projected else None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.ae.encode(x)  # (B, D)
@@ -84,25 +87,38 @@ class AEClustering(Recipe):
         super().__init__(cfg, channels, side, colour)
         self.targets: torch.Tensor | None = None  # (N_local, K): P of the held rows, fixed between refreshes
         self.freq: torch.Tensor | None = None  # (K,) f_j of the last refresh, over every rank's images (or sample)
+        # SCAN's steps (`scan.py`) where the method offers them (those with a clustering stage)
+        self.scan = Scan(cfg.method, channels, side, self.colour) if isinstance(cfg.method, ScanSettings) else None
 
     def build(self) -> ClusterNet:
         c, s = self.cfg, self.cfg.method
-        return ClusterNet(build_autoencoder(s, c.encoder, self.channels, self.side), StudentTHead(c.k, s.code_dim))
+        return ClusterNet(build_autoencoder(s, c.encoder, self.channels, self.side), StudentTHead(c.k, s.code_dim),
+                          projected=bool(self.scan and s.contrast_epochs))
 
     def stages(self) -> list[Stage]:
-        return make_stages(pretrain=self.cfg.method.pretrain_epochs, joint=self.cfg.joint_epochs if self.joint else 0)
+        s, scan = self.cfg.method, self.scan is not None
+        return make_stages(**{CONTRAST: s.contrast_epochs if scan else 0, "pretrain": s.pretrain_epochs,
+                              "joint": self.cfg.joint_epochs if self.joint else 0,
+                              SELFLABEL: s.selflabel_epochs if scan else 0})
+
+    def representation(self, model: ClusterNet):
+        """The codes, where a representation stage trained them."""
+        return model.embed if self.scan and self.cfg.method.contrast_epochs else None
 
     def start_stage(self, stage: Stage, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
         return fit_head(model, images, comm, self.cfg.seed) if stage.name == "joint" else {}
 
     def start_epoch(self, stage: Stage, epoch: int, model: ClusterNet, images: torch.Tensor, comm: Comm) -> None:
-        if stage.name != "joint":  # (ae_kmeans never gets here: it has no joint stage and no target_every)
-            return
-        if self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0:
-            with torch.no_grad():
-                q = model.head.predict_proba(embed_all(model, images))  # (N, K)
-                self.freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share
-                self.targets = losses.cah_target(q, self.freq)
+        """The target P, refreshed every target_every epochs of the joint stage; and SCAN's neighbours and
+        posteriors where the epoch reads them. (ae_kmeans never gets here: it has neither stage.)"""
+        q = None
+        if stage.name == "joint" and (self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0):
+            q = fine_proba(model, images)  # (N, K)
+            self.freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share
+            self.targets = losses.cah_target(q, self.freq)
+        if self.scan and self.scan.needs_refresh(stage):
+            q = fine_proba(model, images) if q is None else q
+            self.scan.refresh(model, images, comm, self.representation(model), q)
 
     def target(self, q: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """P of a batch: the refresh's fixed P of held rows (idx); a streamed batch (no idx) has no held row, and
@@ -110,17 +126,23 @@ class AEClustering(Recipe):
         return self.targets[idx] if idx is not None else losses.cah_target(q.detach().float(), self.freq)
 
     def loss(self, stage: Stage, model: ClusterNet, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.method.augment:  # DEC-DA: learn on a random view of each image (its target P comes from the image)
+        s = self.cfg.method
+        if stage.name == CONTRAST:  # SimCLR: the instance loss alone, on projections of the codes
+            return self.scan.contrast_loss(model.embed, model.projector, x)
+        if s.augment:  # DEC-DA: learn on a random view of each image (its target P comes from the image)
             x = self.view(x)
-        if stage.name == "joint" and not self.reconstruct:
-            q = model.head(model.embed(x))
-            return losses.kl_div(self.target(q, idx), q)
-        z, x_hat = model.ae(x)
-        rec = losses.reconstruction(x_hat, x)
+        if stage.name == SELFLABEL:
+            return self.scan.selflabel(model.head(model.embed(x)).clamp_min(1e-12).log(), idx)
         if stage.name == "pretrain":
-            return rec
+            return losses.reconstruction(model.ae(x)[1], x)
+        z, x_hat = model.ae(x) if self.reconstruct else (model.embed(x), None)
         q = model.head(z)  # (B, K)
-        return losses.kl_div(self.target(q, idx), q) + self.cfg.method.rec_weight * rec
+        loss = losses.kl_div(self.target(q, idx), q)
+        if self.reconstruct:
+            loss = loss + s.rec_weight * losses.reconstruction(x_hat, x)
+        if self.scan and s.neighbours and idx is not None:  # held images: their neighbours' posteriors are banked
+            loss = loss + s.neighbour_weight * self.scan.agreement(q.clamp_min(1e-12).log(), idx)
+        return loss
 
     def finish(self, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
         return fit_head(model, images, comm, self.cfg.seed)

@@ -5,21 +5,18 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, model_validator
-from torch import nn
+from pydantic import Field
 
 from .. import losses
-from .. import neighbours as nbrs
-from ..augment import view_for
 from ...comm import Comm
 from ..encoders import Trunk, trunk
 from ..heads import MixtureHead
 from ...schedule import Stage, make_stages
-from .base import Clusterer, Recipe, Settings, embed_all, fine_proba
+from .base import Clusterer, Recipe, embed_all, fine_proba
+from .scan import CONTRAST, SELFLABEL, Scan, ScanSettings, projector
 
 
-class NMMSettings(Settings):
+class NMMSettings(ScanSettings):
     name: Literal["nmm"] = "nmm"
     over_cluster: ClassVar = 4  # the digits at 1x..5x: ACC 0.745 -> 0.918; balanced 0.951 -> 0.946 (docs/RESULTS.md)
     encoders: ClassVar = ("conv", "resnet18")
@@ -32,40 +29,20 @@ class NMMSettings(Settings):
                                            "the lowest loss labels (IIC's sub-heads)")
     over_k: int = Field(0, ge=0, description="components of an auxiliary over-clustering mixture trained alongside, "
                                             "labelling nothing (IIC); 0 = none")
-    contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before EM (SimCLR "
-                                 "pretraining, as SCAN's first step); 0 = none")
-    neighbours: int = Field(0, ge=0, description="after contrast_epochs: each image's N nearest images in the learnt "
-                            "features are mined once (SCAN's 20), and its posterior should agree with a neighbour's; "
-                            "0 = none. Images held in memory only (not train.input=stream)")
-    neighbour_weight: float = Field(1.0, ge=0, description="weight of the agreement with a mined neighbour")
-    selflabel_epochs: int = Field(0, ge=0, description="epochs of self-labelling after EM: the confident images' "
-                                  "clusters train the net as labels (SCAN's last step); 0 = none")
-    selflabel_threshold: float = Field(0.99, gt=0, lt=1, description="self-labelling: the posterior an image needs "
-                                       "to count as confident")
     pi_momentum: float = Field(0.9, ge=0, le=1, description="how much of the old π each epoch keeps; 1 keeps π uniform, "
                                "which favours even clusters (docs/results/HISTORY.md)")
     conv_widths: tuple[int, int] = Field((32, 64), description="the conv net (encoder conv): channels of its two "
                                          "conv blocks")
-
-    @model_validator(mode="after")
-    def _neighbours_need_a_representation(self) -> "NMMSettings":
-        if self.neighbours and not self.contrast_epochs:
-            raise ValueError("neighbours are mined in the features that contrast_epochs learn: set contrast_epochs "
-                             "(e.g. 100), or neighbours=0")
-        return self
 
 
 class MixtureNet(Clusterer):
     """A network whose K outputs are the mixture components, with the NMM head on them; optionally a projection
     head on the net's features for the instance loss (used in training only)."""
 
-    def __init__(self, net: Trunk, head: MixtureHead, projection_dim: int = 0):
+    def __init__(self, net: Trunk, head: MixtureHead, projected: bool = False):
         super().__init__()
         self.net, self.head = net, head
-        self.projector = None
-        if projection_dim:  # SimCLR's MLP: the contrastive loss shapes the features through it, not directly
-            f = net.feature_dim
-            self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, projection_dim))
+        self.projector = projector(net.feature_dim) if projected else None  # the instance loss's
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         heads, k = self.head.log_pi_.shape
@@ -84,9 +61,6 @@ class MixtureNet(Clusterer):
         self.head.fit(embed_all(self, images), comm)
 
 
-PROJECTION_DIM = 128  # SimCLR's and Contrastive Clustering's
-
-
 class NMM(Recipe):
     """NMM-EM (seed 002): batch-wise EM where the forward pass is the E-step (γ, no gradient) and the
     backward pass the M-step (maximise Σ γ log π g), fused with two-view consistency.
@@ -102,7 +76,7 @@ class NMM(Recipe):
     2019): a partition that merged two classes early costs more than one that did not.
     With over_k > 0, one more mixture of over_k components trains alongside and labels nothing (IIC's
     over-clustering head): it asks the net to keep finer distinctions than K clusters need.
-    With contrast_epochs > 0, a first stage ("pretrain") trains the net's features on the instance loss alone
+    With contrast_epochs > 0, a first stage ("contrast") trains the net's features on the instance loss alone
     (SimCLR pretraining with its augmentations at full strength, SCAN's first step: the representation stage), so
     EM starts from features that already group similar images. With neighbours > 0, each image's nearest images in
     those features are mined once (over every worker, `model/neighbours.py`), and EM adds SCAN's consistency with a
@@ -115,26 +89,21 @@ class NMM(Recipe):
 
     def __init__(self, cfg, channels: int, side: int, colour: bool = True):
         super().__init__(cfg, channels, side, colour)
-        # the representation stage's views: SimCLR's in full
-        self.strong_view = view_for(channels, "representation", side, self.colour)
-        self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours
-        self.bank: torch.Tensor | None = None  # (N, K) every image's posterior at the start of the epoch (all ranks)
-        self.own: torch.Tensor | None = None  # (N_local, K) the same for this rank's images
+        self.scan = Scan(cfg.method, channels, side, self.colour)  # SCAN's steps: `scan.py`
         self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
         self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
 
     def build(self) -> MixtureNet:
         c, s = self.cfg, self.cfg.method
         net = trunk(c.encoder, self.channels, self.side, c.k * s.heads + s.over_k, s.conv_widths)
-        projected = s.instance_weight or s.contrast_epochs
-        return MixtureNet(net, MixtureHead(c.k, s.heads), PROJECTION_DIM if projected else 0)
+        return MixtureNet(net, MixtureHead(c.k, s.heads), projected=bool(s.instance_weight or s.contrast_epochs))
 
     def stages(self) -> list[Stage]:
         s = self.cfg.method
-        return make_stages(pretrain=s.contrast_epochs, em=self.cfg.joint_epochs, selflabel=s.selflabel_epochs)
+        return make_stages(**{CONTRAST: s.contrast_epochs, "em": self.cfg.joint_epochs, SELFLABEL: s.selflabel_epochs})
 
     def clusters_in(self, stage: Stage) -> bool:
-        return stage.name != "pretrain"  # before EM the mixture's outputs are untrained and their clusters say nothing
+        return stage.name != CONTRAST  # before EM the mixture's outputs are untrained and their clusters say nothing
 
     def representation(self, model: MixtureNet):
         return model.net.features if self.cfg.method.contrast_epochs else None
@@ -143,14 +112,9 @@ class NMM(Recipe):
         """Before an epoch that needs them: the neighbours, mined once in the features the representation stage
         learnt (again after a resume, in the features as they are then), and every image's posterior now, which
         the epoch's steps read as their targets."""
-        s = self.cfg.method
-        if stage.name == "pretrain" or not (s.neighbours or stage.name == "selflabel"):
-            return
-        if s.neighbours and self.knn is None:
-            self.knn = nbrs.mine(embed_all(model, images, fn=self.representation(model)), comm, s.neighbours)
-        model.fit_normaliser(images, comm)
-        self.own = fine_proba(model, images)  # (N_local, K): this rank's images, for self-labelling
-        self.bank = nbrs.gather_all(self.own, comm) if s.neighbours else None  # (N, K): every rank's, by global id
+        if self.scan.needs_refresh(stage):
+            model.fit_normaliser(images, comm)
+            self.scan.refresh(model, images, comm, self.representation(model), fine_proba(model, images))
 
     def end_epoch(self, stage, epoch, model: MixtureNet, comm: Comm) -> dict:
         """π from the epoch's responsibilities, and the sub-head with the lowest loss labels."""
@@ -178,36 +142,24 @@ class NMM(Recipe):
             per_head = per_head + weight * losses.view_consistency(log_ga + log_pi, log_gb + log_pi)
         return per_head, (gamma_a + gamma_b).sum(0).detach()
 
-    def neighbour_agreement(self, logits_a: torch.Tensor, log_pi: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(H,) −log Σ_k p_k(x) q_k(n) per sub-head (SCAN's consistency), where n is one of x's mined neighbours
-        drawn at random and q its posterior at the start of the epoch. logits_a: (B, H, K) of one view of x."""
-        pick = self.knn[idx, torch.randint(self.knn.shape[1], (len(idx),), device=idx.device)]  # global ids
-        log_p = (losses.batch_densities(logits_a) + log_pi).log_softmax(-1)  # (B, H, K)
-        return -(log_p.exp() * self.bank[pick][:, None]).sum(-1).clamp_min(1e-8).log().mean(0)
-
-    def selflabel_loss(self, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of a view's posterior against the cluster of each confident image (posterior above the
-        threshold at the start of the epoch): SCAN's self-labelling."""
-        out = model.embed(self.view(x))  # (B, K): the labelling sub-head's outputs
-        log_p = (losses.batch_densities(out) + model.head.log_pi_[model.head.choice_]).log_softmax(-1)
-        confidence, target = self.own[idx].max(1)
-        keep = confidence > self.cfg.method.selflabel_threshold
-        return F.nll_loss(log_p[keep], target[keep]) if keep.any() else log_p.sum() * 0.0
+    def log_posteriors(self, logits: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+        """log p(k | x) of a batch's outputs (B, [H,] K) under the mixture's weights log_pi ([H,] K)."""
+        return (losses.batch_densities(logits) + log_pi).log_softmax(-1)
 
     def loss(self, stage, model: MixtureNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if stage.name == "pretrain":  # SimCLR: the instance loss alone, on projections of the net's features
-            proj = model.projector(model.net.features(torch.cat([self.strong_view(x), self.strong_view(x)])))
-            return losses.instance_contrast(*proj.chunk(2))
-        if stage.name == "selflabel":
-            return self.selflabel_loss(model, x, idx)
+        if stage.name == CONTRAST:  # SimCLR: the instance loss alone, on projections of the net's features
+            return self.scan.contrast_loss(model.net.features, model.projector, x)
+        if stage.name == SELFLABEL:  # the labelling sub-head's posteriors of a view, on the confident images' clusters
+            head = model.head.choice_
+            return self.scan.selflabel(self.log_posteriors(model.embed(self.view(x)), model.head.log_pi_[head]), idx)
         views = torch.cat([self.view(x), self.view(x)])  # two views of each image, one pass (shared BN)
         logits, proj = model.outputs_and_projections(views)
         k, s = self.cfg.k, self.cfg.method
         main, over = logits[:, :s.heads * k], logits[:, s.heads * k:]
         per_head, resp = self.mixture_loss(main.unflatten(1, (-1, k)), model.head.log_pi_)
         if s.neighbours and idx is not None:  # held images: their neighbours' posteriors are in the bank
-            per_head = per_head + s.neighbour_weight * self.neighbour_agreement(
-                main[:len(x)].unflatten(1, (-1, k)), model.head.log_pi_, idx)
+            log_p = self.log_posteriors(main[:len(x)].unflatten(1, (-1, k)), model.head.log_pi_)  # one view's
+            per_head = per_head + s.neighbour_weight * self.scan.agreement(log_p, idx)
         with torch.no_grad():
             h = per_head.detach().float()
             self.resp_sum = resp if self.resp_sum is None else self.resp_sum + resp

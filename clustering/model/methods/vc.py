@@ -12,10 +12,11 @@ from .. import losses
 from ..encoders import ConvAutoencoder, ConvNet
 from ..heads import SoftmaxHead
 from ...schedule import Stage, make_stages
-from .base import Clusterer, Recipe, Settings
+from .base import Clusterer, Recipe, fine_proba
+from .scan import CONTRAST, SELFLABEL, Scan, ScanSettings, projector
 
 
-class VCSettings(Settings):
+class VCSettings(ScanSettings):
     name: Literal["vc"] = "vc"
     on_features: ClassVar = False  # its Bernoulli decoder models pixels in 0..1
     consistency_weight: float = Field(1.0, ge=0, description="weight of two-view consistency on q(y|x) (0 = the "
@@ -32,7 +33,7 @@ class VCNet(Clusterer):
     p(z|y) = N(μ_y, σ_y²) learned, p(y) uniform, p(x|z) a Bernoulli conv decoder."""
 
     def __init__(self, channels: int, side: int, k: int, code_dim: int, widths: tuple[int, int],
-                 decoder_widths: tuple[int, ...], hidden: int = 256):
+                 decoder_widths: tuple[int, ...], hidden: int = 256, projected: bool = False):
         super().__init__()
         self.k = k
         self.trunk = ConvNet(channels, side, hidden, widths)  # x -> features
@@ -42,6 +43,7 @@ class VCNet(Clusterer):
         self.prior_logvar = nn.Parameter(torch.zeros(k, code_dim))
         self.decoder = ConvAutoencoder(channels, side, code_dim, decoder_widths).decoder
         self.head = SoftmaxHead()
+        self.projector = projector(hidden) if projected else None  # a representation stage's instance loss
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.trunk(x))  # (B, H)
@@ -67,15 +69,35 @@ class VC(Recipe):
 
     Settings = VCSettings
 
+    def __init__(self, cfg, channels: int, side: int, colour: bool = True):
+        super().__init__(cfg, channels, side, colour)
+        self.scan = Scan(cfg.method, channels, side, self.colour)  # SCAN's steps: `scan.py`
+
     def build(self) -> VCNet:
         c, s = self.cfg, self.cfg.method
-        return VCNet(self.channels, self.side, c.k, s.code_dim, s.conv_widths, s.ae_widths)
+        return VCNet(self.channels, self.side, c.k, s.code_dim, s.conv_widths, s.ae_widths,
+                     projected=bool(s.contrast_epochs))
 
     def stages(self) -> list[Stage]:
-        return make_stages(elbo=self.cfg.joint_epochs)
+        s = self.cfg.method
+        return make_stages(**{CONTRAST: s.contrast_epochs, "elbo": self.cfg.joint_epochs, SELFLABEL: s.selflabel_epochs})
+
+    def clusters_in(self, stage: Stage) -> bool:
+        return stage.name != CONTRAST  # before the ELBO, q(y|x) is untrained
+
+    def representation(self, model: VCNet):
+        return model.features if self.cfg.method.contrast_epochs else None
+
+    def start_epoch(self, stage, epoch, model: VCNet, images: torch.Tensor, comm) -> None:
+        if self.scan.needs_refresh(stage):
+            self.scan.refresh(model, images, comm, self.representation(model), fine_proba(model, images))
 
     def loss(self, stage, model: VCNet, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         s = self.cfg.method
+        if stage.name == CONTRAST:  # SimCLR: the instance loss alone, on projections of the encoder's features
+            return self.scan.contrast_loss(model.features, model.projector, x)
+        if stage.name == SELFLABEL:  # q(y|·) of a view, on the confident images' clusters
+            return self.scan.selflabel(model.embed(self.view(x)).log_softmax(-1), idx)
         two_views = s.consistency_weight > 0
         if two_views:  # the ELBO models view a; view b only informs q(y|·)
             x, x_b = self.view(x), self.view(x)
@@ -93,4 +115,6 @@ class VC(Recipe):
         loss = loss + s.balance_weight * losses.marginal_prior_kl(logits, log_prior_y)
         if two_views:
             loss = loss + s.consistency_weight * losses.view_consistency(logits, model.to_y(h_b))
+        if s.neighbours and idx is not None:  # held images: their neighbours' posteriors are banked
+            loss = loss + s.neighbour_weight * self.scan.agreement(logits.float().log_softmax(-1), idx)
         return loss
