@@ -2,6 +2,8 @@
 learnt features with its mined neighbours and self-labelling, for each seed objective (NMM, DCEC, VC); all on CPU
 with small data."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from clustering.comm import Comm
 from clustering.config import TrainConfig
 from clustering.data.sources import digits_source
 from clustering.model import neighbours
+from clustering.model.methods import build_method, embed_all, to_float
 from clustering.model.methods.nmm import NMMSettings
 from clustering.model.methods.scan import Scan
 from infra.local_s3 import free_port
@@ -86,12 +89,59 @@ def test_each_seed_objective_learns_a_representation_then_clusters_with_its_neig
     assert len(clusters.unique()) > 3
     learnt = engine.representation_of(cfg, model, x)  # where the label-free scores find neighbours
     assert learnt is not None and len(learnt) == len(x)
-    with pytest.raises(ValueError, match="neighbours are mined in the features that contrast_epochs learn"):
-        TrainConfig.of("test", method=method, neighbours=5)
+
+
+@pytest.mark.parametrize("method", list(SCAN_STAGES))
+def test_without_a_representation_stage_neighbours_are_mined_in_the_pixels_as_the_model_sees_them(method):
+    images = torch.from_numpy(digits_source().images[:200, None])
+    recipe = build_method(TrainConfig.of(method=method, k=10, neighbours=5), 1, 8)
+    model = recipe.build()
+    clustering = next(s for s in recipe.stages() if s.name in ("em", "elbo", "pretrain"))
+    recipe.start_epoch(clustering, clustering.start, model, images, Comm())
+    if method == "dcec":  # its neighbours are read in the joint stage, after pretraining
+        assert recipe.scan.knn is None
+        model.head.fit(embed_all(model, images))
+        joint = recipe.stages()[-1]
+        recipe.start_epoch(joint, joint.start, model, images, Comm())
+    assert torch.equal(recipe.scan.knn, neighbours.mine(to_float(images).flatten(1), Comm(), 5))
+
+
+# where each method's encoder (the representation) and what reads it live in its state dict
+ENCODER_AND_HEAD = {"nmm": ("net.net.0.", "net.net.6."), "dcec": ("ae.encoder.", "head."), "vc": ("trunk.", "to_y.")}
+
+
+@pytest.mark.parametrize("method", list(ENCODER_AND_HEAD))
+def test_a_frozen_representation_learns_in_its_stage_only_and_what_reads_it_learns_on(method):
+    cfg = TrainConfig.of(method=method, k=10, contrast_epochs=1, freeze_representation=True)
+    recipe = build_method(cfg, 1, 8)
+    model = recipe.build()
+    encoder, reader = ENCODER_AND_HEAD[method]
+    images = torch.from_numpy(digits_source().images[:64, None])
+    for stage in recipe.stages():  # before each epoch of each stage, as the engine calls it (a resume too)
+        if stage.name != "joint":  # (dcec's first joint epoch needs its head fitted by start_stage)
+            recipe.start_epoch(stage, stage.start, model, images, Comm())
+        learning = {key for key, p in model.named_parameters() if p.requires_grad}
+        held = {key for key, _ in model.named_parameters() if key.startswith(encoder)}
+        assert held and (held <= learning if stage.name == "contrast" else not held & learning), stage.name
+        assert any(key.startswith(reader) for key in learning)
+    with pytest.raises(ValueError, match="freeze_representation needs the representation"):
+        TrainConfig.of("test", method=method, freeze_representation=True)
+
+
+def test_a_frozen_representation_keeps_its_weights_through_a_run():
+    images = digits_source().images[:300, ..., None]
+    cfg = TrainConfig.of(method="nmm", k=10, joint_epochs=2, batch_size=128, contrast_epochs=1, neighbours=5,
+                         freeze_representation=True)
+    states = {}
+    engine.fit(images, cfg, log=lambda s: None, on_epoch=lambda e, m, f: states.update({e: copy.deepcopy(f())}))
+    after_contrast, last = states[0]["model"], states[2]["model"]
+    conv = [key for key in last if key.startswith("net.net.0.") and key.endswith("weight")]
+    assert conv and all(torch.equal(after_contrast[key], last[key]) for key in conv)
+    assert not torch.equal(after_contrast["net.net.6.weight"], last["net.net.6.weight"])  # the mixture's layer learns
 
 
 def test_neighbour_agreement_is_least_where_the_posteriors_match_the_neighbours_and_selflabels_only_the_confident():
-    scan = Scan(NMMSettings(neighbours=2, contrast_epochs=1, selflabel_threshold=0.9), 1, 8, colour=False)
+    scan = Scan(NMMSettings(neighbours=2, contrast_epochs=1, selflabel_threshold=0.9), "em", 1, 8, colour=False)
     own = torch.tensor([[0.95, 0.05], [0.6, 0.4], [0.02, 0.98]])
     scan.knn = torch.tensor([[1, 1], [0, 0], [1, 1]])  # image 0's and 2's neighbour: 1; image 1's: 0
     scan.own, scan.bank = own, own

@@ -88,7 +88,8 @@ class AEClustering(Recipe):
         self.targets: torch.Tensor | None = None  # (N_local, K): P of the held rows, fixed between refreshes
         self.freq: torch.Tensor | None = None  # (K,) f_j of the last refresh, over every rank's images (or sample)
         # SCAN's steps (`scan.py`) where the method offers them (those with a clustering stage)
-        self.scan = Scan(cfg.method, channels, side, self.colour) if isinstance(cfg.method, ScanSettings) else None
+        scan = isinstance(cfg.method, ScanSettings)
+        self.scan = Scan(cfg.method, "joint", channels, side, self.colour) if scan else None
 
     def build(self) -> ClusterNet:
         c, s = self.cfg, self.cfg.method
@@ -110,9 +111,12 @@ class AEClustering(Recipe):
 
     def start_epoch(self, stage: Stage, epoch: int, model: ClusterNet, images: torch.Tensor, comm: Comm) -> None:
         """The target P, refreshed every target_every epochs of the joint stage; and SCAN's neighbours and
-        posteriors where the epoch reads them. (ae_kmeans never gets here: it has neither stage.)"""
+        posteriors where the epoch reads them (ae_kmeans has neither: it pretrains, then k-means)."""
+        if self.scan:
+            self.scan.hold(model.ae.encoder, stage)
         q = None
-        if stage.name == "joint" and (self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0):
+        due = self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0
+        if stage.name == "joint" and due:
             q = fine_proba(model, images)  # (N, K)
             self.freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share
             self.targets = losses.cah_target(q, self.freq)

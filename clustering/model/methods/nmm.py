@@ -89,7 +89,7 @@ class NMM(Recipe):
 
     def __init__(self, cfg, channels: int, side: int, colour: bool = True):
         super().__init__(cfg, channels, side, colour)
-        self.scan = Scan(cfg.method, channels, side, self.colour)  # SCAN's steps: `scan.py`
+        self.scan = Scan(cfg.method, "em", channels, side, self.colour)  # SCAN's steps: `scan.py`
         self.resp_sum: torch.Tensor | None = None  # (H, K) Σ γ over this rank's batches in the current epoch
         self.head_loss_sum: torch.Tensor | None = None  # (H,) each sub-head's loss summed over those batches
 
@@ -112,6 +112,7 @@ class NMM(Recipe):
         """Before an epoch that needs them: the neighbours, mined once in the features the representation stage
         learnt (again after a resume, in the features as they are then), and every image's posterior now, which
         the epoch's steps read as their targets."""
+        self.scan.hold(model.net.net[:-1], stage)  # all but the mixture's output layer
         if self.scan.needs_refresh(stage):
             model.fit_normaliser(images, comm)
             self.scan.refresh(model, images, comm, self.representation(model), fine_proba(model, images))

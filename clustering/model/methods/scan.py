@@ -32,12 +32,15 @@ class ScanSettings(Settings):
                                   "images' clusters train the net as labels (SCAN's last step); 0 = none")
     selflabel_threshold: float = Field(0.99, gt=0, lt=1, description="self-labelling: the posterior an image needs "
                                        "to count as confident")
+    freeze_representation: bool = Field(False, description="after contrast_epochs, the encoder that learnt the "
+                                        "representation stops learning and only what reads its features trains "
+                                        "(false: it is fine-tuned, as SCAN does)")
 
     @model_validator(mode="after")
-    def _neighbours_need_a_representation(self) -> "ScanSettings":
-        if self.neighbours and not self.contrast_epochs:
-            raise ValueError("neighbours are mined in the features that contrast_epochs learn: set contrast_epochs "
-                             "(e.g. 100), or neighbours=0")
+    def _freezing_needs_a_representation(self) -> "ScanSettings":
+        if self.freeze_representation and not self.contrast_epochs:
+            raise ValueError("freeze_representation needs the representation that contrast_epochs learn: set "
+                             "contrast_epochs (e.g. 100), or freeze_representation=false")
         return self
 
 
@@ -48,11 +51,12 @@ def projector(feature_dim: int) -> nn.Module:
 
 
 class Scan:
-    """The state and losses of SCAN's steps for one recipe. `represent` is the function of float images giving the
-    learnt features; a recipe calls `refresh` before each epoch that reads neighbours or confident images."""
+    """The state and losses of SCAN's steps for one recipe, whose clustering objective trains in its stage named
+    `clustering`. `represent` is the function of float images giving the learnt features; a recipe calls `refresh`
+    before each epoch that reads neighbours or confident images (`needs_refresh`)."""
 
-    def __init__(self, settings: ScanSettings, channels: int, side: int, colour: bool):
-        self.s = settings
+    def __init__(self, settings: ScanSettings, clustering: str, channels: int, side: int, colour: bool):
+        self.s, self.clustering = settings, clustering
         self.strong_view = view_for(channels, "representation", side, colour)  # SimCLR's views in full
         self.knn: torch.Tensor | None = None  # (N_local, neighbours) global ids of each held image's neighbours
         self.bank: torch.Tensor | None = None  # (N, K) every image's posterior at the start of the epoch (all ranks)
@@ -63,14 +67,22 @@ class Scan:
         proj = project(represent(torch.cat([self.strong_view(x), self.strong_view(x)])))
         return losses.instance_contrast(*proj.chunk(2))
 
+    def hold(self, encoder: nn.Module, stage: Stage) -> None:
+        """With freeze_representation, the encoder learns in the representation stage only. Its parameters get no
+        gradient after it, which the optimizer and the gradient average skip; batch norm still normalises by batch.
+        Called before each epoch, so a resumed run holds it too."""
+        if self.s.freeze_representation:
+            encoder.requires_grad_(stage.name == CONTRAST)
+
     def needs_refresh(self, stage: Stage) -> bool:
-        return stage.name == SELFLABEL or (stage.name != CONTRAST and bool(self.s.neighbours))
+        return stage.name == SELFLABEL or (stage.name == self.clustering and bool(self.s.neighbours))
 
     def refresh(self, model: nn.Module, images: torch.Tensor, comm: Comm, represent, posteriors: torch.Tensor) -> None:
         """The neighbours, mined once in the learnt features (again after a resume, in the features as they are
         then), and every image's posterior now (N_local, K), which the epoch's steps read as their targets."""
         if self.s.neighbours and self.knn is None:
-            self.knn = nbrs.mine(embed_all(model, images, fn=represent), comm, self.s.neighbours)
+            space = represent or (lambda x: x.flatten(1))  # no representation stage: the pixels as the model sees them
+            self.knn = nbrs.mine(embed_all(model, images, fn=space), comm, self.s.neighbours)
         self.own = posteriors
         self.bank = nbrs.gather_all(posteriors, comm) if self.s.neighbours else None
 

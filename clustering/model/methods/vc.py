@@ -71,7 +71,7 @@ class VC(Recipe):
 
     def __init__(self, cfg, channels: int, side: int, colour: bool = True):
         super().__init__(cfg, channels, side, colour)
-        self.scan = Scan(cfg.method, channels, side, self.colour)  # SCAN's steps: `scan.py`
+        self.scan = Scan(cfg.method, "elbo", channels, side, self.colour)  # SCAN's steps: `scan.py`
 
     def build(self) -> VCNet:
         c, s = self.cfg, self.cfg.method
@@ -80,7 +80,8 @@ class VC(Recipe):
 
     def stages(self) -> list[Stage]:
         s = self.cfg.method
-        return make_stages(**{CONTRAST: s.contrast_epochs, "elbo": self.cfg.joint_epochs, SELFLABEL: s.selflabel_epochs})
+        return make_stages(**{CONTRAST: s.contrast_epochs, "elbo": self.cfg.joint_epochs,
+                              SELFLABEL: s.selflabel_epochs})
 
     def clusters_in(self, stage: Stage) -> bool:
         return stage.name != CONTRAST  # before the ELBO, q(y|x) is untrained
@@ -89,6 +90,7 @@ class VC(Recipe):
         return model.features if self.cfg.method.contrast_epochs else None
 
     def start_epoch(self, stage, epoch, model: VCNet, images: torch.Tensor, comm) -> None:
+        self.scan.hold(model.trunk, stage)
         if self.scan.needs_refresh(stage):
             self.scan.refresh(model, images, comm, self.representation(model), fine_proba(model, images))
 
