@@ -9,6 +9,9 @@
 - idec: the same objective (IDEC's L_r + γ L_c is KL + (1/γ)·MSE); the MLP encoder in its paper.
 - dec: the joint stage drops the decoder (KL alone).
 - ae_kmeans: no joint stage, k-means on the pretrained codes.
+dcec, idec and dec can compose SCAN's steps (`scan.py`): a representation stage trains the codes on SimCLR's instance
+loss before the AE pretrains (contrast_epochs), Q agrees with a mined neighbour's Q in the joint stage (neighbours),
+and the confident images self-label after it (selflabel_epochs). The final labels stay k-means on the codes.
 The encoder is `train.encoder` (conv for dcec, mlp for dec/idec in the papers).
 """
 from __future__ import annotations

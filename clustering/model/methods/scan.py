@@ -1,6 +1,6 @@
 """SCAN's steps (Van Gansbeke et al. 2020) as one block that any clustering objective composes: a representation
 stage (SimCLR's instance loss alone, its views at full strength), each image's neighbours mined once in the
-features it learnt, agreement of an image's posterior with a mined neighbour's, and self-labelling on the
+features it learnt (or in the pixels, without it), agreement of an image's posterior with a mined neighbour's, and self-labelling on the
 confident images. The seed objectives (NMM's EM, DCEC's hardening, VC's mixture) stay the clustering loss."""
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ class ScanSettings(Settings):
     """The settings of SCAN's steps, shared by the methods that offer them (`train.method.KEY`)."""
     contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before clustering (SimCLR "
                                  "pretraining, as SCAN's first step: the representation stage); 0 = none")
-    neighbours: int = Field(0, ge=0, description="after contrast_epochs: each image's N nearest images in the learnt "
-                            "features are mined once (SCAN's 20), and its posterior should agree with a neighbour's; "
-                            "0 = none. Images held in memory only (not train.input=stream)")
+    neighbours: int = Field(0, ge=0, description="each image's N nearest images, mined once in the features that "
+                            "contrast_epochs learnt, else in the pixels as the model sees them (SCAN's 20): its "
+                            "posterior should agree with a neighbour's; 0 = none. Images held in memory only (not "
+                            "train.input=stream)")
     neighbour_weight: float = Field(1.0, ge=0, description="weight of the agreement with a mined neighbour")
     selflabel_epochs: int = Field(0, ge=0, description="epochs of self-labelling after clustering: the confident "
                                   "images' clusters train the net as labels (SCAN's last step); 0 = none")

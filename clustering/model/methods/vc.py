@@ -65,6 +65,9 @@ class VC(Recipe):
     - balance: KL(q̄(y) ‖ p(y)) over the batch (weight balance_weight), so every cluster stays in use;
     - consistency: two augmented views of an image get the same y, SCAN's −log<q(y|a), q(y|b)>
       (weight consistency_weight; 0 = no views: the ELBO and balance term on the images alone).
+    SCAN's steps (`scan.py`) can come before, alongside and after the ELBO: a representation stage trains the
+    encoder's features (contrast_epochs), q(y|x) agrees with a mined neighbour's (neighbours), and the confident
+    images self-label (selflabel_epochs).
     """
 
     Settings = VCSettings
