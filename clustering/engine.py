@@ -348,6 +348,16 @@ def on_features(data: TrainInput, cfg: TrainConfig) -> TrainInput:
     return MemoryInput.of_features(feats.cpu().numpy(), data.image_shape, data.sample.device, data.sample_labels)
 
 
+def check_held(data: TrainInput, cfg: TrainConfig) -> None:
+    """SCAN's neighbours and self-labelling read rows of the held images (an image's neighbours, its posterior at the
+    start of the epoch), which streamed batches do not carry: refused before training, not at the run's last stage."""
+    held = [key for key in ("neighbours", "selflabel_epochs") if getattr(cfg.method, key, 0)]
+    if data.streamed and held:
+        raise ValueError(f"train.method.{held[0]}={getattr(cfg.method, held[0])} needs the images held in memory, and "
+                         f"this run streams them (train.input={cfg.input}): set train.input=memory (raising "
+                         f"train.memory_budget_gb where auto chose the stream), or train.method.{held[0]}=0")
+
+
 def fit(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm = Comm(), device: torch.device | str = "cpu",
         resume: dict | None = None, on_epoch: EpochCallback | None = None, log: Callable[[str], None] = print,
         until: int | None = None):
@@ -360,6 +370,7 @@ def fit(data: TrainInput | np.ndarray, cfg: TrainConfig, comm: Comm = Comm(), de
     """
     device = torch.device(device)
     data = on_features(as_input(data, device), cfg)
+    check_held(data, cfg)
     if data.n == 0:
         raise ValueError(f"rank {comm.rank} has no samples: use at least as many shards as workers")
     run, start = start_run(data, cfg, comm, device, resume, log)

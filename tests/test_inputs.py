@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from clustering import engine
 from clustering.data import inputs, shards
 from clustering.comm import Comm
 from clustering.config import TrainConfig
@@ -43,6 +44,19 @@ def test_a_stream_steps_as_asked_and_yields_every_image(digit_shards):
     assert set(seen) == set(image_set(images))  # 3,840 draws: one whole pass and more
     assert len(list(data.batches(1, 5, 128, seed=0, rank=0))) == 5  # the next epoch goes on with the same stream
     data.close()
+
+
+def test_a_streamed_run_that_needs_held_images_is_refused_before_it_trains(digit_shards):
+    root, manifest, _ = digit_shards
+    for key in ("neighbours", "selflabel_epochs"):
+        cfg = TrainConfig.of(shards=root, input="stream", loader_workers=0, method="nmm", **{key: 5})
+        data = open_quiet(cfg, manifest)
+        try:
+            with pytest.raises(ValueError, match=f"train.method.{key}=5 needs the images held in memory.*"
+                                                 "train.input=memory"):
+                engine.fit(data, cfg, log=lambda s: pytest.fail("it trained"))
+        finally:
+            data.close()
 
 
 def test_the_same_seed_streams_the_same_batches(digit_shards):
