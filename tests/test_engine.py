@@ -55,7 +55,7 @@ def test_resume_continues_from_the_checkpoint(digits, method):
 @pytest.mark.parametrize("method, clustering_epochs", [("nmm", [3, 4]), ("dcec", [1, 2, 3, 4, 5, 6])])
 def test_clusters_along_a_run_come_from_stages_that_cluster_and_leave_the_run_as_it_was(digits, method, clustering_epochs):
     images, _ = digits
-    cfg = small(method=method, pretrain_epochs=2, contrast_epochs=2, joint_epochs=3)  # 2 contrast, dcec 2 AE, 3 clustering
+    cfg = small(method=method, pretrain_epochs=2, contrast_epochs=2, joint_epochs=3)  # +2 AE for dcec
     x, seen, final = engine.device_images(images, "cpu"), {}, {}
     along = engine.while_clustering(cfg, 1, lambda epoch, state: seen.update({epoch: engine.clusters_now(state, x)}))
 
