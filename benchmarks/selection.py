@@ -4,7 +4,8 @@
 
 Trains every combination of --space (the syntax of `tune.space`) for each seed, in this process, and scores each
 run with the tune job's label-free scores (clustering.metrics.LabelFreeScores; a run that learnt a representation,
-NMM with contrast_epochs, on its own features' neighbours, with their purity beside) and with ACC. For each seed it shows
+any method with train.method.contrast_epochs, on its own features' neighbours, with their purity beside) and with
+ACC. For each seed it shows
 the run each score picks and its ACC against the best ACC among the runs (docs/DESIGN.md §5: within 0.02, and k = 10
 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of the test suite.
 
