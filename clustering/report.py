@@ -242,7 +242,7 @@ def bokeh_js() -> str:
 
 def as_model_sees(image: np.ndarray) -> np.ndarray:
     """A decoded uint8 image (H, W, C) with its levels stretched, as the model's input is (`model/levels.py`)."""
-    x = levels.pixels_to_input(torch.from_numpy(image).permute(2, 0, 1)[None])[0]
+    x = levels.pixels_to_input(torch.tensor(image).permute(2, 0, 1)[None])[0]  # a copy: decoded arrays are read-only
     return x.permute(1, 2, 0).mul_(255).round_().to(torch.uint8).numpy()
 
 

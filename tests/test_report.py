@@ -3,12 +3,14 @@ Chromium (Debian's package; the rendering test says so and skips where it is not
 import re
 import shutil
 import subprocess
+import warnings
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from clustering import DeepClusterer
+from clustering import DeepClusterer, report
 from clustering.data import shards
 from clustering.config import PipelineConfig, PredictConfig, load_config
 from clustering.predict import run_predict
@@ -99,3 +101,13 @@ def test_the_report_renders_in_headless_chromium_with_one_grid_per_cluster(page,
     subprocess.run(run + [f"--screenshot={shot}", "--window-size=1200,2000", f"file://{uri}"], capture_output=True,
                    timeout=120)
     assert shot.stat().st_size > 10_000  # a page with pictures, not a blank one
+
+
+def test_the_model_s_view_of_a_read_only_decoded_image_is_stretched_without_a_warning():
+    image = np.full((4, 4, 1), 100, np.uint8)
+    image[0, 0] = 50
+    image.setflags(write=False)  # as a decoded shard's array comes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seen = report.as_model_sees(image)
+    assert seen.max() == 255 and seen[0, 0, 0] == 128  # stretched so that the brightest pixel is white
