@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 35's GPU run, prepared as one call: CIFAR-10 through the representation path (SimCLR stage, EM with mined
+# neighbours, self-labelling) with quality.py, on a lent GPU machine (torch there; no Ray, no package index).
+#
+# Here, before the call (from the repository root):
+#   bash benchmarks/gpu_photos.sh prepare     # .whl/: pydantic and PyYAML for CPython 3.12 (3.6 MB);
+#                                             # .data/cifar10-jpg.tar.gz (19 MB): both git-ignored, carried
+# Then one device call, e.g. with carry [".whl", ".data"] and a timeout that leaves a minute to spare:
+#   bash benchmarks/gpu_photos.sh cifar       # writes $OUT/cifar-<method>.json and its log
+#
+# quality.py needs neither Ray nor webdataset: a CIFAR-10 folder is read directly. The schedule is set by the
+# environment, sized to the device's time: CONTRAST (epochs of the representation stage), EM (clustering
+# epochs), SELFLABEL, METHOD (nmm, dcec or vc), OVER (train.over_cluster), SAMPLE (images; empty: all 50,000 of
+# train/), LIMIT_S (seconds before the run is stopped), EXTRA (more --set values, e.g. nmm's
+# "train.method.instance_weight=1.0", which kept the features from drifting during EM on CPU). Epochs of ResNet-18 on 50,000 images at 32 px are not
+# measured on this code yet: the log has each epoch's seconds (--progress), so the next call can be sized from it.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+
+prepare() {
+  local data=${DICL_SHARED_DATA:-$root/../shared/data}
+  mkdir -p "$root/.whl" "$root/.data"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$root/.whl" \
+    pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml
+  cp "$data/cifar10-jpg.tar.gz" "$root/.data/"
+  du -sh "$root/.whl" "$root/.data"
+}
+
+cifar() {
+  local out=${OUT:-$root/outputs/gpu}
+  local method=${METHOD:-nmm} contrast=${CONTRAST:-100} em=${EM:-30} selflabel=${SELFLABEL:-10}
+  mkdir -p "$out" /tmp/site /tmp/cifar
+  if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$root"/.whl/*.whl
+    export PYTHONPATH=/tmp/site:$root
+  else
+    export PYTHONPATH=$root  # an environment that has the project's requirements already
+  fi
+  [ -d /tmp/cifar/train ] || tar -xzf "$root/.data/cifar10-jpg.tar.gz" -C /tmp/cifar  # train/<class>/*.jpg, test/
+  local encoder=resnet18
+  [ "$method" = nmm ] || encoder=conv  # resnet18 is nmm's encoder; dcec and vc build their own conv nets
+  cd "$here"
+  timeout "${LIMIT_S:-540}" python3 quality.py --data /tmp/cifar/train ${SAMPLE:+--sample "$SAMPLE"} --seeds 0 \
+    --progress --out "$out/cifar-$method.json" \
+    --set train.method="$method" train.encoder="$encoder" train.batch_size=512 train.over_cluster="${OVER:-4}" \
+    train.method.contrast_epochs="$contrast" train.method.neighbours=20 train.joint_epochs="$em" \
+    train.method.selflabel_epochs="$selflabel" ${EXTRA:-} 2>&1 | tee "$out/cifar-$method.log"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  cifar) cifar ;;
+  *) echo "usage: bash benchmarks/gpu_photos.sh prepare|cifar (see the comments at its top)" >&2; exit 2 ;;
+esac
