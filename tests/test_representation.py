@@ -156,6 +156,7 @@ def test_neighbour_agreement_is_least_where_the_posteriors_match_the_neighbours_
     expected = -(log_p[0, 0] + log_p[2, 1]) / 2
     torch.testing.assert_close(scan.selflabel(log_p, idx), expected)
 
+
 def test_modularity_on_representation_neighbours_follows_the_representation_not_the_pixels():
     """Pixels that group by brightness, features that group by class: the label-free scores on the features find the
     classes, and say which space they scored in; the neighbours' purity is there for information."""
