@@ -5,9 +5,9 @@
 Trains every combination of --space (the syntax of `tune.space`) for each seed, in this process, and scores each
 run with the tune job's label-free scores (clustering.metrics.LabelFreeScores; a run that learnt a representation,
 any method with train.method.contrast_epochs, on its own features' neighbours, with their purity beside) and with
-ACC. For each seed it shows
-the run each score picks and its ACC against the best ACC among the runs (docs/DESIGN.md §5: within 0.02, and k = 10
-found among 6..16 on MNIST). Prints a table and writes JSON. Not part of the test suite.
+ACC. For each seed it shows the run each score picks and its ACC against the best ACC among the runs
+(docs/DESIGN.md §5: within 0.02, and k = 10 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of
+the test suite.
 
 --predictions keeps every run's clusters (.npz); --rescore scores such a file again with the current label-free
 scores, without training, to compare a new score on the same runs.

@@ -1,7 +1,8 @@
 """SCAN's steps (Van Gansbeke et al. 2020) as one block that any clustering objective composes: a representation
 stage (SimCLR's instance loss alone, its views at full strength), each image's neighbours mined once in the
-features it learnt (or in the pixels, without it), agreement of an image's posterior with a mined neighbour's, and self-labelling on the
-confident images. The seed objectives (NMM's EM, DCEC's hardening, VC's mixture) stay the clustering loss."""
+features it learnt (or in the pixels, without it), agreement of an image's posterior with a mined neighbour's, and
+self-labelling on the confident images. The seed objectives (NMM's EM, DCEC's hardening, VC's mixture) stay the
+clustering loss."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +37,12 @@ class ScanSettings(Settings):
     freeze_representation: bool = Field(False, description="after contrast_epochs, the encoder that learnt the "
                                         "representation stops learning and only what reads its features trains "
                                         "(false: it is fine-tuned, as SCAN does)")
+
+    @property
+    def held_setting(self) -> str | None:
+        """The first setting that reads rows of the held images (an image's neighbours, its posterior at the start of
+        the epoch), which streamed batches do not carry; None where none is set."""
+        return next((key for key in ("neighbours", "selflabel_epochs") if getattr(self, key)), None)
 
     @model_validator(mode="after")
     def _freezing_needs_a_representation(self) -> "ScanSettings":
