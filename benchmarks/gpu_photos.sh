@@ -3,16 +3,17 @@
 # neighbours, self-labelling) with quality.py, on a lent GPU machine (torch there; no Ray, no package index).
 #
 # Here, before the call (from the repository root):
-#   bash benchmarks/gpu_photos.sh prepare     # .whl/: pydantic and PyYAML for CPython 3.12 (3.6 MB);
+#   bash benchmarks/gpu_photos.sh prepare     # .whl/: pydantic, PyYAML and kornia for CPython 3.12 (11 MB);
 #                                             # .data/cifar10-jpg.tar.gz (19 MB): both git-ignored, carried
 # Then one device call, e.g. with carry [".whl", ".data"] and a timeout that leaves a minute to spare:
 #   bash benchmarks/gpu_photos.sh cifar       # writes $OUT/cifar-<method>.json and its log
 #
 # quality.py needs neither Ray nor webdataset: a CIFAR-10 folder is read directly. The schedule is set by the
-# environment, sized to the device's time: CONTRAST (epochs of the representation stage), EM (clustering
-# epochs), SELFLABEL, METHOD (nmm, dcec or vc), OVER (train.over_cluster), SAMPLE (images; empty: all 50,000 of
-# train/), LIMIT_S (seconds before the run is stopped), EXTRA (more --set values, e.g. nmm's
-# "train.method.instance_weight=1.0", which kept the features from drifting during EM on CPU). Epochs of ResNet-18 on 50,000 images at 32 px are not
+# environment, sized to the device's time: CONTRAST (epochs of the representation stage), EM (clustering epochs),
+# SELFLABEL, METHOD (nmm, dcec or vc), PRETRAIN (dcec's own pretraining, after the representation stage; 0), OVER
+# (train.over_cluster), SAMPLE (images; empty: all 50,000 of train/), LIMIT_S (seconds before the run is stopped),
+# EVAL (epochs between ACC lines in the log), EXTRA (more --set values, e.g. nmm's "train.method.instance_weight=1.0",
+# which kept the features from drifting during EM on CPU). Epochs of ResNet-18 on 50,000 images at 32 px are not
 # measured on this code yet: the log has each epoch's seconds (--progress), so the next call can be sized from it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -23,7 +24,7 @@ prepare() {
   mkdir -p "$root/.whl" "$root/.data"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$root/.whl" \
-    pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml
+    pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml kornia kornia-rs
   cp "$data/cifar10-jpg.tar.gz" "$root/.data/"
   du -sh "$root/.whl" "$root/.data"
 }
@@ -39,14 +40,20 @@ cifar() {
     export PYTHONPATH=$root  # an environment that has the project's requirements already
   fi
   [ -d /tmp/cifar/train ] || tar -xzf "$root/.data/cifar10-jpg.tar.gz" -C /tmp/cifar  # train/<class>/*.jpg, test/
-  local encoder=resnet18
+  local encoder=resnet18 own=()
   [ "$method" = nmm ] || encoder=conv  # resnet18 is nmm's encoder; dcec and vc build their own conv nets
+  case "$method" in  # the autoencoders' own pretraining follows the representation stage: none unless PRETRAIN says
+    dcec|idec|dec) own=(train.method.pretrain_epochs="${PRETRAIN:-0}") ;;
+  esac
   cd "$here"
+  # the checkpoint stays on the machine: a second call while it is warm continues the run (a ResNet-18 with its Adam
+  # state is over a call's carry); the ACC every EVAL epochs is in the log even where the time limit stops the run
   timeout "${LIMIT_S:-540}" python3 quality.py --data /tmp/cifar/train ${SAMPLE:+--sample "$SAMPLE"} --seeds 0 \
-    --progress --out "$out/cifar-$method.json" \
+    --progress --eval-every "${EVAL:-20}" --checkpoint /tmp/dicl-checkpoints --out "$out/cifar-$method.json" \
     --set train.method="$method" train.encoder="$encoder" train.batch_size=512 train.over_cluster="${OVER:-4}" \
+    train.checkpoint_every=5 \
     train.method.contrast_epochs="$contrast" train.method.neighbours=20 train.joint_epochs="$em" \
-    train.method.selflabel_epochs="$selflabel" ${EXTRA:-} 2>&1 | tee "$out/cifar-$method.log"
+    train.method.selflabel_epochs="$selflabel" "${own[@]}" ${EXTRA:-} 2>&1 | tee "$out/cifar-$method.log"
 }
 
 case "${1:-}" in

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from kornia.augmentation import RandomGaussianBlur
 
 from clustering import engine
-from clustering.model.augment import gaussian_blur, hue_jitter, simclr_view
+from clustering.model.augment import photo_views, rgb_view, simclr_view
 from clustering.comm import Comm
 from clustering.config import TrainConfig
 from clustering.data.sources import digits_source
@@ -55,16 +56,21 @@ def test_purity_counts_neighbours_of_the_same_class():
     assert neighbours.purity(nbrs, labels) == pytest.approx((1 + 0.5 + 0.5 + 0.5) / 4)
 
 
+def blurs(strength: str, height: int, width: int) -> int:
+    return sum(isinstance(step, RandomGaussianBlur) for step in photo_views(strength, height, width))
+
+
 def test_simclr_views_at_full_strength_keep_gray_gray_and_blur_only_where_the_size_allows():
-    gray = torch.full((4, 3, 40, 40), 0.5)
-    assert torch.allclose(hue_jitter(gray, 0.5, 1.0), gray, atol=1e-5)  # a hue turn leaves gray as it is
-    small = torch.rand(2, 3, 16, 16)
-    assert torch.equal(gaussian_blur(small, p=1.0), small)  # CIFAR-sized and smaller: no blur, as SimCLR
-    big = torch.rand(2, 3, 64, 64)
-    blurred = gaussian_blur(big, p=1.0)
-    assert blurred.std() < big.std() and blurred.min() >= 0 and blurred.max() <= 1
-    view = simclr_view(torch.rand(8, 3, 32, 32))
-    assert view.shape == (8, 3, 32, 32) and 0 <= view.min() and view.max() <= 1
+    torch.manual_seed(0)
+    gray = torch.rand(8, 1, 40, 40).expand(8, 3, 40, 40).contiguous()
+    view = simclr_view(gray)  # jitter, hue and grayscale leave a gray image gray; crops and flips move it
+    assert view.shape == gray.shape and 0 <= view.min() and view.max() <= 1
+    assert torch.allclose(view[:, 0], view[:, 1], atol=1e-4) and torch.allclose(view[:, 1], view[:, 2], atol=1e-4)
+    assert not torch.allclose(view, gray)
+    assert blurs("representation", 32, 32) == blurs("representation", 16, 64) == 0  # CIFAR's size: none, as SimCLR
+    assert blurs("representation", 64, 48) == 1 and blurs("clustering", 64, 64) == 0
+    big = torch.rand(4, 3, 64, 64)
+    assert simclr_view(big).shape == big.shape and rgb_view(big).shape == big.shape
 
 
 # each seed objective's stages around SCAN's: the representation stage first, self-labelling last
