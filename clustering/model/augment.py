@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 
-def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1),
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1,
+                  scale: tuple[float, float] = (0.9, 1.1), generator: torch.Generator | None = None) -> torch.Tensor:
     """Small random rotation, shift and zoom per image (the 'small affine' for digits)."""
     b = len(x)
     rand = lambda: torch.rand(b, device=x.device, generator=generator)  # noqa: E731
@@ -34,11 +34,13 @@ def digits_view(x: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def photo_views(strength: str, height: int, width: int) -> torch.nn.Module:
-    """kornia's batched augmentations for photographs of height x width px (built once per size; they hold no
-    weights, so one module serves every device). 'clustering': crop (0.2..1 of the area) + flip, colour jitter (0.4) at p 0.8,
-    grayscale at p 0.2. 'representation', SimCLR's in full: crop (0.08..1) + flip, colour jitter (0.4) with hue
-    (0.1) at p 0.8, grayscale at p 0.2, and blur at p 0.5 with a kernel of a tenth of the side, on images larger than
-    CIFAR's 32 px (SimCLR leaves blur out there: it erases what little there is)."""
+    """kornia's batched augmentations for photographs of height x width px, built once per size (they hold no
+    weights, so one module serves every device; kornia draws their parameters on the CPU and copies them over without
+    waiting on the device).
+    - 'clustering': crop (0.2..1 of the area) + flip, colour jitter (0.4) at p 0.8, grayscale at p 0.2.
+    - 'representation', SimCLR's in full: crop (0.08..1) + flip, colour jitter (0.4) with hue (0.1) at p 0.8,
+      grayscale at p 0.2, and blur at p 0.5 with a kernel of a tenth of the side, on images larger than CIFAR's
+      32 px (SimCLR leaves blur out there: it erases what little there is)."""
     import kornia.augmentation as K  # here, not at import: training workers that see no photographs skip it
 
     full = strength == "representation"
