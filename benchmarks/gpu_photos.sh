@@ -53,7 +53,7 @@ cifar() {
     --set train.method="$method" train.encoder="$encoder" train.batch_size=512 train.over_cluster="${OVER:-4}" \
     train.checkpoint_every=5 \
     train.method.contrast_epochs="$contrast" train.method.neighbours=20 train.joint_epochs="$em" \
-    train.method.selflabel_epochs="$selflabel" "${own[@]}" ${EXTRA:-} 2>&1 | tee "$out/cifar-$method.log"
+    train.method.selflabel_epochs="$selflabel" ${own[@]+"${own[@]}"} ${EXTRA:-} 2>&1 | tee "$out/cifar-$method.log"
 }
 
 case "${1:-}" in
