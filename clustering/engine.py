@@ -22,7 +22,6 @@ from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import MemoryInput, TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
 from .model.methods import build_method, embed_all, fine_proba, predict_all, to_float
-from .model.methods.scan import ScanSettings
 from .metrics import LabelFreeScores, evenness, merge_by_modularity, sample_index
 from .schedule import Stage, stage_at, steps_per_epoch
 
@@ -352,7 +351,7 @@ def on_features(data: TrainInput, cfg: TrainConfig) -> TrainInput:
 def check_held(data: TrainInput, cfg: TrainConfig) -> None:
     """SCAN's neighbours and self-labelling read rows of the held images: a streamed run is refused before training,
     not at its last stage."""
-    key = cfg.method.held_setting if isinstance(cfg.method, ScanSettings) else None
+    key = cfg.method.held_setting
     if data.streamed and key:
         raise ValueError(f"train.method.{key}={getattr(cfg.method, key)} needs the images held in memory, and this "
                          f"run streams them (train.input={cfg.input}): set train.input=memory (raising "

@@ -48,8 +48,9 @@ def photo_views(strength: str, height: int, width: int) -> torch.nn.Module:
              K.RandomHorizontalFlip(),
              K.ColorJitter(0.4, 0.4, 0.4, 0.1 if full else 0.0, p=0.8),
              K.RandomGrayscale(p=0.2)]
-    if full and min(height, width) > 32:
-        steps.append(K.RandomGaussianBlur(max(3, (min(height, width) // 10) | 1), (0.1, 2.0), p=0.5))  # odd
+    side = min(height, width)
+    if full and side > 32:
+        steps.append(K.RandomGaussianBlur(max(3, (side // 10) | 1), (0.1, 2.0), p=0.5))  # odd
     return torch.nn.Sequential(*steps)
 
 

@@ -117,8 +117,9 @@ class AEClustering(Recipe):
         posteriors where the epoch reads them (ae_kmeans has neither: it pretrains, then k-means)."""
         if self.scan:
             self.scan.hold(model.ae.encoder, stage)
-        q, joint = None, stage.name == "joint"
-        if joint and (self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0):
+        q = None
+        due = self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0
+        if stage.name == "joint" and due:
             q = fine_proba(model, images)  # (N, K)
             self.freq = comm.sum(q.sum(0))  # f_j over the whole corpus, not one worker's share
             self.targets = losses.cah_target(q, self.freq)

@@ -22,6 +22,12 @@ class Settings(BaseModel):
     # train.over_cluster's default: fine clusters per cluster, merged into k on the neighbour graph at the run's end
     over_cluster: ClassVar[int] = 1
 
+    @property
+    def held_setting(self) -> str | None:
+        """The first setting that reads rows of the held images, which streamed batches do not carry (SCAN's);
+        None where none is set."""
+        return None
+
 
 class TrainSettings(Protocol):
     """What a recipe reads of the train config: config.py's TrainConfig, which holds the methods' settings and so
