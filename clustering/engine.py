@@ -411,40 +411,49 @@ RESTART_SAMPLE = 5_000  # images, over every rank, on whose neighbour graph each
 def start_modularity(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = RESTART_SAMPLE) -> float:
     """`LabelFreeScores.modularity` of a start's clusters on the neighbour graph of a seeded sample of the images x,
     gathered from every rank (`graph_sample`), as the tune job scores a trial. Every rank scores alike."""
-    scores, clusters = graph_sample(model, cfg, x, comm, most, lambda local: predict_all(model, local)[0])
-    return scores.modularity(clusters)
+    scores, clusters = graph_sample(model, cfg, x, comm, most, lambda local: predict_all(model, local)[0].argmax(1))
+    return scores.modularity(clusters[:, 0])
 
 
 MERGE_SAMPLE = 10_000  # images, over every rank, on whose neighbour graph fine clusters are merged
+MERGE_VIEWS = 8  # random views of each sampled image whose fine clusters link it to others (`merge_by_modularity`)
 
 
 def merge_fine_clusters(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = MERGE_SAMPLE) -> int:
     """Set the model's map of its cfg.fine_k fine clusters into cfg.k (`metrics.merge_by_modularity`) on the
-    neighbour graph of a seeded sample of the images x over every rank (`graph_sample`). Every rank gathers the same
-    rows and sets the same map. Returns how many fine clusters hold a sampled image."""
+    neighbour graph of a seeded sample of the images x over every rank (`graph_sample`), with the fine clusters of
+    MERGE_VIEWS seeded views of each (`views_of`) where the method trains its views to agree. Every rank gathers the
+    same rows and sets the same map. Returns how many fine clusters hold a sampled image."""
     inner = trainee(model)
-    scores, fine = graph_sample(model, cfg, x, comm, most, lambda local: fine_proba(inner, features_of(model, local)))
-    merge = merge_by_modularity(scores.graph(), fine[scores.index], cfg.fine_k, cfg.k)
+    views = MERGE_VIEWS if cfg.method.agrees_across_views else 0
+
+    def fine_clusters(local: torch.Tensor) -> torch.Tensor:  # (S, 1 + views): the image's, then its views'
+        seen = [local] + [views_of(local, seed=r) for r in range(views)]
+        return torch.stack([fine_proba(inner, features_of(model, v)).argmax(1) for v in seen], 1)
+    scores, fine = graph_sample(model, cfg, x, comm, most, fine_clusters)
+    fine = fine[scores.index]
+    merge = merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:])
     inner.merge_.copy_(torch.from_numpy(merge))
-    return len(np.unique(fine))
+    return len(np.unique(fine[:, 0]))
 
 
 def graph_sample(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int,
-                 proba: Callable[[torch.Tensor], torch.Tensor]) -> tuple[LabelFreeScores, np.ndarray]:
-    """(the scores of a seeded sample of up to `most` images x over every rank, each sampled image's cluster by
-    `proba` of the local images) for the label-free rules on the neighbour graph: in the representation where the
-    model learnt one, else in pixels as the model sees them (or a frozen backbone's features). Every rank gathers
-    the same rows."""
+                 assign: Callable[[torch.Tensor], torch.Tensor]) -> tuple[LabelFreeScores, np.ndarray]:
+    """(the scores of a seeded sample of up to `most` images x over every rank, (S, C) the cluster ids that `assign`
+    gives each sampled image from the local ones) for the label-free rules on the neighbour graph: in the
+    representation where the model learnt one, else in pixels as the model sees them (or a frozen backbone's
+    features). Every rank gathers the same rows."""
     per_rank = max(1, most // comm.world)
     local = x[torch.from_numpy(sample_index(len(x), per_rank, seed=comm.rank)).to(x.device)]
-    clusters = proba(local).argmax(1)
+    clusters = assign(local).reshape(len(local), -1)
     learnt = representation_of(cfg, model, local)
     if learnt is not None:
         points = torch.from_numpy(learnt).to(x.device)
     else:  # pixels as the model sees them (levels stretched: a tinted capture links to its clean look-alikes)
         points = (to_float(local) * 255).round() if local.dtype == torch.uint8 else local
-    rows = comm.gather(torch.cat([points.flatten(1).float(), clusters[:, None].float()], 1), per_rank).cpu().numpy()
-    points, clusters = rows[:, :-1], rows[:, -1].astype(np.int64)
+    c = clusters.shape[1]
+    rows = comm.gather(torch.cat([points.flatten(1).float(), clusters.float()], 1), per_rank).cpu().numpy()
+    points, clusters = rows[:, :-c], rows[:, -c:].astype(np.int64)
     if learnt is None and x.dtype == torch.uint8:
         points = points.astype(np.uint8)  # pixels, which the scores read as such
     return LabelFreeScores(points, sample=len(points)), clusters

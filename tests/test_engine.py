@@ -7,7 +7,7 @@ import torch
 from clustering import engine, metrics
 from clustering.comm import Comm
 from clustering.config import TrainConfig
-from clustering.model.methods import NMM, RECIPES, Clusterer, fine_proba, predict_all, settings_keys
+from clustering.model.methods import NMM, RECIPES, Clusterer, build_method, fine_proba, predict_all, settings_keys
 from clustering.data.sources import digits_source
 from clustering.model.levels import pixels_to_input
 
@@ -230,10 +230,18 @@ def test_fine_clusters_are_merged_into_k_on_the_neighbour_graph_and_the_checkpoi
     x = engine.device_images(images, "cpu")
     fine = fine_proba(model, x).argmax(1).numpy()
     assert model.head.log_pi_.shape[-1] == 30 and len(np.unique(fine)) > 10  # it learnt 3k fine clusters
-    # the map: each fine cluster's cluster by modularity on the pixel graph (as the model sees them), recomputed here
-    seen = (pixels_to_input(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    # the map: each fine cluster's cluster by modularity on the pixel graph (as the model sees them) of the engine's
+    # seeded sample, with the fine clusters of the seeded views of it, recomputed here
+    local = x[torch.from_numpy(metrics.sample_index(len(x), engine.MERGE_SAMPLE))]
+    seen = (pixels_to_input(local) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     graph = metrics.LabelFreeScores(seen, sample=len(images))
-    expected = metrics.merge_by_modularity(graph.graph(), fine[graph.index], 30, 10)
+    views = torch.stack([fine_proba(model, engine.views_of(local, seed=r)).argmax(1)
+                         for r in range(engine.MERGE_VIEWS)], 1).numpy()
+    expected = metrics.merge_by_modularity(graph.graph(), fine_proba(model, local).argmax(1).numpy()[graph.index],
+                                           30, 10, views=views[graph.index])
+    # views are read where the method trains them to agree: nmm's two-view consistency, not dcec's k-means on codes
+    assert cfg.method.agrees_across_views and not small(method="nmm", consistency_weight=0).method.agrees_across_views
+    assert not small(method="dcec").method.agrees_across_views
     assert torch.equal(model.merge_, torch.from_numpy(expected))
     probs = predict_all(model, x)[0]
     assert probs.shape == (len(images), 10) and torch.allclose(probs.sum(1), torch.ones(len(images)))
@@ -244,3 +252,24 @@ def test_fine_clusters_are_merged_into_k_on_the_neighbour_graph_and_the_checkpoi
     old = engine.model_spec(small(method="nmm"), 1, 8)
     del old["config"]["over_cluster"]
     assert engine.build_from_spec(old)[1].head.log_pi_.shape[-1] == 10
+
+
+def test_vc_decodes_each_image_under_its_likeliest_clusters_and_counts_the_rest_at_the_worst_of_those():
+    torch.manual_seed(0)
+    recipe = build_method(small(method="vc", k=8, decoded=3), 1, 8)
+    model = recipe.build().eval()
+    x = torch.rand(5, 1, 8, 8)
+    h = model.features(x)
+    logits = model.to_y(h)
+    z = model.posterior_z(h)[2]
+    decoded = []
+    model.decoder.register_forward_hook(lambda module, inputs, out: decoded.append(len(inputs[0])))
+    with torch.no_grad():
+        exact = build_method(small(method="vc", k=8, decoded=8), 1, 8).reconstruction(model, x, z, logits)
+        rec = recipe.reconstruction(model, x, z, logits)
+    assert decoded == [5 * 8, 5 * 3]  # the exact sum decodes each image 8 times, the likeliest 3 clusters 3 times
+    top = logits.topk(3, 1).indices
+    assert torch.equal(rec.gather(1, top), exact.gather(1, top))
+    rest = torch.ones_like(rec, dtype=torch.bool).scatter(1, top, False)
+    worst = exact.gather(1, top).amax(1, keepdim=True).expand_as(rec)
+    assert torch.equal(rec[rest], worst[rest]) and not torch.equal(rec, exact)

@@ -89,6 +89,32 @@ def test_fine_clusters_merge_into_the_groups_of_unequal_size_that_the_neighbours
     assert few[0] != few[1] and set(few) == {0, 1, 2}
 
 
+def test_views_that_leave_their_fine_cluster_tip_a_merge_towards_the_styles_of_one_class():
+    # Class 0 comes in two styles of 100 images each (fine clusters 0 and 1) whose images send a third of their 10
+    # links to the other style; classes 1 and 2 have 40 (fine clusters 2 and 3) and send one link to each other. On
+    # those links alone, modularity's chance term makes the two small classes the cheaper merge into 3. A third of the
+    # views of each class-0 image fall in its other style, which tips the merge to the styles.
+    rng = np.random.default_rng(0)
+    fine = np.repeat([0, 1, 2, 3], [100, 100, 40, 40])
+    truth = np.array([0, 0, 1, 2])[fine]
+    members = [np.flatnonzero(fine == c) for c in range(4)]
+    other = {0: 1, 1: 0, 2: 3, 3: 2}
+
+    def links(i: int) -> np.ndarray:
+        c = fine[i]
+        crossing = (4 if i % 3 == 0 else 3) if c < 2 else 1
+        same = rng.choice(members[c][members[c] != i], 10 - crossing, replace=False)
+        return np.concatenate([same, rng.choice(members[other[c]], crossing, replace=False)])
+    graph = np.stack([links(i) for i in range(280)])
+    alone = metrics.merge_by_modularity(graph, fine, 4, 3)
+    assert alone[2] == alone[3] and alone[0] != alone[1]
+    views = np.repeat(fine[:, None], 6, 1)
+    views[:200, :2] = 1 - views[:200, :2]  # 2 of 6 views of each class-0 image fall in its other style
+    assert scores(truth, metrics.merge_by_modularity(graph, fine, 4, 3, views=views)[fine])["acc"] == 1.0
+    # views that stay in their image's fine cluster add nothing
+    assert np.array_equal(metrics.merge_by_modularity(graph, fine, 4, 3, views=np.repeat(fine[:, None], 6, 1)), alone)
+
+
 def test_stability_is_one_when_views_keep_their_clusters_and_about_zero_when_they_reshuffle():
     images, partitions = three_groups()
     truth = partitions["truth"]

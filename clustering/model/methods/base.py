@@ -28,6 +28,12 @@ class Settings(BaseModel):
         None where none is set."""
         return None
 
+    @property
+    def agrees_across_views(self) -> bool:
+        """Whether the method trains an image's views to fall in its cluster (two-view consistency): only then does
+        a view that falls in another fine cluster say that cluster is of its class (the merge reads views then)."""
+        return getattr(self, "consistency_weight", 0) > 0
+
 
 class TrainSettings(Protocol):
     """What a recipe reads of the train config: config.py's TrainConfig, which holds the methods' settings and so

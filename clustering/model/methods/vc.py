@@ -26,6 +26,8 @@ class VCSettings(ScanSettings):
     conv_widths: tuple[int, int] = Field((32, 64), description="the encoder's conv net: channels of its two blocks")
     ae_widths: tuple[int, ...] = Field((32, 64, 128), min_length=1,
                                        description="the decoder: stride-2 conv channels (DCEC's conv autoencoder)")
+    decoded: int = Field(10, ge=1, description="the ELBO decodes each image under the N clusters most likely by "
+                         "q(y|x), all where k ≤ N; each other cluster counts at the worst of those reconstructions")
 
 
 class VCNet(Clusterer):
@@ -111,9 +113,8 @@ class VC(Recipe):
             h = model.features(x)
         logits = model.to_y(h)
         mu, logvar, z = model.posterior_z(h)
-        b, k, d = z.shape
-        x_logits = model.decoder(z.reshape(b * k, d)).float()  # (B*K, C, H, W)
-        rec = losses.bernoulli_nll(x_logits, x.repeat_interleave(k, 0)).view(b, k)
+        rec = self.reconstruction(model, x, z, logits)
+        k = z.shape[1]
         kl_z = losses.gaussian_kl(mu.float(), logvar.float(), model.prior_mu, model.prior_logvar)  # (B, K)
         log_prior_y = torch.full((k,), -math.log(k), device=x.device)
         loss = losses.mixture_elbo_loss(logits, rec, kl_z, log_prior_y) / x[0].numel()  # per pixel
@@ -123,3 +124,19 @@ class VC(Recipe):
         if s.neighbours and idx is not None:  # held images: their neighbours' posteriors are banked
             loss = loss + s.neighbour_weight * self.scan.agreement(logits.float().log_softmax(-1), idx)
         return loss
+
+    def reconstruction(self, model: VCNet, x: torch.Tensor, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K) −log p(x|z_y) for each y. Decoded under the `decoded` clusters most likely by q(y|x) only: the
+        exact sum decodes every image K times, which over-clustering (train.over_cluster) multiplies. Each other
+        cluster counts at the worst reconstruction decoded, held constant, so q(y|x) leaves it as it would a bad
+        one; q(y|x) is sharp once trained, and those clusters carry little of its mass."""
+        b, k, d = z.shape
+        m = min(k, self.cfg.method.decoded)
+        top = logits.detach().topk(m, 1).indices if m < k else None
+        if top is not None:
+            z = z.gather(1, top[..., None].expand(-1, -1, d))  # (B, m, D)
+        x_logits = model.decoder(z.reshape(b * m, d)).float()  # (B*m, C, H, W)
+        rec = losses.bernoulli_nll(x_logits, x.repeat_interleave(m, 0)).view(b, m)
+        if top is None:
+            return rec
+        return rec.detach().amax(1, keepdim=True).expand(b, k).scatter(1, top, rec)
