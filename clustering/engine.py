@@ -417,24 +417,34 @@ def start_modularity(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most:
 
 MERGE_SAMPLE = 10_000  # images, over every rank, on whose neighbour graph fine clusters are merged
 MERGE_VIEWS = 8  # random views of each sampled image whose fine clusters link it to others (`merge_by_modularity`)
+MERGE_VIEW_LINKS = 2.0  # links in all that an image's views add beside its pixel links (docs/results/HISTORY.md)
 
 
 def merge_fine_clusters(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = MERGE_SAMPLE) -> int:
     """Set the model's map of its cfg.fine_k fine clusters into cfg.k (`metrics.merge_by_modularity`) on the
-    neighbour graph of a seeded sample of the images x over every rank (`graph_sample`), with the fine clusters of
-    MERGE_VIEWS seeded views of each (`views_of`) where the method trains its views to agree. Every rank gathers the
-    same rows and sets the same map. Returns how many fine clusters hold a sampled image."""
+    neighbour graph of a seeded sample of the images x over every rank, with the fine clusters of views of each
+    (`merge_sample`). Every rank gathers the same rows and sets the same map. Returns how many fine clusters hold a
+    sampled image."""
+    scores, fine = merge_sample(model, cfg, x, comm, most)
+    merge = merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:],
+                                view_links=MERGE_VIEW_LINKS)
+    trainee(model).merge_.copy_(torch.from_numpy(merge))
+    return len(np.unique(fine[:, 0]))
+
+
+def merge_sample(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = MERGE_SAMPLE
+                 ) -> tuple[LabelFreeScores, np.ndarray]:
+    """(the scores of a seeded sample of the images x over every rank (`graph_sample`), (S, 1 + V) the fine cluster
+    of each sampled image, then of each of its V seeded views (`views_of`)): MERGE_VIEWS views where the method
+    trains an image's views to agree, else none. Rows in the order of the scores' graph."""
     inner = trainee(model)
     views = MERGE_VIEWS if cfg.method.agrees_across_views else 0
 
-    def fine_clusters(local: torch.Tensor) -> torch.Tensor:  # (S, 1 + views): the image's, then its views'
+    def fine_clusters(local: torch.Tensor) -> torch.Tensor:
         seen = [local] + [views_of(local, seed=r) for r in range(views)]
         return torch.stack([fine_proba(inner, features_of(model, v)).argmax(1) for v in seen], 1)
     scores, fine = graph_sample(model, cfg, x, comm, most, fine_clusters)
-    fine = fine[scores.index]
-    merge = merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:])
-    inner.merge_.copy_(torch.from_numpy(merge))
-    return len(np.unique(fine[:, 0]))
+    return scores, fine[scores.index]
 
 
 def graph_sample(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int,

@@ -73,23 +73,24 @@ def graph_modularity(nbrs: np.ndarray, clusters: np.ndarray) -> float:
 
 
 def merge_by_modularity(nbrs: np.ndarray, clusters: np.ndarray, n: int, k: int,
-                        views: np.ndarray | None = None) -> np.ndarray:
+                        views: np.ndarray | None = None, view_links: float = 1.0) -> np.ndarray:
     """(n,) the cluster in 0..k-1 that each of n fine clusters joins: greedily, each step merges the two groups whose
     union raises the modularity of the partition on the directed graph `nbrs` most (Clauset, Newman & Moore 2004,
     from the fine clusters rather than single images). A class split in two keeps most links between its halves
     and joins again first; two classes share few. Fine clusters that hold no sampled image take no part: they fill
     the clusters left empty when fewer than k fine clusters hold one, else they are spread over the k.
     views: (S, V) the fine clusters of V random views of each sampled image (the method's augmentation). A view that
-    leaves its image's fine cluster links the two with weight 1/V, beside the image's pixel links: a view keeps its
-    image's class more often than a pixel link between fine clusters does, and it spans the styles that share few
-    pixel neighbours (upright and slanted ones). Views that stay add nothing: self-links would only swell the chance
-    term of large groups, which keeps their halves apart (docs/results/HISTORY.md).
+    leaves its image's fine cluster links the two with weight view_links / V, beside the image's pixel links (1
+    each): where views are trained to agree, a view keeps its image's class more often than a pixel link between
+    fine clusters does, and it spans styles that share few pixel neighbours (upright and slanted ones). Views that
+    stay add nothing: self-links would only swell the chance term of large groups, which keeps their halves apart.
     A merge changes only the merged group's gains, so each step costs O(n) but for rows whose best partner it took."""
     links = np.zeros((n, n))
     np.add.at(links, (np.repeat(clusters, nbrs.shape[1]), clusters[nbrs].ravel()), 1.0)
     if views is not None and views.size:
         leaves = views != clusters[:, None]
-        np.add.at(links, (np.broadcast_to(clusters[:, None], views.shape)[leaves], views[leaves]), 1.0 / views.shape[1])
+        origin = np.broadcast_to(clusters[:, None], views.shape)[leaves]
+        np.add.at(links, (origin, views[leaves]), view_links / views.shape[1])
     links /= max(links.sum(), 1.0)  # e_ij: the share of links from group i to group j
     leaving, reaching = links.sum(1), links.sum(0)
     used = np.isin(np.arange(n), clusters)  # fine clusters holding a sampled image

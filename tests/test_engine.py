@@ -238,7 +238,7 @@ def test_fine_clusters_are_merged_into_k_on_the_neighbour_graph_and_the_checkpoi
     views = torch.stack([fine_proba(model, engine.views_of(local, seed=r)).argmax(1)
                          for r in range(engine.MERGE_VIEWS)], 1).numpy()
     expected = metrics.merge_by_modularity(graph.graph(), fine_proba(model, local).argmax(1).numpy()[graph.index],
-                                           30, 10, views=views[graph.index])
+                                           30, 10, views=views[graph.index], view_links=engine.MERGE_VIEW_LINKS)
     # views are read where the method trains them to agree: nmm's two-view consistency, not dcec's k-means on codes
     assert cfg.method.agrees_across_views and not small(method="nmm", consistency_weight=0).method.agrees_across_views
     assert not small(method="dcec").method.agrees_across_views
