@@ -12,14 +12,14 @@ Prints a table and writes JSON. Not part of the test suite.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from runner import decode_collection, device, finish, imbalanced, load_arrays, messy, parser
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config, trial_config
 from clustering.model.methods import fine_proba
 
-WEIGHTS = (0.0, 1.0, 2.0, 4.0)
+WEIGHTS = (0.0, 1.0, 2.0, 4.0)  # links from views per image; engine.MERGE_VIEW_LINKS is the run's own
+engine_merge = engine.merge_fine_clusters  # the run's own merge, which each stand-in hands on to
 
 
 def leaving_same_class(clusters: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> float:
@@ -54,10 +54,8 @@ def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
 
 
 def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
+    """The share of images in their cluster's majority class: the best ACC any merge of these clusters can reach."""
     return float(sum(np.bincount(labels[clusters == c]).max() for c in np.unique(clusters)) / len(labels))
-
-
-engine_merge = engine.merge_fine_clusters
 
 
 def main() -> None:
