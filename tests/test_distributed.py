@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from sklearn.cluster import KMeans
 
 from clustering import metrics
@@ -104,17 +105,25 @@ def train(work_dir, name, *overrides, kill=False):
 
 @pytest.fixture(scope="module")
 def reference_acc() -> float:
-    """One worker, in memory, uninterrupted, in this process."""
+    """One worker, in memory, uninterrupted, in this process, on as many threads as a worker has (the ACC moves with
+    the thread count: 0.7830 on 1, 0.7807 on 2, whatever tests ran before in this process)."""
     cfg = load_config(PipelineConfig, "configs/demo.yaml", BASE).train
     settings = {**cfg.model_dump(exclude={"method", "k", "image_size"}), **cfg.method.model_dump(exclude={"name"})}
-    model = DeepClusterer(cfg.method.name, cfg.k, device="cpu", **settings).fit(digits_source().images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    try:
+        model = DeepClusterer(cfg.method.name, cfg.k, device="cpu", **settings).fit(digits_source().images)
+    finally:
+        torch.set_num_threads(threads)
     return digits_acc(model)
 
 
 def test_two_workers_on_two_nodes_reach_the_quality_of_one(digit_shards, reference_acc):
     trained = train(digit_shards, "two", "train.num_workers=2")
     two_acc = digits_acc(DeepClusterer.load(trained.checkpoint, device="cpu"))
-    assert abs(reference_acc - two_acc) <= 0.02, (reference_acc, two_acc)
+    # two workers see other batches, as another seed would: within the seeds' spread (ae_kmeans on the digits:
+    # ACC 0.7262 ± 0.0339 over seeds 0-2, docs/RESULTS.md)
+    assert abs(reference_acc - two_acc) <= 0.03, (reference_acc, two_acc)
     assert trained.metrics["local_samples"] < 1797  # each worker really held only its share
 
 
