@@ -19,7 +19,6 @@ from clustering.config import PipelineConfig, load_config, trial_config
 from clustering.model.methods import fine_proba
 
 WEIGHTS = (0.0, 1.0, 2.0, 4.0)  # links from views per image; engine.MERGE_VIEW_LINKS is the run's own
-engine_merge = engine.merge_fine_clusters  # the run's own merge, which each stand-in hands on to
 
 
 def leaving_same_class(clusters: np.ndarray, targets: np.ndarray, labels: np.ndarray) -> float:
@@ -33,7 +32,8 @@ def leaving_same_class(clusters: np.ndarray, targets: np.ndarray, labels: np.nda
 
 
 def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
-    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight first, into `found`."""
+    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `found`, then sets the
+    run's own merge from the same sample."""
     def merge(model, cfg, x, comm, most=engine.MERGE_SAMPLE):
         scores, fine = engine.merge_sample(model, cfg, x, comm, most)
         every = fine_proba(engine.trainee(model), engine.features_of(model, x)).argmax(1).cpu().numpy()
@@ -49,7 +49,7 @@ def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
             row[f"acc_w{w:g}"] = round(metrics.scores(labels, m[every])["acc"], 4)
         found.append(row)
         print(row, flush=True)
-        return engine_merge(model, cfg, x, comm, most)
+        return engine.set_merge(model, cfg, scores, fine)
     return merge
 
 

@@ -425,7 +425,12 @@ def merge_fine_clusters(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, mo
     neighbour graph of a seeded sample of the images x over every rank, with the fine clusters of views of each
     (`merge_sample`). Every rank gathers the same rows and sets the same map. Returns how many fine clusters hold a
     sampled image."""
-    scores, fine = merge_sample(model, cfg, x, comm, most)
+    return set_merge(model, cfg, *merge_sample(model, cfg, x, comm, most))
+
+
+def set_merge(model, cfg: TrainConfig, scores: LabelFreeScores, fine: np.ndarray) -> int:
+    """Set the model's map of its fine clusters into cfg.k from a `merge_sample`; returns how many fine clusters hold
+    a sampled image."""
     merge = merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:],
                                 view_links=MERGE_VIEW_LINKS)
     trainee(model).merge_.copy_(torch.from_numpy(merge))
