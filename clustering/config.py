@@ -236,6 +236,14 @@ def switch_method(settings: dict, name: Any) -> Any:
     return {"name": name, **{key: value for key, value in settings.items() if key in settings_keys(name)}}
 
 
+def changed_settings(settings: dict) -> dict:
+    """A dumped method block without the settings at its method's defaults: what a switch to another method should
+    carry. A dump holds every default, and a default of one method is not a choice to impose on another (nmm's
+    consistency_weight 0.5 would replace vc's 1.0)."""
+    fields = RECIPES[settings["name"]].Settings.model_fields
+    return {key: value for key, value in settings.items() if key == "name" or value != fields[key].default}
+
+
 def nest_method_keys(values: dict, where: str, strict: bool) -> dict:
     """Flat train values into TrainConfig's shape: a key that is not a shared train key is a setting of the method,
     and goes into `method` (written `heads` or `method.heads`). strict (DeepClusterer's keywords, tune.space): a key
@@ -418,7 +426,7 @@ def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
     """`base` with the trial's values: train keys, or settings of the trial's method (`heads`, `method.heads`)."""
     data = base.model_dump()
     if "method" in values:
-        data["method"] = switch_method(data["method"], values["method"])
+        data["method"] = switch_method(changed_settings(data["method"]), values["method"])
     rest = {key: value for key, value in values.items() if key != "method"}
     data = nest_method_keys({**data, **rest}, f"tune.space: the trial {values}", strict=True)
     try:

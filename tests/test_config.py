@@ -89,6 +89,16 @@ def test_a_tune_space_key_the_trials_method_ignores_is_refused():
     assert train_section({"k": 8, "heads": 3}, "nmm") == {"k": 8, "method": {"name": "nmm", "heads": 3}}
 
 
+def test_a_trial_of_another_method_keeps_what_the_base_changed_and_takes_its_own_defaults():
+    nmm = TrainConfig.of(method="nmm")
+    assert trial_config(nmm, {"method": "vc"}).method.consistency_weight == 1.0  # vc's default, not nmm's 0.5
+    assert trial_config(trial_config(nmm, {"consistency_weight": 2.0}), {"method": "vc"}).method.consistency_weight == 2.0
+    dcec = TrainConfig.of(method="dcec", pretrain_epochs=7)
+    assert trial_config(dcec, {"method": "idec"}).method.pretrain_epochs == 7
+    # as the tune job rebuilds its base from a dump, where every setting reads as given
+    assert trial_config(TrainConfig(**nmm.model_dump()), {"method": "vc"}).method.consistency_weight == 1.0
+
+
 def test_old_flat_keys_still_work_for_a_release_with_a_deprecation_message(tmp_path, capsys):
     f = tmp_path / "old.yaml"
     f.write_text("train:\n  method: nmm\n  heads: 4\n  consistency_weight: 0.5\n  rec_weight: 3\n")
