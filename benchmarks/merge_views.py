@@ -12,7 +12,7 @@ Prints a table and writes JSON. Not part of the test suite.
 from __future__ import annotations
 
 import numpy as np
-from runner import decode_collection, device, finish, imbalanced, load_arrays, messy, parser
+from runner import device, finish, load_arrays, parser, variant, variant_arguments
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config, trial_config
@@ -63,16 +63,11 @@ def main() -> None:
     p.add_argument("--method", default=None, help="the method; default the config's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--imbalance", type=float, default=0, metavar="R", help="classes kept at 1x..Rx (seeded)")
-    p.add_argument("--messy", action="store_true", help="the images as a messy collection, as quality.py makes it")
+    variant_arguments(p)
     args = p.parse_args()
 
     base = load_config(PipelineConfig, args.config, args.set).train
-    images, labels = load_arrays(args.data, args.limit)
-    if args.imbalance:
-        images, labels = imbalanced(images, labels, args.imbalance)
-    if args.messy:
-        images = decode_collection(messy(images))
+    images, labels = variant(*load_arrays(args.data, args.limit), args)
     found: list[dict] = []
     engine.merge_fine_clusters = merges_at_every_weight(labels, found)
     for seed in args.seeds:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runner import decode_collection, finish, imbalanced, load_arrays, messy, parser
+from runner import finish, load_arrays, parser, variant, variant_arguments
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, TrainConfig, load_config, trial_config
@@ -212,13 +212,7 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     images, labels = load_arrays(args.data, args.limit, args.sample)
-    if args.imbalance:
-        images, labels = imbalanced(images, labels, args.imbalance)
-        print(f"imbalanced 1x..{args.imbalance:g}x: class sizes {sorted(np.bincount(labels).tolist())}", flush=True)
-    if args.messy:
-        images = decode_collection(messy(images))
-        print(f"messy (sizes x1..x4, half tinted, JPEG q30..95), through the input policy: {images.shape[1:]}",
-              flush=True)
+    images, labels = variant(images, labels, args)
     print(f"{args.data}: {images.shape} on {device}", flush=True)
     known = labels >= 0
     pixels = pixel_purity(torch.from_numpy(images[known]).permute(0, 3, 1, 2), labels[known]) if known.any() else None
@@ -247,10 +241,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
     p.add_argument("--sample", type=int, default=None, help="N images drawn at random (seed 0): for folders listed "
                    "class by class, where --limit would keep the first classes only")
-    p.add_argument("--imbalance", type=float, default=0, metavar="R",
-                   help="subsample the classes to frequencies from 1x to Rx (seeded), e.g. 5: clusters of unequal size")
-    p.add_argument("--messy", action="store_true", help="the same images as a messy collection: sizes x1..x4, half "
-                   "tinted to colour, JPEG quality 30..95 (seeded), through the input policy")
+    variant_arguments(p)
     p.add_argument("--progress", action="store_true", help="print a line per epoch (loss, seconds)")
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="score ACC and print cluster sizes every N epochs (the time includes it)")

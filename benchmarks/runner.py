@@ -97,6 +97,26 @@ def decode_collection(files: list[bytes]) -> np.ndarray:
     return np.stack([shards.decode_image(data, mode, chosen["side"]) for data in files])
 
 
+def variant_arguments(p: argparse.ArgumentParser) -> None:
+    """--imbalance and --messy: the variants of a labelled data set that issue 35's targets are measured on."""
+    p.add_argument("--imbalance", type=float, default=0, metavar="R",
+                   help="subsample the classes to frequencies from 1x to Rx (seeded), e.g. 5: clusters of unequal size")
+    p.add_argument("--messy", action="store_true", help="the same images as a messy collection: sizes x1..x4, half "
+                   "tinted to colour, JPEG quality 30..95 (seeded), through the input policy")
+
+
+def variant(images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels as --imbalance and --messy ask (`variant_arguments`), saying what they became."""
+    if args.imbalance:
+        images, labels = imbalanced(images, labels, args.imbalance)
+        print(f"imbalanced 1x..{args.imbalance:g}x: class sizes {sorted(np.bincount(labels).tolist())}", flush=True)
+    if args.messy:
+        images = decode_collection(messy(images))
+        print(f"messy (sizes x1..x4, half tinted, JPEG q30..95), through the input policy: {images.shape[1:]}",
+              flush=True)
+    return images, labels
+
+
 def parser(doc: str, out: str, data: str | None | bool = "sklearn:digits", config: bool = False
            ) -> argparse.ArgumentParser:
     """The arguments every benchmark takes: --out (its JSON); --data (a source, with this default; None: it is

@@ -9,6 +9,9 @@ ACC. For each seed it shows the run each score picks and its ACC against the bes
 (docs/DESIGN.md §5: within 0.02, and k = 10 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of
 the test suite.
 
+--imbalance R and --messy score the choice on quality.py's variants of the data (classes at 1x..Rx frequency;
+mixed sizes, tints and JPEG quality).
+
 --predictions keeps every run's clusters (.npz); --rescore scores such a file again with the current label-free
 scores, without training, to compare a new score on the same runs.
 
@@ -28,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import yaml
-from runner import device, finish, load_arrays, parser, print_table, write_json
+from runner import device, finish, load_arrays, parser, print_table, variant, variant_arguments, write_json
 from scipy.stats import spearmanr
 
 from clustering import engine, metrics
@@ -51,6 +54,7 @@ def arguments():
     p.add_argument("--limit", type=int, default=None, help="first N images only (quick checks)")
     p.add_argument("--subset", type=int, default=None, help="N images drawn at random (seed 0): for folders listed "
                                                               "class by class, where --limit keeps the first classes")
+    variant_arguments(p)
     p.add_argument("--sample", type=int, default=10_000, help="images the label-free scores are measured on")
     p.add_argument("--predictions", default=None, help="also write every run's clusters here (.npz), to study scores")
     p.add_argument("--rescore", nargs="*", default=[], help="--predictions files: score their runs again instead of "
@@ -76,7 +80,7 @@ def main() -> None:
         raise SystemExit("--space is required (unless --replay)")
     pipeline = load_config(PipelineConfig, args.config, args.set)
     space = yaml.safe_load(args.space)
-    images, labels = load_arrays(args.data, args.limit, args.subset)
+    images, labels = variant(*load_arrays(args.data, args.limit, args.subset), args)
     print(f"{args.data}: {images.shape} on {device()}", flush=True)
     score = Scorer(metrics.LabelFreeScores(images, args.sample), labels)  # one sample and graph for every run
     runs, preds = rescored(args.rescore, score, pipeline.train.k) if args.rescore else \
@@ -84,7 +88,8 @@ def main() -> None:
     picks = pick_rows(runs, space)
     replays = asha_replays(runs, pipeline.tune, args.graces or [pipeline.tune.grace_epochs], args.orders) \
         if args.along else []
-    finish(args.out, {"data": args.data, "n": len(images), "space": space, "device": str(device()), "runs": runs,
+    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "messy": args.messy,
+                      "space": space, "device": str(device()), "runs": runs,
                       "config": pipeline.train.model_dump(mode="json"), "tune": pipeline.tune.model_dump(mode="json"),
                       "picks": picks, "asha": replays},
            (runs, ["seed", *space, *rules_in(runs), "clusters_used", "acc", "seconds"]),
