@@ -228,20 +228,17 @@ def setting_path(key: str) -> str:
 
 def switch_method(settings: dict, name: Any) -> Any:
     """A method's settings block after `method=name`: the same block for the same method; for another, that
-    method with the settings it shares with the first (e.g. pretrain_epochs from dcec to idec), the rest default."""
+    method with the settings it shares with the first where they differ from the first's defaults (e.g.
+    pretrain_epochs from dcec to idec), its own defaults for the rest. A first method's default is no choice to
+    impose on the next (nmm's consistency_weight 0.5 would replace vc's 1.0), and a dumped config holds them all."""
     if not isinstance(settings, dict) or not isinstance(name, str):
         return name
-    if settings.get("name", DEFAULT_METHOD) == name:
+    first = settings.get("name", DEFAULT_METHOD)
+    if first == name:
         return settings
-    return {"name": name, **{key: value for key, value in settings.items() if key in settings_keys(name)}}
-
-
-def changed_settings(settings: dict) -> dict:
-    """A dumped method block without the settings at its method's defaults: what a switch to another method should
-    carry. A dump holds every default, and a default of one method is not a choice to impose on another (nmm's
-    consistency_weight 0.5 would replace vc's 1.0)."""
-    fields = RECIPES[settings["name"]].Settings.model_fields
-    return {key: value for key, value in settings.items() if key == "name" or value != fields[key].default}
+    defaults = RECIPES[first].Settings.model_fields if first in RECIPES else {}
+    return {"name": name, **{key: value for key, value in settings.items() if key in settings_keys(name)
+                             and not (key in defaults and value == defaults[key].default)}}
 
 
 def nest_method_keys(values: dict, where: str, strict: bool) -> dict:
@@ -426,7 +423,7 @@ def trial_config(base: TrainConfig, values: dict) -> TrainConfig:
     """`base` with the trial's values: train keys, or settings of the trial's method (`heads`, `method.heads`)."""
     data = base.model_dump()
     if "method" in values:
-        data["method"] = switch_method(changed_settings(data["method"]), values["method"])
+        data["method"] = switch_method(data["method"], values["method"])
     rest = {key: value for key, value in values.items() if key != "method"}
     data = nest_method_keys({**data, **rest}, f"tune.space: the trial {values}", strict=True)
     try:

@@ -97,6 +97,10 @@ def test_a_trial_of_another_method_keeps_what_the_base_changed_and_takes_its_own
     assert trial_config(dcec, {"method": "idec"}).method.pretrain_epochs == 7
     # as the tune job rebuilds its base from a dump, where every setting reads as given
     assert trial_config(TrainConfig(**nmm.model_dump()), {"method": "vc"}).method.consistency_weight == 1.0
+    # and on the command line
+    weight = lambda *sets: load_config(PipelineConfig, None, list(sets)).train.method.consistency_weight  # noqa: E731
+    assert weight("train.method.consistency_weight=0.5", "train.method=vc") == 1.0
+    assert weight("train.method.consistency_weight=2", "train.method=vc") == 2.0
 
 
 def test_old_flat_keys_still_work_for_a_release_with_a_deprecation_message(tmp_path, capsys):
