@@ -44,7 +44,8 @@ from clustering.config import (
 )
 from clustering.model.methods import predict_all
 
-PICKS = ("modularity", "silhouette", "evenness", "stability")  # stability needs the model: not in --rescore
+# stability needs the model: not in --rescore
+PICKS = ("modularity", "modularity_x_evenness", "silhouette", "evenness", "stability")
 
 
 def arguments():

@@ -143,7 +143,7 @@ class TrainConfig(Strict):
                                      "in pixels or a frozen backbone's features). A frequent class splits into fine "
                                      "clusters that join again, where k clusters learnt directly come out near-even "
                                      "in size, splitting it and merging rare ones. 1 = learn the k clusters directly; "
-                                     "empty = the method's default (4 for nmm, dcec and idec, 1 for the rest)")
+                                     "empty = the method's default (4 for nmm, dcec, idec and vc, 1 for the rest)")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
                                                "restart_epochs epochs each and continue the one whose clusters have "
                                                "the highest modularity on the images' neighbour graph times the "
@@ -351,10 +351,11 @@ class TuneConfig(Strict):
     name: RunName = Field("", description="experiment name (a folder under train.storage_path); empty = tune + time. "
                                           "Re-using a name resumes that experiment: finished and stopped trials "
                                           "stay as they are, the rest run")
-    metric: Literal["modularity", "silhouette", "evenness", "stability"] = Field(
+    metric: Literal["modularity", "modularity_x_evenness", "silhouette", "evenness", "stability"] = Field(
         "modularity", description="label-free score that picks the winner: modularity of the clusters on the images' "
-                                  "nearest-neighbour graph, or their silhouette on the pixels (both compare values of "
-                                  "k), or the evenness of the cluster sizes, or their stability: the ARI between the "
+                                  "nearest-neighbour graph, or that times the evenness of their sizes (for k where "
+                                  "the clusters are merged from fine ones), or their silhouette on the pixels, or the "
+                                  "evenness of the cluster sizes, or their stability: the ARI between the "
                                   "clusters of the sampled images and of one random view of each (it reads the model, "
                                   "not pixels; see docs/RESULTS.md for when to trust which)")
     score_sample: int = Field(10_000, ge=100, description="images the scores are measured on (a fixed sample)")

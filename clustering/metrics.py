@@ -135,6 +135,9 @@ class LabelFreeScores:
     - silhouette: of the clusters on the pixels; -1 when fewer than two clusters are used. On the 8x8 digits it
       peaks at k = 10 among 6..16; on MNIST it is flat.
     - evenness of the cluster sizes (over all images).
+    - modularity_x_evenness: their product, as `train.restarts` picks a start. Where the clusters are merged from
+      fine ones (train.over_cluster), the merge has already raised modularity at every k: a class split along a
+      style costs it little, and modularity alone then leans to k above the classes' number; the product does not.
     - stability: of the clusters of the sample under one random view of each image (`stability`), where the
       caller gives the views' clusters.
     """
@@ -187,7 +190,8 @@ class LabelFreeScores:
         """The scores named (default: all there are) of a partition into k clusters, and how many clusters it
         uses. view_clusters: the clusters of a view of each sampled image (`self.index`), for `stability`."""
         sizes = np.bincount(clusters, minlength=k)
-        score = {"modularity": self.modularity, "silhouette": self.silhouette, "evenness": lambda _: evenness(sizes)}
+        score = {"modularity": self.modularity, "silhouette": self.silhouette, "evenness": lambda _: evenness(sizes),
+                 "modularity_x_evenness": lambda c: self.modularity(c) * evenness(sizes)}
         if view_clusters is not None:
             score["stability"] = lambda c: stability(np.asarray(c)[self.index], view_clusters)
         return {**{name: score[name](clusters) for name in names or score}, "clusters_used": int((sizes > 0).sum())}

@@ -344,8 +344,8 @@ def confusion_html(matrix: pd.DataFrame) -> str:
 def trials_html(trials: dict) -> str:
     metric = trials["metric"]
     keys = sorted({k for t in trials["trials"] for k in t["values"]})
-    scores = [m for m in ("modularity", "silhouette", "evenness", "stability", "clusters_used", "acc_vs_labels",
-                          "neighbour_purity_vs_labels", "seconds")  # every score the terminal's table shows, and more
+    scores = [m for m in ("modularity", "modularity_x_evenness", "silhouette", "evenness", "stability", "clusters_used",
+                          "acc_vs_labels", "neighbour_purity_vs_labels", "seconds")  # the terminal's table, and more
               if any(m in t for t in trials["trials"])]
     head = "".join(f"<th>{k}</th>" for k in keys + scores) + "<th>status</th>"
     rows = []

@@ -43,7 +43,8 @@ from .signals import resume_with
 from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu
 from .train import check_run, worker_input
 
-RESULT_KEYS = ("modularity", "silhouette", "evenness", "stability", "clusters_used", "workers", "seconds", "space")
+RESULT_KEYS = ("modularity", "modularity_x_evenness", "silhouette", "evenness", "stability", "clusters_used", "workers",
+               "seconds", "space")
 
 
 def run_trial(config: dict) -> None:
@@ -348,7 +349,8 @@ def format_table(summary: dict) -> str:
                          f"{r[summary['metric']]:.3f}  ({r['seconds']:.0f}s)")
         else:
             acc = f"  ACC {r['acc_vs_labels']:.3f}" if "acc_vs_labels" in r else ""
-            lines.append(f"{'*' if i == 0 else ' '} {values:<36} modularity {r['modularity']:.3f}  silhouette "
+            product = f" (x evenness {r['modularity_x_evenness']:.3f})" if "modularity_x_evenness" in r else ""
+            lines.append(f"{'*' if i == 0 else ' '} {values:<36} modularity {r['modularity']:.3f}{product}  silhouette "
                          f"{r['silhouette']:.3f}  evenness {r['evenness']:.3f}  stability {r['stability']:.3f}  "
                          f"clusters {r['clusters_used']}{acc}  ({r['seconds']:.0f}s)")
     stopped = sum("stopped_at_epoch" in r for r in trials)

@@ -115,6 +115,24 @@ def test_views_that_leave_their_fine_cluster_tip_a_merge_towards_the_styles_of_o
     assert np.array_equal(metrics.merge_by_modularity(graph, fine, 4, 3, views=np.repeat(fine[:, None], 6, 1)), alone)
 
 
+def test_modularity_splits_off_a_style_where_modularity_x_evenness_keeps_the_class():
+    # A quarter of class 0 is drawn in a style of its own, which shares no neighbours with the rest of the class:
+    # modularity rises when the style splits off, as it does for merged fine clusters at k above the classes' number.
+    # The split leaves a small cluster, so the product with evenness still prefers the classes.
+    rng = np.random.default_rng(0)
+    centres = rng.integers(0, 256, (3, 8, 8, 1)).astype(float)
+    truth = np.repeat(np.arange(3), 40)
+    drawn = centres[truth]
+    drawn[:10] = np.clip(centres[0] + rng.normal(0, 40, (8, 8, 1)), 0, 255)
+    images = np.clip(drawn + rng.normal(0, 12, (120, 8, 8, 1)), 0, 255).astype(np.uint8)
+    split = np.where(np.arange(120) < 10, 3, truth)
+    scores = metrics.LabelFreeScores(images, sample=120)
+    classes, styles = scores(truth, 3), scores(split, 4)
+    assert styles["modularity"] > classes["modularity"]
+    assert styles["modularity_x_evenness"] < classes["modularity_x_evenness"]
+    assert styles["modularity_x_evenness"] == pytest.approx(styles["modularity"] * styles["evenness"])
+
+
 def test_stability_is_one_when_views_keep_their_clusters_and_about_zero_when_they_reshuffle():
     images, partitions = three_groups()
     truth = partitions["truth"]

@@ -19,7 +19,7 @@ from .scan import CONTRAST, SELFLABEL, Scan, ScanSettings, projector
 class VCSettings(ScanSettings):
     name: Literal["vc"] = "vc"
     on_features: ClassVar = False  # its Bernoulli decoder models pixels in 0..1
-    over_cluster: ClassVar = 4  # the digits at 1x..5x: ACC 0.724 -> 0.777; balanced 0.826 -> 0.906 (docs/RESULTS.md)
+    over_cluster: ClassVar = 4  # the digits at 1x..5x: ACC 0.780 -> 0.832; balanced 0.795 -> 0.880 (docs/RESULTS.md)
     consistency_weight: float = Field(1.0, ge=0, description="weight of two-view consistency on q(y|x) (0 = the "
                                       "ELBO and balance term on the images alone)")
     balance_weight: float = Field(1.5, ge=0, description="weight of KL(mean q(y|x) ‖ p(y)); 0 = plain ELBO")
