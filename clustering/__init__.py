@@ -4,7 +4,7 @@
 
 def __getattr__(name: str):
     # Lazy, so that `import clustering.config` (the CLI's first step) does not import torch.
-    if name in ("DeepClusterer", "modularity_scorer"):
+    if name in ("DeepClusterer", "modularity_scorer", "modularity_x_evenness_scorer"):
         from . import estimator
 
         return getattr(estimator, name)

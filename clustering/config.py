@@ -351,11 +351,12 @@ class TuneConfig(Strict):
     name: RunName = Field("", description="experiment name (a folder under train.storage_path); empty = tune + time. "
                                           "Re-using a name resumes that experiment: finished and stopped trials "
                                           "stay as they are, the rest run")
-    metric: Literal["modularity", "modularity_x_evenness", "silhouette", "evenness", "stability"] = Field(
-        "modularity", description="label-free score that picks the winner: modularity of the clusters on the images' "
-                                  "nearest-neighbour graph, or that times the evenness of their sizes (for k where "
-                                  "the clusters are merged from fine ones), or their silhouette on the pixels, or the "
-                                  "evenness of the cluster sizes, or their stability: the ARI between the "
+    metric: Literal["modularity_x_evenness", "modularity", "silhouette", "evenness", "stability"] = Field(
+        "modularity_x_evenness", description="label-free score that picks the winner: modularity of the clusters on "
+                                  "the images' nearest-neighbour graph times the evenness of their sizes (clusters "
+                                  "merged from fine ones have had their modularity raised at every k: alone it leans "
+                                  "to k above the classes' number), or modularity alone, or their silhouette on the "
+                                  "pixels, or the evenness of the cluster sizes, or their stability: the ARI between the "
                                   "clusters of the sampled images and of one random view of each (it reads the model, "
                                   "not pixels; see docs/RESULTS.md for when to trust which)")
     score_sample: int = Field(10_000, ge=100, description="images the scores are measured on (a fixed sample)")

@@ -205,10 +205,21 @@ def trained_settings(config: dict) -> dict:
 
 def modularity_scorer(estimator: DeepClusterer, images: Any, y: Any = None) -> float:
     """A label-free scorer for GridSearchCV (y is ignored): the modularity of the estimator's clusters of `images`
-    on their nearest-neighbour graph, as the tune job scores trials: in the model's learnt representation where it
-    has one, else in pixels (clustering.metrics.LabelFreeScores)."""
+    on their nearest-neighbour graph, as the tune job scores trials with tune.metric=modularity: in the model's
+    learnt representation where it has one, else in pixels (clustering.metrics.LabelFreeScores)."""
+    return label_free_score(estimator, images, "modularity")
+
+
+def modularity_x_evenness_scorer(estimator: DeepClusterer, images: Any, y: Any = None) -> float:
+    """`modularity_scorer` times the evenness of the cluster sizes, the tune job's default score: where the clusters
+    are merged from fine ones (train.over_cluster), modularity alone leans to k above the number of classes."""
+    return label_free_score(estimator, images, "modularity_x_evenness")
+
+
+def label_free_score(estimator: DeepClusterer, images: Any, name: str) -> float:
     from . import metrics
 
     x = estimator.pixels(images)
     learnt = engine.representation_of(estimator.config_, estimator.model_, device_images(x, estimator.device_))
-    return metrics.LabelFreeScores(x if learnt is None else learnt).modularity(estimator.predict(x))
+    scores = metrics.LabelFreeScores(x if learnt is None else learnt)
+    return scores(estimator.predict(x), estimator.config_.k, (name,))[name]

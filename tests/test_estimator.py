@@ -12,7 +12,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.utils.validation import check_is_fitted
 
-from clustering import DeepClusterer, metrics, modularity_scorer
+from clustering import DeepClusterer, metrics, modularity_scorer, modularity_x_evenness_scorer
 from clustering.config import ConfigError
 
 # scikit-learn's checks that feed rows of 1 to 10 feature values (blobs, iris): those are no images, and the
@@ -50,10 +50,11 @@ def test_a_pipeline_and_a_grid_search_with_a_label_free_scorer(digits):
     pipe.set_params(deepclusterer__n_clusters=6, deepclusterer__random_state=1)
     assert pipe.fit(rows).predict(rows[:5]).shape == (5,) and pipe.named_steps["deepclusterer"].config_.k == 6
     check_is_fitted(pipe)
-    search = GridSearchCV(DeepClusterer("kmeans", image_shape=(8, 8)), {"n_clusters": [4, 10]},
-                          scoring=modularity_scorer, cv=2).fit(rows)
-    assert search.best_params_ == {"n_clusters": 10}  # chosen without labels; the digits are 10 classes
-    assert metrics.cluster_acc(y, search.best_estimator_.labels_) > 0.6
+    for scorer in (modularity_scorer, modularity_x_evenness_scorer):
+        search = GridSearchCV(DeepClusterer("kmeans", image_shape=(8, 8)), {"n_clusters": [4, 10]},
+                              scoring=scorer, cv=2).fit(rows)
+        assert search.best_params_ == {"n_clusters": 10}  # chosen without labels; the digits are 10 classes
+        assert metrics.cluster_acc(y, search.best_estimator_.labels_) > 0.6
 
 
 def test_parameters_repr_clone_and_not_fitted():

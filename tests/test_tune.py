@@ -54,9 +54,11 @@ def test_tune_trains_every_combination_and_picks_by_the_label_free_score(ray_loc
     assert all("acc_vs_labels" in t for t in finished)  # the digits carry labels: scored, for the table only
     assert sorted(t["values"]["k"] for t in failed) == [2, 6] and all(t["values"]["lr"] == 1e30 for t in failed)
     assert all("NonFiniteLoss" in t["error"] for t in failed)
-    assert summary["best"] == max(finished, key=lambda t: t["modularity"])["values"]  # the others still choose
+    # the default score, modularity_x_evenness, chooses; the failed trials do not stop it
+    assert all(t["modularity_x_evenness"] == pytest.approx(t["modularity"] * t["evenness"]) for t in finished)
+    assert summary["best"] == max(finished, key=lambda t: t["modularity_x_evenness"])["values"]
     written = json.loads(storage.read_bytes(f"{tmp_path}/tune/trials.json"))
-    assert written["metric"] == "modularity" and written["trials"] == trials
+    assert written["metric"] == "modularity_x_evenness" and written["trials"] == trials
     best = summary["best"]
     assert yaml.safe_load(storage.read_bytes(summary["best_yaml"])) == {
         "train": {"k": best["k"], "lr": 0.001, "method": {"name": "nmm", "consistency_weight": 0.5}}}
@@ -81,7 +83,8 @@ def test_asha_stops_a_trial_that_trails_and_picks_among_the_finished(ray_local, 
     finished, stopped = summary["trials"]
     assert finished["values"] == {"k": 10} == summary["best"] and "stopped_at_epoch" not in finished
     assert stopped["values"] == {"k": 2} and stopped["stopped_at_epoch"] == 2
-    assert stopped["modularity"] < finished["modularity"] and "acc_vs_labels" not in stopped
+    metric = "modularity_x_evenness"  # the default: a stopped trial reports only it
+    assert stopped[metric] < finished[metric] and "acc_vs_labels" not in stopped
     assert "1 finished, 1 stopped early, 0 failed" in format_table(summary)
 
 
