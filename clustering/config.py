@@ -356,9 +356,9 @@ class TuneConfig(Strict):
                                   "the images' nearest-neighbour graph times the evenness of their sizes (clusters "
                                   "merged from fine ones have had their modularity raised at every k: alone it leans "
                                   "to k above the classes' number), or modularity alone, or their silhouette on the "
-                                  "pixels, or the evenness of the cluster sizes, or their stability: the ARI between the "
-                                  "clusters of the sampled images and of one random view of each (it reads the model, "
-                                  "not pixels; see docs/RESULTS.md for when to trust which)")
+                                  "pixels, or the evenness of the cluster sizes, or their stability: the ARI between "
+                                  "the clusters of the sampled images and of one random view of each (it reads the "
+                                  "model, not pixels; see docs/RESULTS.md for when to trust which)")
     score_sample: int = Field(10_000, ge=100, description="images the scores are measured on (a fixed sample)")
     report_every: int = Field(5, ge=1, description="a trial scores its clusters every N epochs once it clusters "
                                                     "(and at the end): progress, and what the scheduler decides on")
