@@ -3,6 +3,8 @@ used to choose among runs: the modularity of the clusters on the images' nearest
 in pixel space, and the evenness of the cluster sizes."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # scikit-learn and SciPy are imported where they are used: every training worker imports this module (for
@@ -190,8 +192,10 @@ class LabelFreeScores:
         """The scores named (default: all there are) of a partition into k clusters, and how many clusters it
         uses. view_clusters: the clusters of a view of each sampled image (`self.index`), for `stability`."""
         sizes = np.bincount(clusters, minlength=k)
-        score = {"modularity": self.modularity, "silhouette": self.silhouette, "evenness": lambda _: evenness(sizes),
-                 "modularity_x_evenness": lambda c: self.modularity(c) * evenness(sizes)}
+        modularity = functools.cache(lambda: self.modularity(clusters))  # once, where both scores read it
+        score = {"modularity": lambda _: modularity(), "silhouette": self.silhouette,
+                 "evenness": lambda _: evenness(sizes),
+                 "modularity_x_evenness": lambda _: modularity() * evenness(sizes)}
         if view_clusters is not None:
             score["stability"] = lambda c: stability(np.asarray(c)[self.index], view_clusters)
         return {**{name: score[name](clusters) for name in names or score}, "clusters_used": int((sizes > 0).sum())}
