@@ -12,7 +12,7 @@ Prints a table and writes JSON. Not part of the test suite.
 from __future__ import annotations
 
 import numpy as np
-from runner import device, finish, load_arrays, parser, variant, variant_arguments
+from runner import at_side, device, finish, load_arrays, parser, variant, variant_arguments
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, load_config, trial_config
@@ -67,14 +67,14 @@ def main() -> None:
     args = p.parse_args()
 
     base = load_config(PipelineConfig, args.config, args.set).train
-    images, labels = variant(*load_arrays(args.data, args.limit), args)
+    images, labels = variant(*load_arrays(args.data, args.limit), args, base.image_size)
     found: list[dict] = []
     engine.merge_fine_clusters = merges_at_every_weight(labels, found)
     for seed in args.seeds:
         cfg = trial_config(base, {"seed": seed, **({"method": args.method} if args.method else {})})
         if cfg.fine_k == cfg.k:
             raise SystemExit(f"{cfg.method.name} learns k clusters directly here: set train.over_cluster > 1")
-        engine.fit(images, cfg, device=device(), log=lambda s: None)
+        engine.fit(at_side(images, cfg.side_for(images.shape[1])), cfg, device=device(), log=lambda s: None)
     means = {key: round(float(np.mean([r[key] for r in found])), 4) for key in found[0] if key != "seed"}
     finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "messy": args.messy,
                       "method": cfg.method.name, "weights": WEIGHTS,

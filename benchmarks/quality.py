@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runner import finish, load_arrays, parser, variant, variant_arguments
+from runner import at_side, finish, load_arrays, parser, variant, variant_arguments
 
 from clustering import engine, metrics
 from clustering.config import PipelineConfig, TrainConfig, load_config, trial_config
@@ -212,7 +212,7 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     images, labels = load_arrays(args.data, args.limit, args.sample)
-    images, labels = variant(images, labels, args)
+    images, labels = variant(images, labels, args, base.image_size)
     print(f"{args.data}: {images.shape} on {device}", flush=True)
     known = labels >= 0
     pixels = pixel_purity(torch.from_numpy(images[known]).permute(0, 3, 1, 2), labels[known]) if known.any() else None
@@ -226,7 +226,8 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
             checkpoint = Path(args.checkpoint) / f"{method}-seed{seed}.pt" if args.checkpoint else None
             if checkpoint:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            r = run(images, labels, cfg, device, args.progress, args.eval_every, checkpoint)
+            r = run(at_side(images, cfg.side_for(images.shape[1])), labels, cfg, device, args.progress,
+                    args.eval_every, checkpoint)
             runs.append({"seed": seed, **r})
             print(seed_line(method, runs[-1]), flush=True)
         rows.append({**summarise(method, runs, cfg.model_dump(mode="json")), "pixel_neighbour_purity": pixels})

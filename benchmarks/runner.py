@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
@@ -63,8 +64,6 @@ def messy(images: np.ndarray, seed: int = 0, sizes: tuple[float, float] = (1.0, 
     of a quality in `quality`. Returns the encoded files, to go through the input policy as any collection does."""
     import io
 
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     out = []
     for a in images:
@@ -80,13 +79,11 @@ def messy(images: np.ndarray, seed: int = 0, sizes: tuple[float, float] = (1.0, 
     return out
 
 
-def decode_collection(files: list[bytes]) -> np.ndarray:
+def decode_collection(files: list[bytes], side: int | None = None) -> np.ndarray:
     """Encoded images -> uint8 (N, side, side, C) by the input policy, the mode and side chosen from the images
-    as the shard job chooses them."""
+    as the shard job chooses them (`side`, train.image_size, overrides the side)."""
     import io
     from collections import Counter
-
-    from PIL import Image
 
     shapes = Counter()
     for data in files:
@@ -94,7 +91,16 @@ def decode_collection(files: list[bytes]) -> np.ndarray:
             shapes[(im.height, im.width, im.mode)] += 1
     chosen = shards.choose_image(shards.shape_summary(shapes))
     mode = "L" if chosen["channels"] == 1 else "RGB"
-    return np.stack([shards.decode_image(data, mode, chosen["side"]) for data in files])
+    return np.stack([shards.decode_image(data, mode, side or chosen["side"]) for data in files])
+
+
+def at_side(images: np.ndarray, side: int) -> np.ndarray:
+    """uint8 (N, H, W, C) images at the side a run trains at (`TrainConfig.side_for`) by the input policy, as the
+    shard job's readers give them (engine.fit trains on arrays as given)."""
+    if images.shape[1:3] == (side, side):
+        return images
+    mode = "L" if images.shape[-1] == 1 else "RGB"
+    return np.stack([shards.apply_policy(Image.fromarray(a[..., 0] if mode == "L" else a), mode, side) for a in images])
 
 
 def variant_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,13 +111,15 @@ def variant_arguments(p: argparse.ArgumentParser) -> None:
                    "tinted to colour, JPEG quality 30..95 (seeded), through the input policy")
 
 
-def variant(images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels as --imbalance and --messy ask (`variant_arguments`), saying what they became."""
+def variant(images: np.ndarray, labels: np.ndarray, args: argparse.Namespace,
+            side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels as --imbalance and --messy ask (`variant_arguments`), saying what they became; the
+    messy images decoded at `side` (train.image_size) where it is set."""
     if args.imbalance:
         images, labels = imbalanced(images, labels, args.imbalance)
         print(f"imbalanced 1x..{args.imbalance:g}x: class sizes {sorted(np.bincount(labels).tolist())}", flush=True)
     if args.messy:
-        images = decode_collection(messy(images))
+        images = decode_collection(messy(images), side)
         print(f"messy (sizes x1..x4, half tinted, JPEG q30..95), through the input policy: {images.shape[1:]}",
               flush=True)
     return images, labels

@@ -31,7 +31,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import yaml
-from runner import device, finish, load_arrays, parser, print_table, variant, variant_arguments, write_json
+from runner import (at_side, device, finish, load_arrays, parser, print_table, variant, variant_arguments,
+                    write_json)
 from scipy.stats import spearmanr
 
 from clustering import engine, metrics
@@ -81,7 +82,8 @@ def main() -> None:
         raise SystemExit("--space is required (unless --replay)")
     pipeline = load_config(PipelineConfig, args.config, args.set)
     space = yaml.safe_load(args.space)
-    images, labels = variant(*load_arrays(args.data, args.limit, args.subset), args)
+    images, labels = variant(*load_arrays(args.data, args.limit, args.subset), args, pipeline.train.image_size)
+    images = at_side(images, pipeline.train.side_for(images.shape[1]))  # every run at the base config's side
     print(f"{args.data}: {images.shape} on {device()}", flush=True)
     score = Scorer(metrics.LabelFreeScores(images, args.sample), labels)  # one sample and graph for every run
     runs, preds = rescored(args.rescore, score, pipeline.train.k) if args.rescore else \

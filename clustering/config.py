@@ -99,7 +99,8 @@ class TrainConfig(Strict):
                     "config train.method=NAME` lists a method's settings")
     k: int = Field(10, ge=2, description="number of clusters")
     image_size: int | None = Field(None, ge=4, description="train at this square side (shorter side resized, centre "
-                                   "crop); empty = the corpus' median shorter side, at most 64 (in manifest.json)")
+                                   "crop); empty = the corpus' median shorter side, at most 64 (in manifest.json), "
+                                   "at least 16 for the conv autoencoders (dcec, idec, dec, ae_kmeans)")
     input: Literal["auto", "memory", "stream"] = Field(
         "auto", description="memory: each worker decodes its images once and holds them on its device (fastest); "
                             "stream: each worker streams its shards through a shuffle buffer, decoding in loader "
@@ -190,6 +191,13 @@ class TrainConfig(Strict):
     def fine_k(self) -> int:
         """The clusters the model learns: k x over_cluster (or the method's default), merged into k at the run's end."""
         return self.k * (self.over_cluster or type(self.method).over_cluster)
+
+    def side_for(self, corpus_side: int) -> int:
+        """The side images train at: train.image_size, else the corpus' side, enlarged to the least side the
+        method's conv net is built for (`min_side`)."""
+        if self.image_size:
+            return self.image_size
+        return max(corpus_side, type(self.method).min_side) if self.encoder == "conv" else corpus_side
 
     @property
     def frozen_backbone(self) -> bool:

@@ -101,7 +101,7 @@ class DeepClusterer(ClusterMixin, TransformerMixin, BaseEstimator):
             self.n_features_in_ = int(np.prod(array.shape[1:]))
             images = to_uint8(array)
         chosen = shards.choose_image(shards.shape_summary(shapes_of(images)))
-        side = self._settings.get("image_size") or chosen["side"]
+        side = self._config(self._settings.get("image_size")).side_for(chosen["side"])
         cfg = self._config(side)
         x = to_images(images, "L" if chosen["channels"] == 1 else "RGB", side)
         if cfg.k > len(x):

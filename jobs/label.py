@@ -173,7 +173,8 @@ def feature_cache(state: dict, manifest: dict, shards_uri: str) -> str | None:
 def input_warnings(spec: dict, manifest: dict) -> list[str]:
     """What the summary should say when the corpus is not what the model was trained on."""
     side, channels = shards.corpus_side(manifest), manifest["image"]["channels"]
-    if (spec["side"], spec["channels"]) == (side, channels):
+    trains_at = TrainConfig.of_spec({**spec["config"], "image_size": None}).side_for(side)  # a method's least side
+    if (spec["side"], spec["channels"]) == (trains_at, channels):
         return []
     kind = {1: "gray", 3: "RGB"}
     return [f"the model was trained at {spec['side']}x{spec['side']} {kind[spec['channels']]}, and this corpus' images "

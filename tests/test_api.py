@@ -50,6 +50,13 @@ def test_fit_predict_save_load(digits, tmp_path):
         assert (again.predict(images) == est.labels_[:4]).all()
 
 
+def test_dcec_trains_small_images_enlarged_and_predicts_on_them_as_given(digits):
+    x, _ = digits
+    est = DeepClusterer("dcec", k=4, over_cluster=1, pretrain_epochs=1, joint_epochs=1, seed=0).fit(x[:200])
+    assert est.image_size_ == 16 and est.pixels(x[:3]).shape == (3, 16, 16, 1)
+    assert (est.predict(x[:200]) == est.labels_).all()
+
+
 def test_api_errors(digits):
     with pytest.raises(NotFittedError, match="not fitted"):
         DeepClusterer().predict(digits[0][:2])

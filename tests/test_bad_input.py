@@ -219,7 +219,11 @@ def test_a_model_of_another_side_or_channels_or_with_empty_clusters_labels_with_
     assert cluster_warnings({0: 5, 1: 3}, 2) == []
     assert "only 26 of the model's 100 clusters hold an image" in cluster_warnings(dict.fromkeys(range(26), 1), 100)[0]
 
-    manifest = {"image": {"side": 32, "channels": 3}}
-    assert input_warnings({"side": 32, "channels": 3}, manifest) == []
-    [warning] = input_warnings({"side": 8, "channels": 1}, manifest)
+    manifest, nmm = {"image": {"side": 32, "channels": 3}}, {"method": "nmm"}
+    assert input_warnings({"side": 32, "channels": 3, "config": nmm}, manifest) == []
+    [warning] = input_warnings({"side": 8, "channels": 1, "config": nmm}, manifest)
     assert "trained at 8x8 gray" in warning and "32x32 RGB" in warning
+    # dcec's conv autoencoder trains 8x8 images enlarged to 16x16: the same corpus is no other side
+    digits = {"image": {"side": 8, "channels": 1}}
+    assert input_warnings({"side": 16, "channels": 1, "config": {"method": "dcec"}}, digits) == []
+    assert input_warnings({"side": 16, "channels": 1, "config": nmm}, digits) != []

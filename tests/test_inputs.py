@@ -91,6 +91,15 @@ def test_auto_streams_only_over_the_budget(digit_shards):
     assert isinstance(streamed, inputs.StreamInput) and streamed.sample.shape == (300, 1, 8, 8)
 
 
+def test_the_conv_autoencoders_read_small_images_enlarged_to_their_least_side(digit_shards):
+    root, manifest, _ = digit_shards
+    assert TrainConfig.of(method="dcec").side_for(28) == 28 and TrainConfig.of(method="nmm").side_for(8) == 8
+    assert TrainConfig.of(method="dcec", encoder="mlp").side_for(8) == 8  # DEC's MLP reads pixels, not maps
+    assert TrainConfig.of(method="dcec", image_size=8).side_for(8) == 8  # the user's side wins
+    held = open_quiet(TrainConfig.of(shards=root, method="dcec"), manifest)
+    assert held.sample.shape == (1797, 1, 16, 16)  # the 8x8 digits, by the input policy
+
+
 def test_a_small_share_held_in_memory_cycles_to_the_steps_asked():
     # a rank holding 197 of 1,797 images steps as often as the rank holding 1,600 (the engine sizes the steps from
     # the global count): 8 batches of 128, its images cycled, none left out

@@ -155,7 +155,7 @@ def plan_rank(cfg: TrainConfig, manifest: dict, rank: int, world: int) -> RankPl
              else {name: len(m) for name, m in members.items()})
     mine = {s["name"]: sizes[s["name"]] for s in entries if sizes.get(s["name"])}
     entries = [s for s in entries if s["name"] in mine]  # under train.sample, a shard may hold none
-    mode, side = shards.image_spec(manifest, cfg.image_size)
+    mode, side = shards.image_spec(manifest, cfg.side_for(shards.corpus_side(manifest)))
     return RankPlan([shards.shard_uri(cfg.shards, s) for s in entries], [s["name"] for s in entries], members, mine,
                     {s["name"]: shards.check_of(s) for s in entries}, sum(sizes.values()), mode, side)
 
@@ -233,6 +233,8 @@ def open_input(cfg: TrainConfig, manifest: dict, comm: Comm, device: torch.devic
     workers = loader_workers(cfg)
     what = f"{plan.local_n:,} of {plan.global_n:,} images ({plan.decoded_bytes / 2**30:.2f} GB decoded) " \
            f"from {len(plan.uris)} shards at {plan.side}x{plan.side}"
+    if not cfg.image_size and plan.side > shards.corpus_side(manifest):
+        what += f" (the corpus' {shards.corpus_side(manifest)}, enlarged to {cfg.method.name}'s least side)"
     if not stream:
         data = shards.load_shards(plan.uris, manifest, plan.side, workers=cfg.cpus_per_worker, members=plan.members)
         log(f"[rank {comm.rank}/{comm.world}] input memory: {what}")

@@ -21,6 +21,9 @@ class Settings(BaseModel):
     on_features: ClassVar[bool] = True
     # train.over_cluster's default: fine clusters per cluster, merged into k on the neighbour graph at the run's end
     over_cluster: ClassVar[int] = 1
+    # the least side the method's conv net trains at: a corpus of smaller images is enlarged to it (train.image_size
+    # overrides)
+    min_side: ClassVar[int] = 4
 
     @property
     def held_setting(self) -> str | None:
