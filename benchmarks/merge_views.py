@@ -38,9 +38,11 @@ def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
         scores, fine = engine.merge_sample(model, cfg, x, comm, most)
         every = fine_proba(engine.trainee(model), engine.features_of(model, x)).argmax(1).cpu().numpy()
         sampled = labels[metrics.sample_index(len(x), most)][scores.index]  # one process: rank 0's sample
+        views = fine[:, 1:]  # none where the method does not train views to agree (dcec): the merge reads no views
         row = {"seed": cfg.seed, "fine_purity": round(purity(every, labels), 4),
-               "views_staying": round(float((fine[:, 1:] == fine[:, :1]).mean()), 3),
-               "leaving_views_same_class": round(leaving_same_class(fine[:, 0], fine[:, 1:], sampled), 3),
+               "views_staying": round(float((views == fine[:, :1]).mean()), 3) if views.size else None,
+               "leaving_views_same_class": round(leaving_same_class(fine[:, 0], views, sampled), 3) if views.size
+               else None,
                "leaving_pixel_links_same_class": round(leaving_same_class(fine[:, 0], fine[:, 0][scores.graph()],
                                                                           sampled), 3)}
         for w in WEIGHTS:
@@ -75,7 +77,8 @@ def main() -> None:
         if cfg.fine_k == cfg.k:
             raise SystemExit(f"{cfg.method.name} learns k clusters directly here: set train.over_cluster > 1")
         engine.fit(at_side(images, cfg.side_for(images.shape[1])), cfg, device=device(), log=lambda s: None)
-    means = {key: round(float(np.mean([r[key] for r in found])), 4) for key in found[0] if key != "seed"}
+    means = {key: round(float(np.mean([r[key] for r in found])), 4) for key in found[0]
+             if key != "seed" and found[0][key] is not None}
     finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "messy": args.messy,
                       "method": cfg.method.name, "weights": WEIGHTS,
                       "runs": found, "mean": means},
