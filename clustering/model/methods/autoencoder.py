@@ -34,7 +34,8 @@ from .scan import CONTRAST, SELFLABEL, Scan, ScanSettings, projector
 class AESettings(Settings):
     encoders: ClassVar = ("conv", "mlp")
     # The conv autoencoder halves the side three times, so 8x8 digits left it a 1x1 map. Enlarged to 16, dcec's ACC on
-    # the digits rose 0.730 -> 0.774, and at 1x..5x 0.603 -> 0.744 (6 seeds; docs/RESULTS.md)
+    # the digits rose 0.730 -> 0.774, and at 1x..5x 0.603 -> 0.744 (6 seeds; docs/RESULTS.md); ae_kmeans' and dec's
+    # alike (HISTORY)
     min_side: ClassVar = 16
     pretrain_epochs: int = Field(60, ge=0, description="epochs of autoencoder pretraining (reconstruction only)")
     code_dim: int = Field(16, ge=2, description="size of the code the cluster head reads")
