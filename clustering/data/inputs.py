@@ -233,8 +233,8 @@ def open_input(cfg: TrainConfig, manifest: dict, comm: Comm, device: torch.devic
     workers = loader_workers(cfg)
     what = f"{plan.local_n:,} of {plan.global_n:,} images ({plan.decoded_bytes / 2**30:.2f} GB decoded) " \
            f"from {len(plan.uris)} shards at {plan.side}x{plan.side}"
-    if not cfg.image_size and plan.side > shards.corpus_side(manifest):
-        what += f" (the corpus' {shards.corpus_side(manifest)}, enlarged to {cfg.method.name}'s least side)"
+    if plan.side > (corpus := shards.corpus_side(manifest)) and not cfg.image_size:
+        what += f" (the corpus' {corpus}, enlarged to {cfg.method.name}'s least side)"
     if not stream:
         data = shards.load_shards(plan.uris, manifest, plan.side, workers=cfg.cpus_per_worker, members=plan.members)
         log(f"[rank {comm.rank}/{comm.world}] input memory: {what}")
