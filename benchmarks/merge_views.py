@@ -76,7 +76,7 @@ def main() -> None:
         cfg = trial_config(base, {"seed": seed, **({"method": args.method} if args.method else {})})
         if cfg.fine_k == cfg.k:
             raise SystemExit(f"{cfg.method.name} learns k clusters directly here: set train.over_cluster > 1")
-        engine.fit(at_side(images, cfg.side_for(images.shape[1])), cfg, device=device(), log=lambda s: None)
+        engine.fit(at_side(images, cfg), cfg, device=device(), log=lambda s: None)
     means = {key: round(float(np.mean([r[key] for r in found])), 4) for key in found[0]
              if key != "seed" and found[0][key] is not None}
     finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "messy": args.messy,

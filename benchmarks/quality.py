@@ -226,8 +226,7 @@ def run_in_this_process(args: argparse.Namespace, base, methods: list[str]) -> t
             checkpoint = Path(args.checkpoint) / f"{method}-seed{seed}.pt" if args.checkpoint else None
             if checkpoint:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            r = run(at_side(images, cfg.side_for(images.shape[1])), labels, cfg, device, args.progress,
-                    args.eval_every, checkpoint)
+            r = run(at_side(images, cfg), labels, cfg, device, args.progress, args.eval_every, checkpoint)
             runs.append({"seed": seed, **r})
             print(seed_line(method, runs[-1]), flush=True)
         rows.append({**summarise(method, runs, cfg.model_dump(mode="json")), "pixel_neighbour_purity": pixels})

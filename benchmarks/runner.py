@@ -13,7 +13,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
@@ -64,6 +63,8 @@ def messy(images: np.ndarray, seed: int = 0, sizes: tuple[float, float] = (1.0, 
     of a quality in `quality`. Returns the encoded files, to go through the input policy as any collection does."""
     import io
 
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     out = []
     for a in images:
@@ -85,6 +86,8 @@ def decode_collection(files: list[bytes], side: int | None = None) -> np.ndarray
     import io
     from collections import Counter
 
+    from PIL import Image
+
     shapes = Counter()
     for data in files:
         with Image.open(io.BytesIO(data)) as im:
@@ -94,13 +97,12 @@ def decode_collection(files: list[bytes], side: int | None = None) -> np.ndarray
     return np.stack([shards.decode_image(data, mode, side or chosen["side"]) for data in files])
 
 
-def at_side(images: np.ndarray, side: int) -> np.ndarray:
-    """uint8 (N, H, W, C) images at the side a run trains at (`TrainConfig.side_for`) by the input policy, as the
-    shard job's readers give them (engine.fit trains on arrays as given)."""
-    if images.shape[1:3] == (side, side):
-        return images
-    mode = "L" if images.shape[-1] == 1 else "RGB"
-    return np.stack([shards.apply_policy(Image.fromarray(a[..., 0] if mode == "L" else a), mode, side) for a in images])
+def at_side(images: np.ndarray, cfg) -> np.ndarray:
+    """uint8 (N, H, W, C) images at the side the run of `cfg` trains at (`TrainConfig.side_for`) by the input policy,
+    as the shard job's readers give them (engine.fit trains on arrays as given)."""
+    from clustering.data.given import to_images
+
+    return to_images(images, "L" if images.shape[-1] == 1 else "RGB", cfg.side_for(images.shape[1]))
 
 
 def variant_arguments(p: argparse.ArgumentParser) -> None:

@@ -83,7 +83,7 @@ def main() -> None:
     pipeline = load_config(PipelineConfig, args.config, args.set)
     space = yaml.safe_load(args.space)
     images, labels = variant(*load_arrays(args.data, args.limit, args.subset), args, pipeline.train.image_size)
-    images = at_side(images, pipeline.train.side_for(images.shape[1]))  # every run at the base config's side
+    images = at_side(images, pipeline.train)  # every run at the base config's side
     print(f"{args.data}: {images.shape} on {device()}", flush=True)
     score = Scorer(metrics.LabelFreeScores(images, args.sample), labels)  # one sample and graph for every run
     runs, preds = rescored(args.rescore, score, pipeline.train.k) if args.rescore else \
