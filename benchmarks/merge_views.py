@@ -3,6 +3,8 @@ into k, merges the same fine clusters again with the links of their views at sev
 seeded views of each sampled image; W links in all per image, spread over its views that leave its fine cluster;
 0 = the pixel graph alone). ACC over every image for each weight, with the fine clusters' purity (the best any merge
 can reach) and how often a view, or a pixel link, that leaves its fine cluster stays in its class (by labels).
+Where train.restarts > 1 each start merges too: a run's row is its own (last) merge. `--dump DIR` keeps each run's
+merge inputs (DIR/seed<N>.npz), to try other merges offline without training again.
 
     python benchmarks/merge_views.py --data ../.data/mnist --config ../configs/mnist.yaml --limit 10000 \
         --imbalance 5 --seeds 0 1 2 --set train.restarts=1 train.joint_epochs=20
@@ -10,6 +12,8 @@ can reach) and how often a view, or a pixel link, that leaves its fine cluster s
 Prints a table and writes JSON. Not part of the test suite.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from runner import at_side, device, finish, load_arrays, parser, variant, variant_arguments
@@ -32,12 +36,15 @@ def leaving_same_class(clusters: np.ndarray, targets: np.ndarray, labels: np.nda
 
 
 def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
-    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `found`, then sets the
-    run's own merge from the same sample."""
+    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `found` (each start's
+    too, where train.restarts > 1: the run's own merge is the last), then sets the run's merge from the same sample.
+    Each row keeps the merge's inputs under "inputs", for `--dump`."""
     def merge(model, cfg, x, comm, most=engine.MERGE_SAMPLE):
         scores, fine = engine.merge_sample(model, cfg, x, comm, most)
-        every = fine_proba(engine.trainee(model), engine.features_of(model, x)).argmax(1).cpu().numpy()
-        sampled = labels[metrics.sample_index(len(x), most)][scores.index]  # one process: rank 0's sample
+        proba = fine_proba(engine.trainee(model), engine.features_of(model, x)).cpu().numpy()
+        every = proba.argmax(1)
+        sample = metrics.sample_index(len(x), most)[scores.index]  # one process: rank 0's sample, graph order
+        sampled = labels[sample]
         views = fine[:, 1:]  # none where the method does not train views to agree (dcec): the merge reads no views
         row = {"seed": cfg.seed, "fine_purity": round(purity(every, labels), 4),
                "views_staying": round(float((views == fine[:, :1]).mean()), 3) if views.size else None,
@@ -49,7 +56,8 @@ def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
             m = metrics.merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:],
                                             view_links=w)
             row[f"acc_w{w:g}"] = round(metrics.scores(labels, m[every])["acc"], 4)
-        found.append(row)
+        found.append({**row, "inputs": dict(labels=labels, proba=proba, sample=sample, graph=scores.graph(),
+                                            fine=fine, points=scores.points, k=cfg.k)})
         print(row, flush=True)
         return engine.set_merge(model, cfg, scores, fine)
     return merge
@@ -65,18 +73,28 @@ def main() -> None:
     p.add_argument("--method", default=None, help="the method; default the config's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--dump", type=Path, default=None, help="a folder for each run's merge inputs (seed<N>.npz: "
+                   "labels, fine posteriors, the sample, its graph, its and its views' fine clusters, its points)")
     variant_arguments(p)
     args = p.parse_args()
 
     base = load_config(PipelineConfig, args.config, args.set).train
     images, labels = variant(*load_arrays(args.data, args.limit), args, base.image_size)
-    found: list[dict] = []
-    engine.merge_fine_clusters = merges_at_every_weight(labels, found)
+    merges: list[dict] = []
+    engine.merge_fine_clusters = merges_at_every_weight(labels, merges)
+    found = []
     for seed in args.seeds:
         cfg = trial_config(base, {"seed": seed, **({"method": args.method} if args.method else {})})
         if cfg.fine_k == cfg.k:
             raise SystemExit(f"{cfg.method.name} learns k clusters directly here: set train.over_cluster > 1")
         engine.fit(at_side(images, cfg), cfg, device=device(), log=lambda s: None)
+        run = merges[-1]  # the run's own merge, after any starts'
+        merges.clear()
+        inputs = run.pop("inputs")
+        if args.dump is not None:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(args.dump / f"seed{seed}.npz", **inputs)
+        found.append({**run, "seed": seed})
     means = {key: round(float(np.mean([r[key] for r in found])), 4) for key in found[0]
              if key != "seed" and found[0][key] is not None}
     finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "messy": args.messy,
