@@ -417,7 +417,7 @@ def start_modularity(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most:
 
 MERGE_SAMPLE = 10_000  # images, over every rank, on whose neighbour graph fine clusters are merged
 MERGE_VIEWS = 8  # random views of each sampled image whose fine clusters link it to others (`merge_by_modularity`)
-MERGE_VIEW_LINKS = 2.0  # links in all that an image's views add beside its pixel links (docs/results/HISTORY.md)
+MERGE_VIEW_LINKS = 4.0  # links in all that an image's views add beside its pixel links (docs/results/HISTORY.md)
 
 
 def merge_fine_clusters(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int = MERGE_SAMPLE) -> int:
