@@ -35,8 +35,8 @@ def leaving_same_class(clusters: np.ndarray, targets: np.ndarray, labels: np.nda
     return float((majority[targets] == labels[:, None])[leaving].mean()) if leaving.any() else float("nan")
 
 
-def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
-    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `found` (each start's
+def merges_at_every_weight(labels: np.ndarray, merges: list[dict]):
+    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `merges` (each start's
     too, where train.restarts > 1: the run's own merge is the last), then sets the run's merge from the same sample.
     Each row keeps the merge's inputs under "inputs", for `--dump`."""
     def merge(model, cfg, x, comm, most=engine.MERGE_SAMPLE):
@@ -56,8 +56,8 @@ def merges_at_every_weight(labels: np.ndarray, found: list[dict]):
             m = metrics.merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:],
                                             view_links=w)
             row[f"acc_w{w:g}"] = round(metrics.scores(labels, m[every])["acc"], 4)
-        found.append({**row, "inputs": dict(labels=labels, proba=proba, sample=sample, graph=scores.graph(),
-                                            fine=fine, points=scores.points, k=cfg.k)})
+        merges.append({**row, "inputs": dict(labels=labels, proba=proba, sample=sample, graph=scores.graph(),
+                                             fine=fine, points=scores.points, k=cfg.k)})
         print(row, flush=True)
         return engine.set_merge(model, cfg, scores, fine)
     return merge
