@@ -35,10 +35,10 @@ def leaving_same_class(clusters: np.ndarray, targets: np.ndarray, labels: np.nda
     return float((majority[targets] == labels[:, None])[leaving].mean()) if leaving.any() else float("nan")
 
 
-def merges_at_every_weight(labels: np.ndarray, merges: list[dict]):
-    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `merges` (each start's
-    too, where train.restarts > 1: the run's own merge is the last), then sets the run's merge from the same sample.
-    Each row keeps the merge's inputs under "inputs", for `--dump`."""
+def merges_at_every_weight(labels: np.ndarray, last: dict):
+    """A stand-in for engine.merge_fine_clusters that scores the merge at every weight into `last` (replaced by each
+    start's merge too, where train.restarts > 1, so the run's own is left), then sets the run's merge from the same
+    sample. The row keeps the merge's inputs under "inputs", for `--dump`."""
     def merge(model, cfg, x, comm, most=engine.MERGE_SAMPLE):
         scores, fine = engine.merge_sample(model, cfg, x, comm, most)
         proba = fine_proba(engine.trainee(model), engine.features_of(model, x)).cpu().numpy()
@@ -56,8 +56,9 @@ def merges_at_every_weight(labels: np.ndarray, merges: list[dict]):
             m = metrics.merge_by_modularity(scores.graph(), fine[:, 0], cfg.fine_k, cfg.k, views=fine[:, 1:],
                                             view_links=w)
             row[f"acc_w{w:g}"] = round(metrics.scores(labels, m[every])["acc"], 4)
-        merges.append({**row, "inputs": dict(labels=labels, proba=proba, sample=sample, graph=scores.graph(),
-                                             fine=fine, points=scores.points, k=cfg.k)})
+        last.clear()
+        last.update(row, inputs=dict(labels=labels, proba=proba, sample=sample, graph=scores.graph(), fine=fine,
+                                     points=scores.points, k=cfg.k))
         print(row, flush=True)
         return engine.set_merge(model, cfg, scores, fine)
     return merge
@@ -80,16 +81,15 @@ def main() -> None:
 
     base = load_config(PipelineConfig, args.config, args.set).train
     images, labels = variant(*load_arrays(args.data, args.limit), args, base.image_size)
-    merges: list[dict] = []
-    engine.merge_fine_clusters = merges_at_every_weight(labels, merges)
+    last: dict = {}
+    engine.merge_fine_clusters = merges_at_every_weight(labels, last)
     found = []
     for seed in args.seeds:
         cfg = trial_config(base, {"seed": seed, **({"method": args.method} if args.method else {})})
         if cfg.fine_k == cfg.k:
             raise SystemExit(f"{cfg.method.name} learns k clusters directly here: set train.over_cluster > 1")
         engine.fit(at_side(images, cfg), cfg, device=device(), log=lambda s: None)
-        run = merges[-1]  # the run's own merge, after any starts'
-        merges.clear()
+        run = dict(last)  # the run's own merge, after any starts'
         inputs = run.pop("inputs")
         if args.dump is not None:
             args.dump.mkdir(parents=True, exist_ok=True)
