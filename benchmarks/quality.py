@@ -170,7 +170,7 @@ def seed_command(args: argparse.Namespace, method: str, seed: int, out: Path) ->
                         ("--checkpoint", args.checkpoint)]:
         if value is not None:
             cmd += [flag, str(value)]
-    cmd += ["--imbalance", str(args.imbalance)] if args.imbalance else []
+    cmd += ["--imbalance", str(args.imbalance), "--draw", str(args.draw)] if args.imbalance else []
     cmd += ["--messy"] if args.messy else []
     return cmd + (["--progress"] if args.progress else []) + (["--set", *args.set] if args.set else [])
 
@@ -259,7 +259,8 @@ def main() -> None:
         rows, hardware, n = run_seeds_side_by_side(args, methods)
     else:
         rows, hardware, n = run_in_this_process(args, base, methods)
-    finish(args.out, {"data": args.data, "n": n, "device": hardware, "results": rows},
+    finish(args.out, {"data": args.data, "n": n, "imbalance": args.imbalance, "draw": args.draw, "messy": args.messy,
+                      "device": hardware, "results": rows},
            (rows, ["method", "acc", "nmi", "ari", "seconds"]))
 
 

@@ -109,6 +109,9 @@ def variant_arguments(p: argparse.ArgumentParser) -> None:
     """--imbalance and --messy: the variants of a labelled data set that issue 35's targets are measured on."""
     p.add_argument("--imbalance", type=float, default=0, metavar="R",
                    help="subsample the classes to frequencies from 1x to Rx (seeded), e.g. 5: clusters of unequal size")
+    p.add_argument("--draw", type=int, default=0, metavar="D",
+                   help="with --imbalance: which seeded draw of the classes' frequencies (0, the results' own, makes "
+                   "the 4s the rarest class and the 9s frequent, the digits' most alike pair)")
     p.add_argument("--messy", action="store_true", help="the same images as a messy collection: sizes x1..x4, half "
                    "tinted to colour, JPEG quality 30..95 (seeded), through the input policy")
 
@@ -118,8 +121,9 @@ def variant(images: np.ndarray, labels: np.ndarray, args: argparse.Namespace,
     """The images and labels as --imbalance and --messy ask (`variant_arguments`), saying what they became; the
     messy images decoded at `side` (train.image_size) where it is set."""
     if args.imbalance:
-        images, labels = imbalanced(images, labels, args.imbalance)
-        print(f"imbalanced 1x..{args.imbalance:g}x: class sizes {sorted(np.bincount(labels).tolist())}", flush=True)
+        images, labels = imbalanced(images, labels, args.imbalance, args.draw)
+        print(f"imbalanced 1x..{args.imbalance:g}x (draw {args.draw}): class sizes {np.bincount(labels).tolist()}",
+              flush=True)
     if args.messy:
         images = decode_collection(messy(images), side)
         print(f"messy (sizes x1..x4, half tinted, JPEG q30..95), through the input policy: {images.shape[1:]}",
