@@ -97,8 +97,8 @@ def main() -> None:
         found.append({**run, "seed": seed})
     means = {key: round(float(np.mean([r[key] for r in found])), 4) for key in found[0]
              if key != "seed" and found[0][key] is not None}
-    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "draw": args.draw, "messy": args.messy,
-                      "method": cfg.method.name, "weights": WEIGHTS,
+    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "draw": args.draw,
+                      "messy": args.messy, "method": cfg.method.name, "weights": WEIGHTS,
                       "runs": found, "mean": means},
            (found + [{"seed": "mean", **means}], ["seed", "fine_purity", *(f"acc_w{w:g}" for w in WEIGHTS),
                                                    "views_staying"]))

@@ -182,6 +182,16 @@ def finish(out: str, payload: dict, *tables: tuple[list[dict], list[str] | None]
     write_json(out, payload)
 
 
+def data_label(spec: str) -> str:
+    """A data argument as results name it: a folder of this checkout relative to it, one elsewhere by its own name
+    alone (results are committed, and a machine's paths mean nothing to their readers); URIs and sklearn: as given."""
+    path = Path(spec)
+    if "://" in spec or ":" in spec.split("/")[0] or not path.is_absolute():
+        return spec
+    root = Path(__file__).resolve().parents[1]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
@@ -190,6 +200,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def write_json(path: str, payload: dict) -> None:
+    if isinstance(payload.get("data"), str):
+        payload = {**payload, "data": data_label(payload["data"])}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")
