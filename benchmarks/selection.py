@@ -92,8 +92,7 @@ def main() -> None:
     replays = asha_replays(runs, pipeline.tune, args.graces or [pipeline.tune.grace_epochs], args.orders) \
         if args.along else []
     finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "draw": args.draw,
-                      "messy": args.messy,
-                      "space": space, "device": str(device()), "runs": runs,
+                      "messy": args.messy, "space": space, "device": str(device()), "runs": runs,
                       "config": pipeline.train.model_dump(mode="json"), "tune": pipeline.tune.model_dump(mode="json"),
                       "picks": picks, "asha": replays},
            (runs, ["seed", *space, *rules_in(runs), "clusters_used", "acc", "seconds"]),
