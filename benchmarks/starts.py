@@ -30,13 +30,15 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4, help="starts a pick chooses among (train.restarts)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--imbalance", type=float, default=0, metavar="R", help="classes kept at 1x..Rx (seeded)")
+    p.add_argument("--draw", type=int, default=0, metavar="D", help="with --imbalance: which seeded draw of the "
+                   "classes' frequencies (quality.py's --draw)")
     args = p.parse_args()
 
     cfg = load_config(PipelineConfig, args.config, args.set).train
     epochs = args.epochs or cfg.restart_epochs
     images, labels = load_arrays(args.data, args.limit)
     if args.imbalance:
-        images, labels = imbalanced(images, labels, args.imbalance)
+        images, labels = imbalanced(images, labels, args.imbalance, args.draw)
     data = as_input(images, device())  # held once on the device for every start
     x = data.sample
     starts, preds = [], []
@@ -51,8 +53,9 @@ def main() -> None:
               f"evenness {starts[-1]['evenness']:.4f}", flush=True)
     rows = pick_rows(starts, preds, args.group)
     print(f"\n{len(starts)} starts of {epochs} epochs; picks over every group of {min(args.group, len(starts))}:")
-    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "epochs": epochs,
-                      "group": args.group, "config": cfg.model_dump(mode="json"), "starts": starts, "picks": rows},
+    finish(args.out, {"data": args.data, "n": len(images), "imbalance": args.imbalance, "draw": args.draw,
+                      "epochs": epochs, "group": args.group, "config": cfg.model_dump(mode="json"), "starts": starts,
+                      "picks": rows},
            (rows, None))
 
 
