@@ -105,13 +105,18 @@ def at_side(images: np.ndarray, cfg) -> np.ndarray:
     return to_images(images, "L" if images.shape[-1] == 1 else "RGB", cfg.side_for(images.shape[1]))
 
 
-def variant_arguments(p: argparse.ArgumentParser) -> None:
-    """--imbalance and --messy: the variants of a labelled data set that issue 35's targets are measured on."""
+def imbalance_arguments(p: argparse.ArgumentParser) -> None:
+    """--imbalance and --draw: the classes at unequal frequencies (`imbalanced`)."""
     p.add_argument("--imbalance", type=float, default=0, metavar="R",
                    help="subsample the classes to frequencies from 1x to Rx (seeded), e.g. 5: clusters of unequal size")
     p.add_argument("--draw", type=int, default=0, metavar="D",
                    help="with --imbalance: which seeded draw of the classes' frequencies (0, the results' own, makes "
                    "the 4s the rarest class and the 9s frequent, the digits' most alike pair)")
+
+
+def variant_arguments(p: argparse.ArgumentParser) -> None:
+    """--imbalance, --draw and --messy: the variants of a labelled data set that issue 35's targets are measured on."""
+    imbalance_arguments(p)
     p.add_argument("--messy", action="store_true", help="the same images as a messy collection: sizes x1..x4, half "
                    "tinted to colour, JPEG quality 30..95 (seeded), through the input policy")
 
@@ -186,7 +191,7 @@ def data_label(spec: str) -> str:
     """A data argument as results name it: a folder of this checkout relative to it, one elsewhere by its own name
     alone (results are committed, and a machine's paths mean nothing to their readers); URIs and sklearn: as given."""
     path = Path(spec)
-    if "://" in spec or ":" in spec.split("/")[0] or not path.is_absolute():
+    if ":" in spec.split("/")[0] or not path.is_absolute():  # s3://..., sklearn:digits, or relative
         return spec
     root = Path(__file__).resolve().parents[1]
     return str(path.relative_to(root)) if path.is_relative_to(root) else path.name

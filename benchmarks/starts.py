@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-from runner import device, finish, imbalanced, load_arrays, parser
+from runner import device, finish, imbalance_arguments, imbalanced, load_arrays, parser
 from sklearn.metrics import normalized_mutual_info_score
 
 from clustering import engine, metrics
@@ -29,9 +29,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs per start; default train.restart_epochs")
     p.add_argument("--group", type=int, default=4, help="starts a pick chooses among (train.restarts)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--imbalance", type=float, default=0, metavar="R", help="classes kept at 1x..Rx (seeded)")
-    p.add_argument("--draw", type=int, default=0, metavar="D", help="with --imbalance: which seeded draw of the "
-                   "classes' frequencies (quality.py's --draw)")
+    imbalance_arguments(p)
     args = p.parse_args()
 
     cfg = load_config(PipelineConfig, args.config, args.set).train
