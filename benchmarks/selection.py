@@ -85,7 +85,7 @@ def main() -> None:
     images, labels = variant(*load_arrays(args.data, args.limit, args.subset), args, pipeline.train.image_size)
     images = at_side(images, pipeline.train)  # every run at the base config's side
     print(f"{args.data}: {images.shape} on {device()}", flush=True)
-    score = Scorer(metrics.LabelFreeScores(images, args.sample), labels)  # one sample and graph for every run
+    score = Scorer(metrics.LabelFreeScores(images, args.sample, deskew=pipeline.train.deskew), labels)  # one graph
     runs, preds = rescored(args.rescore, score, pipeline.train.k) if args.rescore else \
         trained(args, pipeline, space, images, score)
     picks = pick_rows(runs, space)

@@ -17,6 +17,7 @@ import torch
 
 from .model.augment import view_for
 from .model.levels import colourful
+from .model.deskew import deskew
 from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, load_pretrained, pretrained
 from .comm import Comm
 from .config import TrainConfig
@@ -466,6 +467,8 @@ def graph_sample(model, cfg: TrainConfig, x: torch.Tensor, comm: Comm, most: int
         points = torch.from_numpy(learnt).to(x.device)
     else:  # pixels as the model sees them (levels stretched: a tinted capture links to its clean look-alikes)
         points = (to_float(local) * 255).round() if local.dtype == torch.uint8 else local
+        if cfg.deskew and local.dtype == torch.uint8:  # handwriting: its slant and position are no distance
+            points = deskew(points).round()
     c = clusters.shape[1]
     rows = comm.gather(torch.cat([points.flatten(1).float(), clusters.float()], 1), per_rank).cpu().numpy()
     points, clusters = rows[:, :-c], rows[:, -c:].astype(np.int64)

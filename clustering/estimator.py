@@ -221,5 +221,5 @@ def label_free_score(estimator: DeepClusterer, images: Any, name: str) -> float:
 
     x = estimator.pixels(images)
     learnt = engine.representation_of(estimator.config_, estimator.model_, device_images(x, estimator.device_))
-    scores = metrics.LabelFreeScores(x if learnt is None else learnt)
+    scores = metrics.LabelFreeScores(x if learnt is None else learnt, deskew=estimator.config_.deskew)
     return scores(estimator.predict(x), estimator.config_.k, (name,))[name]

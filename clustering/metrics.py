@@ -145,13 +145,20 @@ class LabelFreeScores:
     """
 
     def __init__(self, images: np.ndarray, sample: int = 10_000, neighbours: int = 10, seed: int = 0,
-                 space: str = "representation"):
-        """images: uint8 (N, H, W, C), scored in pixel space; or float features (N, D) of a learnt representation
-        or of a pretrained backbone (`space` names which), L2-normalised here so that their neighbours are the
-        nearest by cosine, as SimCLR compares them."""
+                 space: str = "representation", deskew: bool = False):
+        """images: uint8 (N, H, W, C), scored in pixel space (each image deskewed first where `deskew`:
+        `train.deskew`); or float features (N, D) of a learnt representation or of a pretrained backbone (`space`
+        names which), L2-normalised here so that their neighbours are the nearest by cosine, as SimCLR compares
+        them."""
         self.neighbours = neighbours
         self.index = sample_index(len(images), sample, seed)
-        points = images[self.index].reshape(len(self.index), -1).astype(np.float32)
+        picked = images[self.index]
+        if deskew and images.dtype == np.uint8 and images.ndim == 4:
+            import torch
+
+            from .model.deskew import deskew as deskewed
+            picked = deskewed(torch.from_numpy(picked).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+        points = picked.reshape(len(self.index), -1).astype(np.float32)
         if images.dtype == np.uint8:
             self.space, self.points = "pixels", points / 255.0  # (S, H*W*C)
         else:

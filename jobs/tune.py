@@ -94,7 +94,7 @@ def train_and_score(config: dict, cfg: TrainConfig, data, comm: Comm, device: to
     reach Tune)."""
     x = data.sample  # every image held in memory, or the statistics' sample of a streamed corpus
     scores = metrics.LabelFreeScores(x.permute(0, 2, 3, 1).cpu().numpy(), config["score_sample"],  # graph: once
-                                     space="backbone features")  # a frozen backbone's run: x is the cached features
+                                     space="backbone features", deskew=cfg.deskew)  # a frozen backbone's: features
     views = engine.views_of(x[torch.from_numpy(scores.index).to(device)])  # the same views in every trial
     t0 = time.perf_counter()
 
