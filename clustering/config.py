@@ -146,7 +146,7 @@ class TrainConfig(Strict):
                                      "in size, splitting it and merging rare ones. 1 = learn the k clusters directly; "
                                      "empty = the method's default (4 for nmm, dcec, idec and vc, 1 for the rest)")
     deskew: bool = Field(False, description="the label-free neighbour graph (each start's pick, the fine clusters' "
-                         "merge, the tune job's modularity) links gray pixels after shearing each image upright and "
+                         "merge, the tune job's modularity) links the pixels after shearing each image upright and "
                          "centring it by its second moments (the classic deskew of handwriting): for handwriting and "
                          "line art, where a slanted character is else nearer a look-alike at its slant than itself "
                          "upright. The model's input is unchanged; a learnt representation's graph is not deskewed")
