@@ -214,6 +214,6 @@ def pixel_silhouette(images: np.ndarray, clusters: np.ndarray, sample: int = 10_
 
 
 def knn_modularity(images: np.ndarray, clusters: np.ndarray, sample: int = 10_000, neighbours: int = 10,
-                   seed: int = 0) -> float:
+                   seed: int = 0, deskew: bool = False) -> float:
     """`LabelFreeScores.modularity` of one partition."""
-    return LabelFreeScores(images, sample, neighbours, seed).modularity(clusters)
+    return LabelFreeScores(images, sample, neighbours, seed, deskew=deskew).modularity(clusters)

@@ -66,10 +66,11 @@ def sample(output: str, shards_uri: str, limit: int = SOURCE_IMAGES, seed: int =
     return Sample(data, table, success, len(entries), len(manifest["shards"]), manifest["num_samples"])
 
 
-def summarize(output: str, shards_uri: str, seen: Sample | None = None) -> dict:
+def summarize(output: str, shards_uri: str, seen: Sample | None = None, deskew: bool = False) -> dict:
     """Counts per cluster over the corpus (from `_SUCCESS.json`); on the sampled shards (`seen`): the mean
-    confidence, the label-free modularity of the clusters (metrics.knn_modularity, as the tune job scores trials)
-    and, where the shards carry labels, ACC/NMI/ARI; with the sample's size beside them."""
+    confidence, the label-free modularity of the clusters (metrics.knn_modularity, on the graph the tune job scores
+    trials on: each image deskewed first where the run's `train.deskew` is set) and, where the shards carry labels,
+    ACC/NMI/ARI; with the sample's size beside them."""
     seen = seen or sample(output, shards_uri)
     clusters = seen.table["cluster"].reindex(seen.data.keys)
     known = clusters.notna().to_numpy()  # a skipped image has no row
@@ -82,7 +83,8 @@ def summarize(output: str, shards_uri: str, seen: Sample | None = None) -> dict:
         "sample_rows": int(known.sum()),
         "sample_shards": f"{seen.shards} of {seen.of_shards}",
         "mean_confidence": float(seen.table["confidence"].mean()),
-        "modularity": metrics.knn_modularity(seen.data.images[known], clusters[known].to_numpy(np.int64), SCORE_SAMPLE),
+        "modularity": metrics.knn_modularity(seen.data.images[known], clusters[known].to_numpy(np.int64), SCORE_SAMPLE,
+                                             deskew=deskew),
     }
     scored = known & (seen.data.labels >= 0)
     if scored.any():

@@ -62,8 +62,8 @@ def write_report(cfg: PipelineConfig, trained, trials: dict | None, embedded: in
     Returns (its summary, the page's URI)."""
     shards_uri, output = cfg.label.shards, cfg.label.output
     seen = report.sample(output, shards_uri)  # read once: the score, the pictures and the embedding look at them
-    summary = report.summarize(output, shards_uri, seen)
     model = DeepClusterer.load(trained.checkpoint, device="cpu")
+    summary = report.summarize(output, shards_uri, seen, deskew=model.config_.deskew)  # the run's own graph
     views = report.cluster_views(output, shards_uri, seen)
     confusion = report.add_composition(views, output, shards_uri, seen)
     n = len(seen.data.images)  # the embedding: a seeded draw across the sampled shards, not the first shard's images

@@ -48,6 +48,10 @@ def test_pipeline_on_local_folders(ray_local, tmp_path, capsys):
     images, keys = seen.data.images, seen.data.keys
     clusters = assignments.read(cfg.label.output).set_index("key").loc[keys, "cluster"].to_numpy()
     assert summary["modularity"] == pytest.approx(metrics.knn_modularity(images, clusters)) and summary["modularity"] > 0.3
+    # where the run deskews its graph (train.deskew), the report scores on that graph, as the tune job does
+    deskewed = report.summarize(cfg.label.output, cfg.label.shards, seen, deskew=True)["modularity"]
+    assert deskewed == pytest.approx(metrics.knn_modularity(images, clusters, deskew=True))
+    assert deskewed != pytest.approx(summary["modularity"])
 
     from jobs.label import run_label
 
