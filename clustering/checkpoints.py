@@ -21,7 +21,16 @@ def save(state: dict, folder: str) -> str:
 
 def load(uri: str) -> dict:
     """A checkpoint folder/URI -> its state dict."""
-    path = storage.join(uri, CHECKPOINT_FILE)
+    return load_file(storage.join(uri, CHECKPOINT_FILE))
+
+
+def load_any(uri: str) -> dict:
+    """The state dict of a checkpoint file (a .pt: model.pt, or where benchmarks/quality.py keeps a run), a checkpoint
+    folder, or a run folder (its newest checkpoint)."""
+    return load_file(uri) if uri.endswith(".pt") else load(resolve(uri))
+
+
+def load_file(path: str) -> dict:
     data = storage.read_bytes(path)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -36,6 +45,9 @@ def load(uri: str) -> dict:
 def load_finished(uri: str) -> dict:
     """A checkpoint dict that can label: its run's end-of-run step (k-means, NMM's normalisers) is in it."""
     state = load(uri)
+    if state.get("representation_only"):
+        raise ValueError(f"{uri} is a run that learnt a representation alone (train.joint_epochs=0), with no clusters "
+                         "to label by: cluster with it first, in a run with train.representation_from set to it")
     if not state.get("finished"):
         raise ValueError(f"{uri} is from epoch {state['epoch'] + 1} of a run that did not finish; some methods fit "
                          "their cluster head only at the end (k-means, NMM's normalisers). Label with the run's last "

@@ -150,6 +150,13 @@ class TrainConfig(Strict):
                          "centring it by its second moments (the classic deskew of handwriting): for handwriting and "
                          "line art, where a slanted character is else nearer a look-alike at its slant than itself "
                          "upright. The model's input is unchanged; a learnt representation's graph is not deskewed")
+    representation_from: str = Field(
+        "", description="start from the representation an earlier run learnt: its checkpoint or run folder (local "
+        "or s3://, as the train job prints it) or a checkpoint file. Its encoder's weights are copied into this run's "
+        "before it trains; SCAN's neighbours and the label-free scores then read those features, as after a "
+        "representation stage of its own (contrast_epochs=0 is usual). One representation stage then serves many "
+        "clustering runs, e.g. tune trials over k. The earlier run: the same method, encoder and input side; "
+        "train.joint_epochs=0 makes a run that learns the representation alone")
     restarts: int = Field(1, ge=1, description="train this many starts (seeds seed, seed+1000, …) for "
                                                "restart_epochs epochs each and continue the one whose clusters have "
                                                "the highest modularity on the images' neighbour graph times the "
@@ -178,6 +185,19 @@ class TrainConfig(Strict):
         elif encoders is not None and self.encoder not in encoders:
             raise ValueError(f"encoder={self.encoder} does not fit method {self.method.name}, which builds "
                              f"{' or '.join(encoders)}")
+        return self
+
+    @model_validator(mode="after")
+    def _a_representation_to_start_from(self) -> "TrainConfig":
+        learns = "contrast_epochs" in type(self.method).model_fields  # the methods with SCAN's steps
+        if self.representation_from and (not learns or is_backbone(self.encoder)):
+            raise ValueError(f"representation_from: method {self.method.name} with encoder {self.encoder} learns no "
+                             f"representation to start from; methods that do: {', '.join(methods_with('contrast_epochs'))}"
+                             " on their own encoders")
+        if getattr(self.method, "freeze_representation", False) and not (self.method.contrast_epochs
+                                                                         or self.representation_from):
+            raise ValueError("freeze_representation needs the representation that contrast_epochs learn (or that "
+                             "representation_from copies): set contrast_epochs (e.g. 100), or freeze_representation=false")
         return self
 
     @classmethod

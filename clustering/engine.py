@@ -19,6 +19,7 @@ from .model.augment import view_for
 from .model.levels import colourful
 from .model.deskew import deskew
 from .model.backbones import Backbone, WithBackbone, is_backbone, is_features, load_pretrained, pretrained
+from . import checkpoints
 from .comm import Comm
 from .config import TrainConfig
 from .data.inputs import MemoryInput, TrainInput, as_input, device_images  # noqa: F401 (device_images: part of the engine's API)
@@ -315,6 +316,8 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
         resume = best_start(data, cfg, comm, device, log)
     run = new_run(cfg, *data.image_shape, device, colourful(data.sample, comm))
     if resume is None:
+        if cfg.representation_from:
+            start_from_representation(run, cfg, log)
         return run, 0
     start = restore(run, resume, cfg, log, picked)
     if picked:  # the pick shows in the metrics of the first epoch after it (and in the checkpoints' history)
@@ -325,15 +328,39 @@ def start_run(data: TrainInput, cfg: TrainConfig, comm: Comm, device: torch.devi
     return run, start
 
 
+def start_from_representation(run: Run, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """train.representation_from: the encoder of an earlier run's checkpoint, copied into this new run's."""
+    source = checkpoints.load_any(cfg.representation_from)
+    theirs, ours = (tuple(spec[key] for key in ("method", "channels", "side")) for spec in (source["spec"], run.spec))
+    if theirs != ours:
+        raise ValueError(f"train.representation_from={cfg.representation_from} is a {theirs[0]} run on images of "
+                         f"{theirs[1]} channels and side {theirs[2]}; this run is {ours[0]} on {ours[1]} channels "
+                         f"and side {ours[2]}: start from a run of the same method on the same input (train.image_size "
+                         "sets the side)")
+    method, model = model_copy(source, "cpu")
+    try:
+        run.method.encoder_of(trainee(run.model)).load_state_dict(method.encoder_of(trainee(model)).state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"train.representation_from={cfg.representation_from}: its encoder does not fit this run's "
+                         f"(train.encoder and the method's widths must be the same): {str(e).splitlines()[-1].strip()}") from None
+    log(f"starting from the representation of {cfg.representation_from} (after its epoch {source['epoch'] + 1})")
+
+
 def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: EpochCallback | None) -> None:
-    """The method's end-of-run step (k-means on the codes, NMM's normalisers), then the finished checkpoint."""
+    """The method's end-of-run step (k-means on the codes, NMM's normalisers), then the finished checkpoint. A run
+    of the representation stage alone has no clusters to fit: its checkpoint says so, and serves as another run's
+    train.representation_from."""
     cfg = TrainConfig.of_spec(run.spec["config"])
-    final = end_of_run(run.model, cfg, data.sample, comm)
-    check_collapsed(run.model.eval(), features_of(run.model, data.sample), cfg.k, comm)
+    clusters = any(run.method.clusters_in(stage) for stage in run.method.stages())
+    final = {} if clusters else {"representation_only": True}
+    if clusters:
+        final = end_of_run(run.model, cfg, data.sample, comm)
+        check_collapsed(run.model.eval(), features_of(run.model, data.sample), cfg.k, comm)
     if on_epoch is not None:
         metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
                    "resumed_from": run.resumed_from, **final}
-        on_epoch(total - 1, metrics, lambda: run.state(total - 1, finished=True))
+        on_epoch(total - 1, metrics, lambda: {**run.state(total - 1, finished=True),
+                                              **({} if clusters else {"representation_only": True})})
 
 
 def on_features(data: TrainInput, cfg: TrainConfig) -> TrainInput:

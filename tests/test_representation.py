@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from kornia.augmentation import RandomGaussianBlur
 
-from clustering import engine
+from clustering import checkpoints, engine
 from clustering.model.augment import photo_views, rgb_view, simclr_view
 from clustering.comm import Comm
 from clustering.config import TrainConfig
@@ -144,6 +144,50 @@ def test_a_frozen_representation_keeps_its_weights_through_a_run():
     conv = [key for key in last if key.startswith("net.net.0.") and key.endswith("weight")]
     assert conv and all(torch.equal(after_contrast[key], last[key]) for key in conv)
     assert not torch.equal(after_contrast["net.net.6.weight"], last["net.net.6.weight"])  # the mixture's layer learns
+
+
+@pytest.mark.parametrize("method", list(ENCODER_AND_HEAD))
+def test_one_representation_serves_clustering_runs_of_other_k(method, tmp_path):
+    """A run of the representation stage alone, then runs of two k from it (train.representation_from): each starts
+    from its encoder, mines neighbours in its features and clusters."""
+    images = digits_source().images[:200, ..., None]
+    own = {"pretrain_epochs": 1} if method == "dcec" else {}
+    source = TrainConfig.of(method=method, k=10, joint_epochs=0, batch_size=100, contrast_epochs=1, **own)
+    saved = []
+    engine.fit(images, source, log=lambda s: None, on_epoch=lambda e, m, f: saved.append(checkpoints.save(
+        f(), str(tmp_path / "rep" / f"checkpoint_{e:06d}"))))
+    learnt = checkpoints.load(saved[-1])["model"]
+    encoder = ENCODER_AND_HEAD[method][0]
+    x = engine.device_images(images, "cpu")
+    for k in (6, 12):
+        cfg = TrainConfig.of(method=method, k=k, joint_epochs=4 if method == "vc" else 1, batch_size=50,
+                             neighbours=5, over_cluster=1, representation_from=str(tmp_path / "rep"), **own)
+        started = engine.fit(images, cfg, log=lambda s: None, until=0).state_dict()  # before its first step
+        copied = [key for key in started if key.startswith(encoder)]
+        assert copied and all(torch.equal(started[key], learnt[key]) for key in copied)
+        model = engine.fit(images, cfg, log=lambda s: None)
+        assert engine.predict_all(model, x)[0].shape == (200, k)
+        assert engine.representation_of(cfg, model, x) is not None  # the label-free scores read its features
+    if method == "nmm":  # it trained no clusters: nothing to label by
+        assert checkpoints.load(saved[-1])["representation_only"]
+        with pytest.raises(ValueError, match="learnt a representation alone"):
+            checkpoints.load_finished(saved[-1])
+
+
+def test_a_representation_from_another_method_or_encoder_is_refused_by_name(tmp_path):
+    images = digits_source().images[:100, ..., None]
+    states = []
+    engine.fit(images, TrainConfig.of(method="nmm", k=10, joint_epochs=0, contrast_epochs=1, batch_size=100),
+               log=lambda s: None, on_epoch=lambda e, m, f: states.append(f()))
+    torch.save(states[-1], tmp_path / "rep.pt")  # a checkpoint file, as benchmarks/quality.py keeps a run
+    source = str(tmp_path / "rep.pt")
+    with pytest.raises(ValueError, match="is a nmm run .* this run is vc"):
+        engine.fit(images, TrainConfig.of(method="vc", k=6, joint_epochs=1, representation_from=source))
+    with pytest.raises(ValueError, match="its encoder does not fit"):
+        engine.fit(images, TrainConfig.of(method="nmm", k=6, joint_epochs=1, conv_widths=(16, 32),
+                                          representation_from=source))
+    with pytest.raises(ValueError, match="method iic with encoder conv learns no representation"):
+        TrainConfig.of(method="iic", representation_from=source)
 
 
 def test_neighbour_agreement_is_least_where_the_posteriors_match_the_neighbours_and_selflabels_only_the_confident():

@@ -110,8 +110,11 @@ class AEClustering(Recipe):
                               SELFLABEL: s.selflabel_epochs if scan else 0})
 
     def representation(self, model: ClusterNet):
-        """The codes, where a representation stage trained them."""
-        return model.embed if self.scan and self.cfg.method.contrast_epochs else None
+        """The codes, where a representation stage trained them (this run's or an earlier run's)."""
+        return model.embed if self.scan and self.has_representation else None
+
+    def encoder_of(self, model: ClusterNet) -> nn.Module | None:
+        return model.ae.encoder if self.scan else None
 
     def start_stage(self, stage: Stage, model: ClusterNet, images: torch.Tensor, comm: Comm) -> dict:
         return fit_head(model, images, comm, self.cfg.seed) if stage.name == "joint" else {}
@@ -120,7 +123,7 @@ class AEClustering(Recipe):
         """The target P, refreshed every target_every epochs of the joint stage; and SCAN's neighbours and
         posteriors where the epoch reads them (ae_kmeans has neither: it pretrains, then k-means)."""
         if self.scan:
-            self.scan.hold(model.ae.encoder, stage)
+            self.scan.hold(self.encoder_of(model), stage)
         q = None
         due = self.targets is None or (epoch - stage.start) % self.cfg.method.target_every == 0
         if stage.name == "joint" and due:

@@ -45,6 +45,7 @@ class TrainSettings(Protocol):
     seed: int
     encoder: str
     joint_epochs: int
+    representation_from: str
     method: Settings
 
 
@@ -149,8 +150,19 @@ class Recipe:
 
     def representation(self, model: Clusterer):
         """The function of float images giving the features the method learnt as a representation (a stage of
-        its own trained them), in which the label-free scores should find neighbours; None where it learnt none."""
+        its own trained them, or an earlier run's: `has_representation`), in which the label-free scores should find
+        neighbours; None where it learnt none."""
         return None
+
+    def encoder_of(self, model: Clusterer) -> nn.Module | None:
+        """The part of the model that learns the representation: what freeze_representation holds and
+        train.representation_from copies from an earlier run; None where the method learns none."""
+        return None
+
+    @property
+    def has_representation(self) -> bool:
+        """Whether the run's encoder holds a representation: learnt in its own stage, or copied from another run's."""
+        return bool(getattr(self.cfg.method, "contrast_epochs", 0) or getattr(self.cfg, "representation_from", ""))
 
 
 def fit_head(model: Clusterer, images: torch.Tensor, comm: Comm, seed: int) -> dict:

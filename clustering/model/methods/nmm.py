@@ -106,13 +106,16 @@ class NMM(Recipe):
         return stage.name != CONTRAST  # before EM the mixture's outputs are untrained and their clusters say nothing
 
     def representation(self, model: MixtureNet):
-        return model.net.features if self.cfg.method.contrast_epochs else None
+        return model.net.features if self.has_representation else None
+
+    def encoder_of(self, model: MixtureNet) -> torch.nn.Module:
+        return model.net.net[:-1]  # all but the mixture's output layer
 
     def start_epoch(self, stage, epoch, model: MixtureNet, images: torch.Tensor, comm: Comm) -> None:
         """Before an epoch that needs them: the neighbours, mined once in the features the representation stage
         learnt (again after a resume, in the features as they are then), and every image's posterior now, which
         the epoch's steps read as their targets."""
-        self.scan.hold(model.net.net[:-1], stage)  # all but the mixture's output layer
+        self.scan.hold(self.encoder_of(model), stage)
         if self.scan.needs_refresh(stage):
             model.fit_normaliser(images, comm)
             self.scan.refresh(model, images, comm, self.representation(model), fine_proba(model, images))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from .. import losses
@@ -26,7 +26,7 @@ class ScanSettings(Settings):
     contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before clustering (SimCLR "
                                  "pretraining, as SCAN's first step: the representation stage); 0 = none")
     neighbours: int = Field(0, ge=0, description="each image's N nearest images, mined once in the features that "
-                            "contrast_epochs learnt, else in the pixels as the model sees them (SCAN's 20): its "
+                            "contrast_epochs learnt (or train.representation_from copied), else in the pixels as the model sees them (SCAN's 20): its "
                             "posterior should agree with a neighbour's; 0 = none. Images held in memory only (not "
                             "train.input=stream)")
     neighbour_weight: float = Field(1.0, ge=0, description="weight of the agreement with a mined neighbour")
@@ -34,22 +34,16 @@ class ScanSettings(Settings):
                                   "images' clusters train the net as labels (SCAN's last step); 0 = none")
     selflabel_threshold: float = Field(0.99, gt=0, lt=1, description="self-labelling: the posterior an image needs "
                                        "to count as confident")
-    freeze_representation: bool = Field(False, description="after contrast_epochs, the encoder that learnt the "
-                                        "representation stops learning and only what reads its features trains "
-                                        "(false: it is fine-tuned, as SCAN does)")
+    freeze_representation: bool = Field(False, description="after contrast_epochs (or from train."
+                                        "representation_from), the encoder that learnt the representation stops "
+                                        "learning and only what reads its features trains (false: it is fine-tuned, "
+                                        "as SCAN does)")
 
     @property
     def held_setting(self) -> str | None:
         """The first setting that reads rows of the held images (an image's neighbours, its posterior at the start of
         the epoch), which streamed batches do not carry; None where none is set."""
         return next((key for key in ("neighbours", "selflabel_epochs") if getattr(self, key)), None)
-
-    @model_validator(mode="after")
-    def _freezing_needs_a_representation(self) -> "ScanSettings":
-        if self.freeze_representation and not self.contrast_epochs:
-            raise ValueError("freeze_representation needs the representation that contrast_epochs learn: set "
-                             "contrast_epochs (e.g. 100), or freeze_representation=false")
-        return self
 
 
 def projector(feature_dim: int) -> nn.Module:

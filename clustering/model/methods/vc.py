@@ -94,10 +94,13 @@ class VC(Recipe):
         return stage.name != CONTRAST  # before the ELBO, q(y|x) is untrained
 
     def representation(self, model: VCNet):
-        return model.features if self.cfg.method.contrast_epochs else None
+        return model.features if self.has_representation else None
+
+    def encoder_of(self, model: VCNet) -> nn.Module:
+        return model.trunk
 
     def start_epoch(self, stage, epoch, model: VCNet, images: torch.Tensor, comm) -> None:
-        self.scan.hold(model.trunk, stage)
+        self.scan.hold(self.encoder_of(model), stage)
         if self.scan.needs_refresh(stage):
             self.scan.refresh(model, images, comm, self.representation(model), fine_proba(model, images))
 
