@@ -7,6 +7,11 @@
 #                                             # .data/cifar10-jpg.tar.gz (19 MB): both git-ignored, carried
 # Then one device call, e.g. with carry [".whl", ".data"] and a timeout that leaves a minute to spare:
 #   bash benchmarks/gpu_photos.sh cifar       # writes $OUT/cifar-<method>.json and its log
+# or the representation once, then clustering runs over k from it (the issue's label-free pick of k, "on that
+# representation"), in the same call: the checkpoint stays on the machine:
+#   EM=0 SELFLABEL=0 bash benchmarks/gpu_photos.sh cifar && bash benchmarks/gpu_photos.sh k
+#                                             # k: $OUT/selection-cifar-<method>.json, k in KS (6..16), each run
+#                                             # EM epochs (and SELFLABEL) from train.representation_from
 #
 # quality.py needs neither Ray nor webdataset: a CIFAR-10 folder is read directly. The schedule is set by the
 # environment, sized to the device's time: CONTRAST (epochs of the representation stage), EM (clustering epochs),
@@ -29,10 +34,8 @@ prepare() {
   du -sh "$root/.whl" "$root/.data"
 }
 
-cifar() {
-  local out=${OUT:-$root/outputs/gpu}
-  local method=${METHOD:-nmm} contrast=${CONTRAST:-100} em=${EM:-30} selflabel=${SELFLABEL:-10}
-  mkdir -p "$out" /tmp/site /tmp/cifar
+setup() {  # the wheels (where carried) and the images, once per machine
+  mkdir -p /tmp/site /tmp/cifar
   if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$root"/.whl/*.whl
     export PYTHONPATH=/tmp/site:$root
@@ -40,6 +43,28 @@ cifar() {
     export PYTHONPATH=$root  # an environment that has the project's requirements already
   fi
   [ -d /tmp/cifar/train ] || tar -xzf "$root/.data/cifar10-jpg.tar.gz" -C /tmp/cifar  # train/<class>/*.jpg, test/
+}
+
+k() {  # selection.py over k, every run starting from the representation `cifar` kept (EM=0: the stage alone)
+  local out=${OUT:-$root/outputs/gpu} method=${METHOD:-nmm}
+  local rep=/tmp/dicl-checkpoints/$method-seed0.pt encoder=resnet18
+  [ -f "$rep" ] || { echo "no $rep: run EM=0 SELFLABEL=0 bash $0 cifar first, on this machine" >&2; exit 2; }
+  [ "$method" = nmm ] || encoder=conv
+  mkdir -p "$out"
+  setup
+  cd "$here"
+  timeout "${LIMIT_S:-540}" python3 selection.py --data /tmp/cifar/train ${SAMPLE:+--subset "$SAMPLE"} --seeds 0 \
+    --space "{k: [${KS:-6, 8, 10, 12, 14, 16}]}" --out "$out/selection-cifar-$method.json" \
+    --set train.method="$method" train.encoder="$encoder" train.batch_size=512 train.over_cluster="${OVER:-4}" \
+    train.representation_from="$rep" train.method.neighbours=20 train.joint_epochs="${EM:-30}" \
+    train.method.selflabel_epochs="${SELFLABEL:-10}" ${EXTRA:-} 2>&1 | tee "$out/selection-cifar-$method.log"
+}
+
+cifar() {
+  local out=${OUT:-$root/outputs/gpu}
+  local method=${METHOD:-nmm} contrast=${CONTRAST:-100} em=${EM:-30} selflabel=${SELFLABEL:-10}
+  mkdir -p "$out"
+  setup
   local encoder=resnet18 own=()
   [ "$method" = nmm ] || encoder=conv  # resnet18 is nmm's encoder; dcec and vc build their own conv nets
   case "$method" in  # the autoencoders' own pretraining follows the representation stage: none unless PRETRAIN says
@@ -59,5 +84,6 @@ cifar() {
 case "${1:-}" in
   prepare) prepare ;;
   cifar) cifar ;;
-  *) echo "usage: bash benchmarks/gpu_photos.sh prepare|cifar (see the comments at its top)" >&2; exit 2 ;;
+  k) k ;;
+  *) echo "usage: bash benchmarks/gpu_photos.sh prepare|cifar|k (see the comments at its top)" >&2; exit 2 ;;
 esac

@@ -5,6 +5,10 @@
 
 Scores are on every image given (MNIST: train + test, as the papers). Runs on the GPU when there is one.
 Prints a table and writes JSON. Not part of the test suite.
+
+A run of the representation stage alone (train.joint_epochs=0, train.method.contrast_epochs=N) is scored by
+k-means on its features, where clustering would start; its --checkpoint file is a train.representation_from for
+runs that cluster from it, e.g. selection.py's over k.
 """
 from __future__ import annotations
 
@@ -122,6 +126,7 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     picks: dict = {}  # with train.restarts > 1: each start's modularity and evenness, and the one picked
 
     def note_pick(epoch: int, info: dict, state_fn) -> None:
+        picks.update({"representation_only": True} if info.get("representation_only") else {})
         if "start_picked" in info:
             picks.update(start_modularity=info["start_modularity"], start_evenness=info["start_evenness"],
                          start_picked=info["start_picked"])
@@ -136,9 +141,11 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     model = engine.fit(images, cfg, device=device, log=log, on_epoch=on_epoch, resume=resume)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    probs, _ = predict_all(model, x)
+    if picks.get("representation_only"):  # no clusters trained: k-means on its features, where clustering starts
+        pred = feature_kmeans(learnt_features(cfg, model, x), cfg.k)
+    else:
+        pred = predict_all(model, x)[0].argmax(1).cpu().numpy()
     seconds = seconds_before + time.perf_counter() - t0
-    pred = probs.argmax(1).cpu().numpy()
     features = learnt_features(cfg, model, x[:PURITY_SAMPLE])  # the images the purity reads, not all of them
     purity = {"neighbour_purity": representation_purity(features, labels)} if features is not None else {}
     return {**metrics.scores(labels, pred), "seconds": seconds, "clusters_used": len(np.unique(pred)), **purity,

@@ -4,8 +4,9 @@
 
 Trains every combination of --space (the syntax of `tune.space`) for each seed, in this process, and scores each
 run with the tune job's label-free scores (clustering.metrics.LabelFreeScores; a run that learnt a representation,
-any method with train.method.contrast_epochs, on its own features' neighbours, with their purity beside) and with
-ACC. For each seed it shows the run each score picks and its ACC against the best ACC among the runs
+any method with train.method.contrast_epochs or started from one with train.representation_from, on its own
+features' neighbours, with their purity beside) and with ACC. With --set train.representation_from=CKPT (a
+quality.py --checkpoint file of a run with train.joint_epochs=0) every run clusters from that one representation. For each seed it shows the run each score picks and its ACC against the best ACC among the runs
 (docs/DESIGN.md §5: within 0.02, and k = 10 found among 6..16 on MNIST). Prints a table and writes JSON. Not part of
 the test suite.
 

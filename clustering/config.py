@@ -191,13 +191,14 @@ class TrainConfig(Strict):
     def _a_representation_to_start_from(self) -> "TrainConfig":
         learns = "contrast_epochs" in type(self.method).model_fields  # the methods with SCAN's steps
         if self.representation_from and (not learns or is_backbone(self.encoder)):
+            learners = ", ".join(methods_with("contrast_epochs"))
             raise ValueError(f"representation_from: method {self.method.name} with encoder {self.encoder} learns no "
-                             f"representation to start from; methods that do: {', '.join(methods_with('contrast_epochs'))}"
-                             " on their own encoders")
+                             f"representation to start from; methods that do: {learners} on their own encoders")
         if getattr(self.method, "freeze_representation", False) and not (self.method.contrast_epochs
                                                                          or self.representation_from):
             raise ValueError("freeze_representation needs the representation that contrast_epochs learn (or that "
-                             "representation_from copies): set contrast_epochs (e.g. 100), or freeze_representation=false")
+                             "representation_from copies): set contrast_epochs (e.g. 100), or "
+                             "freeze_representation=false")
         return self
 
     @classmethod

@@ -341,8 +341,9 @@ def start_from_representation(run: Run, cfg: TrainConfig, log: Callable[[str], N
     try:
         run.method.encoder_of(trainee(run.model)).load_state_dict(method.encoder_of(trainee(model)).state_dict())
     except RuntimeError as e:
+        why = str(e).splitlines()[-1].strip()  # the first weight of another shape
         raise ValueError(f"train.representation_from={cfg.representation_from}: its encoder does not fit this run's "
-                         f"(train.encoder and the method's widths must be the same): {str(e).splitlines()[-1].strip()}") from None
+                         f"(train.encoder and the method's widths must be the same): {why}") from None
     log(f"starting from the representation of {cfg.representation_from} (after its epoch {source['epoch'] + 1})")
 
 
@@ -352,15 +353,15 @@ def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: Epo
     train.representation_from."""
     cfg = TrainConfig.of_spec(run.spec["config"])
     clusters = any(run.method.clusters_in(stage) for stage in run.method.stages())
-    final = {} if clusters else {"representation_only": True}
+    alone = {} if clusters else {"representation_only": True}  # in its last metrics and its checkpoint
+    final = alone
     if clusters:
         final = end_of_run(run.model, cfg, data.sample, comm)
         check_collapsed(run.model.eval(), features_of(run.model, data.sample), cfg.k, comm)
     if on_epoch is not None:
         metrics = {**(run.history[-1] if run.history else {}), "epoch": total - 1, "stage": "final",
                    "resumed_from": run.resumed_from, **final}
-        on_epoch(total - 1, metrics, lambda: {**run.state(total - 1, finished=True),
-                                              **({} if clusters else {"representation_only": True})})
+        on_epoch(total - 1, metrics, lambda: {**run.state(total - 1, finished=True), **alone})
 
 
 def on_features(data: TrainInput, cfg: TrainConfig) -> TrainInput:

@@ -179,6 +179,8 @@ def run_on_ray(ns: argparse.Namespace, cfg) -> None:
 
         r = run_train(cfg.train, progress=progress)
         print(f"run {r.name} finished in {r.seconds:.0f}s\ncheckpoint {r.checkpoint}")
+        if r.metrics.get("representation_only"):
+            print(f"a representation alone: cluster from it with train.representation_from={r.checkpoint}")
     elif ns.command == "tune":
         from .tune import format_table, run_tune
 

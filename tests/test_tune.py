@@ -269,15 +269,23 @@ def test_ctrl_c_during_tune_names_the_experiment_to_resume_and_the_rerun_resumes
     assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8, 10]
 
 
-def test_trials_that_learn_a_representation_are_scored_on_its_neighbours(ray_local, tmp_path):
-    """NMM with a representation stage: each trial's modularity and silhouette come from its own features'
-    neighbours, and the trials say so; where labels exist, those neighbours' purity is reported beside."""
+def test_trials_over_k_from_one_representation_are_scored_on_its_neighbours(ray_local, tmp_path):
+    """NMM's representation stage trained once by the train job (train.joint_epochs=0), then tune trials over k that
+    start from it (train.representation_from, the run's folder): each trial's modularity and silhouette come from
+    its features' neighbours, and the trials say so; where labels exist, those neighbours' purity is reported
+    beside. The representation-only run cannot label."""
+    from jobs.train import run_train
     from jobs.tune import run_tune
 
-    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=2",
-            "train.method.contrast_epochs=2", "train.method.neighbours=5", "tune.space={k: [8, 10]}"]
+    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.method.neighbours=5"]
     assert main(["shard", *args, "--no-progress"]) == 0
-    summary = run_tune(load_config(PipelineConfig, args[0], args[1:]))
+    learnt = run_train(load_config(PipelineConfig, args[0], [*args[1:], "train.joint_epochs=0",
+                                                              "train.method.contrast_epochs=2"]).train)
+    run_folder = learnt.checkpoint.rsplit("/", 1)[0]
+    assert learnt.metrics["representation_only"]
+    assert main(["label", *args, f"label.checkpoint={run_folder}"]) == 2
+    trials = ["train.joint_epochs=2", "tune.space={k: [8, 10]}", f"train.representation_from={run_folder}"]
+    summary = run_tune(load_config(PipelineConfig, args[0], [*args[1:], *trials]))
     assert len(summary["trials"]) == 2
     for trial in summary["trials"]:
         assert trial["space"] == "representation" and 0 < trial["neighbour_purity_vs_labels"] <= 1, trial

@@ -26,9 +26,9 @@ class ScanSettings(Settings):
     contrast_epochs: int = Field(0, ge=0, description="epochs of the instance loss alone before clustering (SimCLR "
                                  "pretraining, as SCAN's first step: the representation stage); 0 = none")
     neighbours: int = Field(0, ge=0, description="each image's N nearest images, mined once in the features that "
-                            "contrast_epochs learnt (or train.representation_from copied), else in the pixels as the model sees them (SCAN's 20): its "
-                            "posterior should agree with a neighbour's; 0 = none. Images held in memory only (not "
-                            "train.input=stream)")
+                            "contrast_epochs learnt (or train.representation_from copied), else in the pixels as the "
+                            "model sees them (SCAN's 20): its posterior should agree with a neighbour's; 0 = none. "
+                            "Images held in memory only (not train.input=stream)")
     neighbour_weight: float = Field(1.0, ge=0, description="weight of the agreement with a mined neighbour")
     selflabel_epochs: int = Field(0, ge=0, description="epochs of self-labelling after clustering: the confident "
                                   "images' clusters train the net as labels (SCAN's last step); 0 = none")
