@@ -204,9 +204,19 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
 
 
+PATH_KEYS = ("data", "representation_from", "weights")  # values that name files or folders, as data_label names them
+
+
+def labelled(obj):
+    """The payload with every value of PATH_KEYS, at any depth (the configs in it too), as `data_label` names it."""
+    if isinstance(obj, dict):
+        return {key: data_label(v) if key in PATH_KEYS and isinstance(v, str) and v else labelled(v)
+                for key, v in obj.items()}
+    return [labelled(v) for v in obj] if isinstance(obj, list) else obj
+
+
 def write_json(path: str, payload: dict) -> None:
-    if isinstance(payload.get("data"), str):
-        payload = {**payload, "data": data_label(payload["data"])}
+    payload = labelled(payload)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")

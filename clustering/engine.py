@@ -352,7 +352,8 @@ def finish_run(run: Run, data: TrainInput, comm: Comm, total: int, on_epoch: Epo
     of the representation stage alone has no clusters to fit: its checkpoint says so, and serves as another run's
     train.representation_from."""
     cfg = TrainConfig.of_spec(run.spec["config"])
-    clusters = any(run.method.clusters_in(stage) for stage in run.method.stages())
+    stages = run.method.stages()  # none: k-means, which clusters in its end-of-run step alone
+    clusters = not stages or any(run.method.clusters_in(stage) for stage in stages)
     alone = {} if clusters else {"representation_only": True}  # in its last metrics and its checkpoint
     final = alone
     if clusters:
