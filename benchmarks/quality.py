@@ -126,7 +126,8 @@ def run(images, labels, cfg, device, progress: bool = False, eval_every: int = 0
     picks: dict = {}  # with train.restarts > 1: each start's modularity and evenness, and the one picked
 
     def note_pick(epoch: int, info: dict, state_fn) -> None:
-        picks.update({"representation_only": True} if info.get("representation_only") else {})
+        if info.get("representation_only"):  # the run's last epoch: it learnt features, and no clusters
+            picks["representation_only"] = True
         if "start_picked" in info:
             picks.update(start_modularity=info["start_modularity"], start_evenness=info["start_evenness"],
                          start_picked=info["start_picked"])
