@@ -402,6 +402,11 @@ class TuneConfig(Strict):
     grace_epochs: int = Field(0, ge=0, description="asha: epochs every trial trains before it may be stopped; "
                                                     "0 = half the longest trial")
     max_concurrent: int = Field(0, ge=0, description="trials at once; 0 = as many as the cluster's resources allow")
+    share_representation: bool = Field(
+        True, description="where the train section has a representation stage (train.method.contrast_epochs) and "
+        "tune.space searches only what comes after it (k, over_cluster, the clustering's epochs and weights), the "
+        "stage trains once, as a run of its own (TUNE_NAME-representation, on train.num_workers), and every trial "
+        "starts from it (train.representation_from); false: each trial trains its own")
     output: str = Field("outputs/demo/tune", description="where trials.json and best.yaml go")
 
 

@@ -41,7 +41,7 @@ from clustering.model.methods import predict_all
 
 from .signals import resume_with
 from .runtime import check_resources, credentials_out_of_runtime_envs, ray_train_environment, train_storage, want_gpu
-from .train import check_run, worker_input
+from .train import check_run, run_train, worker_input
 
 RESULT_KEYS = ("modularity", "modularity_x_evenness", "silhouette", "evenness", "stability", "clusters_used", "workers",
                "seconds", "space")
@@ -225,7 +225,43 @@ def run_tune(cfg: PipelineConfig) -> dict:
     check_resources(f"tune (a trial of {base.num_workers} workers)", {"CPU": base.cpus_per_worker, "GPU": int(gpu)},
                     base.num_workers)
     with lease.hold(cfg.tune.output, "dicl tune"):
-        return search(cfg, base, space, trials, gpu)
+        name = experiment_name(cfg)
+        shared = shared_representation(cfg, base, space, name)
+        if shared is not base:
+            base, trials = shared, [trial_config(shared, values) for values in probes]
+        return search(cfg, base, space, trials, gpu, name)
+
+
+def experiment_name(cfg: PipelineConfig) -> str:
+    name = cfg.tune.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.tune.name:
+        resume_with("tune.name", name)
+    return name
+
+
+# what a representation stage does not read: a space of these alone can share one stage among its trials
+AFTER_THE_STAGE = {"k", "over_cluster", "joint_epochs", "restarts", "restart_epochs", "deskew", "neighbours",
+                   "neighbour_weight", "selflabel_epochs", "selflabel_threshold", "freeze_representation",
+                   "consistency_weight", "instance_weight", "pi_momentum", "heads", "over_k", "balance_weight",
+                   "decoded", "pretrain_epochs", "rec_weight", "target_every"}
+
+
+def shared_representation(cfg: PipelineConfig, base: TrainConfig, space: dict, name: str) -> TrainConfig:
+    """The trials' base: where they can share it (tune.share_representation), the representation stage trains once,
+    alone, as the run `name`-representation (resumed with the experiment), and the trials start from it."""
+    stage = getattr(base.method, "contrast_epochs", 0)
+    searched = {key.removeprefix("method.") for key in space}
+    if not (cfg.tune.share_representation and stage and not base.representation_from and searched <= AFTER_THE_STAGE):
+        return base
+    alone = {"joint_epochs": 0, "selflabel_epochs": 0}  # the stage alone: the autoencoders' pretraining follows it
+    if "pretrain_epochs" in type(base.method).model_fields:
+        alone["pretrain_epochs"] = 0
+    run = run_train(trial_config(base, alone).model_copy(update={"name": f"{name}-representation",
+                                                                  "num_workers": cfg.train.num_workers}))
+    folder = run.checkpoint.rsplit("/", 1)[0]
+    print(f"tune: the representation stage trained once ({stage} epochs, run {folder}); every trial starts from it "
+          "(tune.share_representation)", flush=True)
+    return trial_config(base, {"contrast_epochs": 0, "representation_from": folder})
 
 
 def saved_state_whole(experiment: str) -> bool:
@@ -241,9 +277,9 @@ def saved_state_whole(experiment: str) -> bool:
 
 
 def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
-           gpu: bool) -> dict:
-    """Run the experiment (or resume it by tune.name), rank its trials, write trials.json and best.yaml."""
-    tuner = make_tuner(cfg, base, space, trials, gpu)
+           gpu: bool, name: str) -> dict:
+    """Run the experiment `name` (or resume it: tune.name), rank its trials, write trials.json and best.yaml."""
+    tuner = make_tuner(cfg, base, space, trials, gpu, name)
     # Ray Tune's newer console output prints boxes and hints even at verbose=0; the older one is silent there, and
     # TrialLines says what matters.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -258,11 +294,12 @@ def search(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict]
     best_yaml = storage.join(cfg.tune.output, "best.yaml")
     section = train_section(best, trial_config(base, best).method.name)
     storage.write_bytes(best_yaml, yaml.safe_dump({"train": section}, sort_keys=True).encode())
-    return {"best": best, "trials": ordered, "best_yaml": best_yaml, "metric": cfg.tune.metric}
+    return {"best": best, "trials": ordered, "best_yaml": best_yaml, "metric": cfg.tune.metric,
+            "representation_from": base.representation_from}
 
 
 def make_tuner(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | dict], trials: list[TrainConfig],
-               gpu: bool) -> tune.Tuner:
+               gpu: bool, name: str) -> tune.Tuner:
     """A new experiment, or the one named tune.name restored (its finished and stopped trials kept)."""
     runs = storage.absolute(cfg.train.storage_path)
     path, filesystem = train_storage(runs)
@@ -275,9 +312,6 @@ def make_tuner(cfg: PipelineConfig, base: TrainConfig, space: dict[str, list | d
                    "gpu": gpu,
                    "score_sample": cfg.tune.score_sample, "metric": cfg.tune.metric,
                    "report_every": cfg.tune.report_every}
-    name = cfg.tune.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not cfg.tune.name:
-        resume_with("tune.name", name)
     experiment = f"{path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         # Trials that finished, or that the scheduler stopped, stay as they are; the others run (from the start).

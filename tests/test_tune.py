@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clustering import checkpoints
 from clustering.data import storage
 from clustering.config import ConfigError, PipelineConfig, load_config
 from jobs.cli import main
@@ -269,23 +270,37 @@ def test_ctrl_c_during_tune_names_the_experiment_to_resume_and_the_rerun_resumes
     assert sorted(t["values"]["k"] for t in summary["trials"]) == [6, 8, 10]
 
 
-def test_trials_over_k_from_one_representation_are_scored_on_its_neighbours(ray_local, tmp_path):
-    """NMM's representation stage trained once by the train job (train.joint_epochs=0), then tune trials over k that
-    start from it (train.representation_from, the run's folder): each trial's modularity and silhouette come from
-    its features' neighbours, and the trials say so; where labels exist, those neighbours' purity is reported
-    beside. The representation-only run cannot label."""
-    from jobs.train import run_train
+def test_trials_over_k_share_one_representation_stage_and_are_scored_on_its_neighbours(ray_local, tmp_path):
+    """NMM with a representation stage, trials over k: the stage trains once, alone, as a run of its own
+    (tune.share_representation), and every trial starts from it (train.representation_from). Each trial's modularity
+    and silhouette come from its features' neighbours, and the trials say so (they train no stage of their own:
+    without the copy they would score on pixels); where labels exist, those neighbours' purity is reported beside.
+    The run of the stage alone cannot label."""
     from jobs.tune import run_tune
 
-    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.method.neighbours=5"]
+    args = ["configs/demo.yaml", f"work_dir={tmp_path}", *SMALL, "train.joint_epochs=2",
+            "train.method.contrast_epochs=2", "train.method.neighbours=5", "tune.space={k: [8, 10]}", "tune.name=t"]
     assert main(["shard", *args, "--no-progress"]) == 0
-    learnt = run_train(load_config(PipelineConfig, args[0], [*args[1:], "train.joint_epochs=0",
-                                                              "train.method.contrast_epochs=2"]).train)
-    run_folder = learnt.checkpoint.rsplit("/", 1)[0]
-    assert learnt.metrics["representation_only"]
-    assert main(["label", *args, f"label.checkpoint={run_folder}"]) == 2
-    trials = ["train.joint_epochs=2", "tune.space={k: [8, 10]}", f"train.representation_from={run_folder}"]
-    summary = run_tune(load_config(PipelineConfig, args[0], [*args[1:], *trials]))
+    summary = run_tune(load_config(PipelineConfig, args[0], args[1:]))
+    stage = summary["representation_from"]
+    assert stage.endswith("/t-representation")
+    learnt = checkpoints.load(checkpoints.resolve(stage))
+    assert learnt["representation_only"] and {m["stage"] for m in learnt["history"]} == {"contrast"}
+    assert main(["label", *args, f"label.checkpoint={stage}"]) == 2
     assert len(summary["trials"]) == 2
     for trial in summary["trials"]:
         assert trial["space"] == "representation" and 0 < trial["neighbour_purity_vs_labels"] <= 1, trial
+
+
+def test_trials_keep_a_stage_each_where_the_space_or_the_setting_says_so():
+    """The stage is shared only where the space searches nothing it reads, and tune.share_representation allows."""
+    from jobs.tune import shared_representation
+
+    args = ["train.method.contrast_epochs=2", "tune.space={k: [8, 10]}"]
+    cfg = load_config(PipelineConfig, "configs/demo.yaml", args)
+    for space in ({"lr": [1e-3, 3e-4]}, {"k": [8], "conv_widths": [[16, 32]]}, {"method": ["nmm", "vc"]}):
+        assert shared_representation(cfg, cfg.train, space, "t") is cfg.train  # (it would train one: Ray is not up)
+    off = load_config(PipelineConfig, "configs/demo.yaml", [*args, "tune.share_representation=false"])
+    assert shared_representation(off, off.train, {"k": [8, 10]}, "t") is off.train
+    none = load_config(PipelineConfig, "configs/demo.yaml", ["tune.space={k: [8, 10]}"])
+    assert shared_representation(none, none.train, {"k": [8, 10]}, "t") is none.train
